@@ -1,0 +1,39 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PYTHON ?= python3
+DEBS   := iptables iproute2 openssl wrk util-linux
+
+.PHONY: run test lint bench system-deps clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/injector serve
+
+# Debian packages the root-only tests use; installed only when we are root and they are missing.
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  fi; \
+	fi
+
+test: $(VENV)/.installed system-deps
+	$(VENV)/bin/ruff check injector tests bench
+	$(PY) -m pytest -q -n 2
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check injector tests bench
+
+bench: $(VENV)/.installed system-deps
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info
