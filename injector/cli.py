@@ -53,9 +53,9 @@ class CommandParser(argparse.ArgumentParser):
         self,
         *flags: str,
         default: Any = None,
-        type: Callable[[str], Any] = str,  # noqa: A002 - mirrors argparse
+        type: Callable[[str], Any] = str,
         multiple: bool = False,
-        help: str | None = None,  # noqa: A002
+        help: str | None = None,
         **kwargs: Any,
     ) -> None:
         """Declare an option whose value is layered (flag, env, config file, default).
@@ -73,7 +73,7 @@ class CommandParser(argparse.ArgumentParser):
         )
         self.layered.append(_Layered(action.dest, default, type, multiple))
 
-    def switch(self, *flags: str, help: str | None = None) -> None:  # noqa: A002
+    def switch(self, *flags: str, help: str | None = None) -> None:
         """A boolean flag; `INJECTOR_<FLAG>=true` or a config `true` turn it on as well."""
         action = self.add_argument(*flags, action="store_const", const=True, default=None,
                                    help=help)
