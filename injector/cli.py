@@ -22,7 +22,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("injector.commands.serve", "serve the admission webhook and the CA over HTTPS"),
     "kube-inject": ("injector.commands.kube_inject", "inject sidecars into manifests offline"),
     "iptables": ("injector.commands.iptables", "program the pod's traffic redirection"),
-    "agent": ("injector.commands.agent", "the sidecar's agent: certificates and Envoy"),
     "certs": ("injector.commands.certs", "manage the certificates directory"),
 }
 
@@ -162,22 +161,29 @@ def resolve_settings(parser: CommandParser, args: argparse.Namespace) -> argpars
     return args
 
 
-def build_parser() -> tuple[CommandParser, dict[str, CommandParser]]:
-    parser = CommandParser(prog="injector", description=__doc__.splitlines()[0])
+def build_parser(argv: Sequence[str]) -> tuple[CommandParser, dict[str, CommandParser]]:
+    """The parser; only the chosen command's module is imported, so each command starts fast."""
+    parser = CommandParser(
+        prog="injector",
+        description="Istio-compatible sidecar injector and SPIFFE CA for Kubernetes.",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     commands.required = True
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
     subparsers: dict[str, CommandParser] = {}
     for name, (module_name, summary) in COMMANDS.items():
         sub = commands.add_parser(name, help=summary, description=summary)
-        importlib.import_module(module_name).add_arguments(sub)
+        if name == chosen:
+            importlib.import_module(module_name).add_arguments(sub)
         subparsers[name] = sub
     return parser, subparsers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser, subparsers = build_parser()
-        args = parser.parse_args(argv)
+        parser, subparsers = build_parser(arguments)
+        args = parser.parse_args(arguments)
         sub = subparsers[args.command]
         # A subcommand with nested subcommands (certs init) reports its leaf parser.
         leaf: CommandParser = getattr(args, "leaf_parser", sub)
@@ -185,7 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[args.command][0])
         return int(module.run(args) or 0)
     except UsageError as error:
-        print(f"injector: {error}", file=sys.stderr)
+        message = str(error)
+        prefix = "" if message.startswith("injector") else "injector: "
+        print(f"{prefix}{message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

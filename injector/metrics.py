@@ -1,0 +1,17 @@
+"""Prometheus metrics of the webhook (the CA's live in injector.ca_api)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+ADMISSIONS = Counter(
+    "injector_admission_requests",
+    "AdmissionReviews answered, by result (injected, skipped, denied, ignored, rejected)"
+    " and reason",
+    ["result", "reason"],
+)
+INJECTION_SECONDS = Histogram(
+    "injector_injection_duration_seconds",
+    "Time to decide and build the answer to one AdmissionReview, parsing included",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0),
+)

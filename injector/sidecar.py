@@ -1,0 +1,437 @@
+"""What injection adds to a pod: containers, volumes, labels and annotations.
+
+Pure: `build(pod, mesh, workload_name)` returns an `Injection` describing only the additions;
+`injector.patch` turns it into a JSON patch. Nothing here reads or copies the pod's own
+containers or volumes beyond their names, so a big pod costs no more than a small one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import yaml
+
+from injector.config import MeshConfig
+from injector.iptables import (
+    TrafficOptions,
+    parse_cidr_set,
+    parse_cidrs,
+    parse_port_set,
+    parse_ports,
+)
+from injector.policy import PROXY_CONTAINER, STATUS_ANNOTATION
+from injector.quantity import parse_quantity
+
+INIT_CONTAINER = "istio-init"
+
+# Where istio-proxy mounts each volume; the agent's defaults read from these paths.
+VOLUME_MOUNTS: dict[str, str] = {
+    "workload-certs": "/var/run/secrets/workload-spiffe-credentials",
+    "istio-envoy": "/etc/istio/proxy",
+    "istio-data": "/var/lib/istio/data",
+    "istio-podinfo": "/etc/istio/pod",
+    "istio-token": "/var/run/secrets/tokens",
+    "istiod-ca-cert": "/var/run/secrets/istio",
+}
+VOLUME_NAMES: tuple[str, ...] = tuple(VOLUME_MOUNTS)
+
+TOKEN_AUDIENCE = "istio-ca"
+TOKEN_EXPIRATION_SECONDS = 43200
+ROOT_CERT_CONFIGMAP = "istio-ca-root-cert"
+
+# Per-pod overrides of the mesh config (SPEC section 3).
+PROXY_IMAGE = "sidecar.istio.io/proxyImage"
+PROXY_CPU = "sidecar.istio.io/proxyCPU"
+PROXY_MEMORY = "sidecar.istio.io/proxyMemory"
+PROXY_CPU_LIMIT = "sidecar.istio.io/proxyCPULimit"
+PROXY_MEMORY_LIMIT = "sidecar.istio.io/proxyMemoryLimit"
+LOG_LEVEL = "sidecar.istio.io/logLevel"
+MTLS_MODE = "sidecar.istio.io/mtlsMode"
+NATIVE_SIDECAR = "sidecar.istio.io/nativeSidecar"
+PROXY_CONFIG = "proxy.istio.io/config"
+INCLUDE_OUTBOUND_IP_RANGES = "traffic.sidecar.istio.io/includeOutboundIPRanges"
+EXCLUDE_OUTBOUND_IP_RANGES = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
+INCLUDE_INBOUND_PORTS = "traffic.sidecar.istio.io/includeInboundPorts"
+EXCLUDE_INBOUND_PORTS = "traffic.sidecar.istio.io/excludeInboundPorts"
+EXCLUDE_OUTBOUND_PORTS = "traffic.sidecar.istio.io/excludeOutboundPorts"
+
+DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
+TLS_MODE_LABEL = "security.istio.io/tlsMode"
+CANONICAL_NAME_LABEL = "service.istio.io/canonical-name"
+CANONICAL_REVISION_LABEL = "service.istio.io/canonical-revision"
+
+LOG_LEVELS = frozenset({"trace", "debug", "info", "warning", "error", "critical", "off"})
+MTLS_MODES = frozenset({"PERMISSIVE", "STRICT"})
+
+
+class InvalidAnnotation(ValueError):
+    """A pod annotation that cannot be honoured; the pod is refused rather than injected wrong."""
+
+    def __init__(self, annotation: str, value: object, problem: str) -> None:
+        super().__init__(f"annotation {annotation}={value!r}: {problem}")
+        self.annotation = annotation
+
+
+class NameConflict(ValueError):
+    """The pod already uses a name the sidecar needs; injecting would make an invalid pod."""
+
+
+@dataclass(frozen=True, slots=True)
+class Injection:
+    """The additions for one pod. `native` and `hold` say where the proxy goes."""
+
+    init_container: dict[str, Any]
+    proxy_container: dict[str, Any]
+    volumes: list[dict[str, Any]]
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    native: bool = False
+    hold: bool = False
+
+
+def _annotation(annotations: Mapping[str, Any], key: str, default: str) -> str:
+    value = annotations.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise InvalidAnnotation(key, value, "must be a string")
+    return value
+
+
+def _checked(annotations: Mapping[str, Any], key: str, default: str, parse: Any) -> str:
+    """The annotation (or default) after `parse` accepted it; the failure names the annotation."""
+    value = _annotation(annotations, key, default)
+    try:
+        parse(value)
+    except ValueError as error:
+        raise InvalidAnnotation(key, value, str(error)) from None
+    return value
+
+
+def _quantity(annotations: Mapping[str, Any], key: str, default: str) -> str:
+    return _checked(annotations, key, default, parse_quantity).strip()
+
+
+def _boolean(annotations: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = _annotation(annotations, key, "true" if default else "false").strip().lower()
+    if value not in ("true", "false"):
+        raise InvalidAnnotation(key, value, 'expected "true" or "false"')
+    return value == "true"
+
+
+def _hold_application(annotations: Mapping[str, Any]) -> bool:
+    """`holdApplicationUntilProxyStarts` from the `proxy.istio.io/config` annotation (YAML)."""
+    text = annotations.get(PROXY_CONFIG)
+    if text is None:
+        return False
+    if not isinstance(text, str):
+        raise InvalidAnnotation(PROXY_CONFIG, text, "must be a string")
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise InvalidAnnotation(PROXY_CONFIG, text, "not valid YAML") from None
+    if config is None:
+        return False
+    if not isinstance(config, dict):
+        raise InvalidAnnotation(PROXY_CONFIG, text, "expected a mapping")
+    hold = config.get("holdApplicationUntilProxyStarts", False)
+    if not isinstance(hold, bool):
+        raise InvalidAnnotation(
+            PROXY_CONFIG, text, "holdApplicationUntilProxyStarts must be true or false"
+        )
+    return hold
+
+
+def traffic_options(annotations: Mapping[str, Any], mesh: MeshConfig) -> TrafficOptions:
+    """The init container's redirection options: mesh config, overridden by annotations."""
+    default = TrafficOptions()
+
+    def parsed(key: str, mesh_value: str, parse: Any) -> Any:
+        value = _annotation(annotations, key, mesh_value)
+        try:
+            return parse(value)
+        except ValueError as error:
+            raise InvalidAnnotation(key, value, str(error)) from None
+
+    # The proxy's own ports are always excluded; an annotation adds to them, as in Istio.
+    excluded_inbound = parsed(EXCLUDE_INBOUND_PORTS, mesh.exclude_inbound_ports, parse_ports)
+    always_excluded = (mesh.prometheus_port, mesh.status_port, mesh.agent_port)
+    return TrafficOptions(
+        proxy_port=mesh.proxy_port,
+        inbound_capture_port=mesh.inbound_capture_port,
+        proxy_uid=mesh.proxy_uid,
+        proxy_gid=mesh.proxy_gid,
+        mode=default.mode,
+        include_outbound_cidrs=parsed(
+            INCLUDE_OUTBOUND_IP_RANGES, mesh.include_outbound_ip_ranges, parse_cidr_set
+        ),
+        exclude_outbound_cidrs=parsed(
+            EXCLUDE_OUTBOUND_IP_RANGES, mesh.exclude_outbound_ip_ranges, parse_cidrs
+        ),
+        include_inbound_ports=parsed(
+            INCLUDE_INBOUND_PORTS, mesh.include_inbound_ports, parse_port_set
+        ),
+        exclude_inbound_ports=tuple(dict.fromkeys((*always_excluded, *excluded_inbound))),
+        exclude_outbound_ports=parsed(
+            EXCLUDE_OUTBOUND_PORTS, mesh.exclude_outbound_ports, parse_ports
+        ),
+    )
+
+
+def _resources(annotations: Mapping[str, Any], mesh: MeshConfig) -> dict[str, Any]:
+    defaults = mesh.resources
+    cpu = _quantity(annotations, PROXY_CPU, defaults.cpu)
+    memory = _quantity(annotations, PROXY_MEMORY, defaults.memory)
+    cpu_limit = _quantity(annotations, PROXY_CPU_LIMIT, defaults.cpu_limit)
+    memory_limit = _quantity(annotations, PROXY_MEMORY_LIMIT, defaults.memory_limit)
+    # Kubernetes refuses a request above its limit; say which annotation to fix instead.
+    for request_key, request, limit_key, limit in (
+        (PROXY_CPU, cpu, PROXY_CPU_LIMIT, cpu_limit),
+        (PROXY_MEMORY, memory, PROXY_MEMORY_LIMIT, memory_limit),
+    ):
+        if parse_quantity(request) > parse_quantity(limit):
+            raise InvalidAnnotation(
+                request_key if request_key in annotations else limit_key,
+                annotations.get(request_key, annotations.get(limit_key)),
+                f"the request {request} exceeds the limit {limit}",
+            )
+    return {
+        "requests": {"cpu": cpu, "memory": memory},
+        "limits": {"cpu": cpu_limit, "memory": memory_limit},
+    }
+
+
+def _field_env(name: str, path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
+
+
+def _proxy_container(
+    annotations: Mapping[str, Any],
+    mesh: MeshConfig,
+    resources: dict[str, Any],
+    native: bool,
+    hold: bool,
+) -> dict[str, Any]:
+    image = _annotation(annotations, PROXY_IMAGE, mesh.proxy_image).strip()
+    if not image:
+        raise InvalidAnnotation(PROXY_IMAGE, image, "must not be empty")
+    log_level = _annotation(annotations, LOG_LEVEL, mesh.log_level)
+    if log_level not in LOG_LEVELS:
+        raise InvalidAnnotation(LOG_LEVEL, log_level, f"expected one of {sorted(LOG_LEVELS)}")
+    mtls_mode = _annotation(annotations, MTLS_MODE, mesh.mtls_mode)
+    if mtls_mode not in MTLS_MODES:
+        raise InvalidAnnotation(MTLS_MODE, mtls_mode, "expected PERMISSIVE or STRICT")
+    ready_probe = {
+        "httpGet": {"path": "/healthz/ready", "port": mesh.status_port, "scheme": "HTTP"},
+        "periodSeconds": 2,
+        "timeoutSeconds": 3,
+        "failureThreshold": 30,
+    }
+    container: dict[str, Any] = {
+        "name": PROXY_CONTAINER,
+        "image": image,
+        "imagePullPolicy": mesh.image_pull_policy,
+        "command": ["injector", "agent"],
+        "args": ["--log-level", log_level],
+        "ports": [
+            {"name": "http-envoy-prom", "containerPort": mesh.prometheus_port, "protocol": "TCP"}
+        ],
+        "env": [
+            _field_env("POD_NAME", "metadata.name"),
+            _field_env("POD_NAMESPACE", "metadata.namespace"),
+            _field_env("INSTANCE_IP", "status.podIP"),
+            _field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+            {"name": "CA_ADDR", "value": mesh.ca_address},
+            {"name": "TRUST_DOMAIN", "value": mesh.trust_domain},
+            {"name": "MESH_CIDRS", "value": ",".join(mesh.mesh_cidrs)},
+            {"name": "MTLS_MODE", "value": mtls_mode},
+        ],
+        "resources": resources,
+        "readinessProbe": ready_probe,
+        "securityContext": {
+            "runAsUser": mesh.proxy_uid,
+            "runAsGroup": mesh.proxy_gid,
+            "runAsNonRoot": True,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": name, "mountPath": path} for name, path in VOLUME_MOUNTS.items()
+        ],
+    }
+    if native:
+        # A native sidecar is an init container that keeps running; the startup probe holds
+        # the next init containers and the app until the proxy is ready.
+        container["restartPolicy"] = "Always"
+        container["startupProbe"] = {**ready_probe, "periodSeconds": 1, "failureThreshold": 600}
+    elif hold:
+        container["lifecycle"] = {
+            "postStart": {"exec": {"command": ["injector", "agent", "wait"]}}
+        }
+    return container
+
+
+def _init_container(
+    annotations: Mapping[str, Any], mesh: MeshConfig, resources: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "name": INIT_CONTAINER,
+        "image": mesh.init_image or mesh.proxy_image,
+        "imagePullPolicy": mesh.image_pull_policy,
+        "command": ["injector", "iptables"],
+        "args": traffic_options(annotations, mesh).to_args(),
+        "resources": resources,
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "readOnlyRootFilesystem": False,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+        },
+    }
+
+
+def _volumes() -> list[dict[str, Any]]:
+    return [
+        {"name": "workload-certs", "emptyDir": {"medium": "Memory"}},
+        {"name": "istio-envoy", "emptyDir": {"medium": "Memory"}},
+        {"name": "istio-data", "emptyDir": {}},
+        {
+            "name": "istio-podinfo",
+            "downwardAPI": {
+                "items": [
+                    {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+                    {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}},
+                ]
+            },
+        },
+        {
+            "name": "istio-token",
+            "projected": {
+                "sources": [
+                    {
+                        "serviceAccountToken": {
+                            "audience": TOKEN_AUDIENCE,
+                            "expirationSeconds": TOKEN_EXPIRATION_SECONDS,
+                            "path": "istio-token",
+                        }
+                    }
+                ]
+            },
+        },
+        {"name": "istiod-ca-cert", "configMap": {"name": ROOT_CERT_CONFIGMAP}},
+    ]
+
+
+def _names(items: Any) -> set[str]:
+    return {item.get("name") for item in items or () if isinstance(item, Mapping)}
+
+
+def _check_names(spec: Mapping[str, Any]) -> None:
+    init_names = _names(spec.get("initContainers"))
+    if INIT_CONTAINER in init_names:
+        raise NameConflict(f"the pod already has an init container named {INIT_CONTAINER}")
+    taken = sorted(_names(spec.get("volumes")).intersection(VOLUME_NAMES))
+    if taken:
+        raise NameConflict(
+            f"the pod already has volumes named {', '.join(taken)}, which the sidecar needs"
+        )
+
+
+def workload_name(pod: Mapping[str, Any]) -> str:
+    """The name of what runs the pod: the Deployment for a ReplicaSet's pod, else the owner,
+    else the pod's own name (or its generateName prefix)."""
+    metadata = pod.get("metadata") or {}
+    labels = metadata.get("labels") or {}
+    for owner in metadata.get("ownerReferences") or ():
+        if not isinstance(owner, Mapping) or not owner.get("controller"):
+            continue
+        name = str(owner.get("name") or "")
+        template_hash = labels.get("pod-template-hash")
+        if owner.get("kind") == "ReplicaSet" and template_hash and name.endswith(
+            "-" + template_hash
+        ):
+            return name[: -len(template_hash) - 1]
+        if name:
+            return name
+    name = metadata.get("name") or metadata.get("generateName") or ""
+    return str(name).rstrip("-") or "unknown"
+
+
+def _label_value(text: str) -> str:
+    """A label value Kubernetes accepts: at most 63 characters, alphanumeric at both ends."""
+    return text[:63].strip("-_.") or "unknown"
+
+
+def _labels_to_add(labels: Mapping[str, Any], name: str) -> dict[str, str]:
+    wanted = {
+        TLS_MODE_LABEL: "istio",
+        CANONICAL_NAME_LABEL: (
+            labels.get("app.kubernetes.io/name") or labels.get("app") or _label_value(name)
+        ),
+        CANONICAL_REVISION_LABEL: (
+            labels.get("app.kubernetes.io/version") or labels.get("version") or "latest"
+        ),
+    }
+    # The pod's own labels win: nothing it set is altered.
+    return {key: str(value) for key, value in wanted.items() if key not in labels}
+
+
+def _annotations_to_add(
+    annotations: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    mesh: MeshConfig,
+    native: bool,
+) -> dict[str, str]:
+    injected_init = [INIT_CONTAINER, PROXY_CONTAINER] if native else [INIT_CONTAINER]
+    status = {
+        "initContainers": injected_init,
+        "containers": [] if native else [PROXY_CONTAINER],
+        "volumes": list(VOLUME_NAMES),
+        "revision": mesh.revision,
+    }
+    added = {STATUS_ANNOTATION: orjson.dumps(status).decode()}
+    containers = spec.get("containers") or ()
+    if DEFAULT_CONTAINER not in annotations and containers:
+        first = containers[0].get("name") if isinstance(containers[0], Mapping) else None
+        if isinstance(first, str) and first:
+            added[DEFAULT_CONTAINER] = first
+    if not any(key.startswith("prometheus.io/") for key in annotations):
+        added["prometheus.io/scrape"] = "true"
+        added["prometheus.io/port"] = str(mesh.prometheus_port)
+        added["prometheus.io/path"] = "/stats/prometheus"
+    return added
+
+
+def build(pod: Mapping[str, Any], mesh: MeshConfig, name: str | None = None) -> Injection:
+    """The additions for `pod` under `mesh`; `name` is its workload's name when known.
+
+    Raises InvalidAnnotation for an override the pod cannot have, NameConflict when the pod
+    already uses a name the sidecar needs.
+    """
+    metadata = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    annotations = metadata.get("annotations") or {}
+    labels = metadata.get("labels") or {}
+    _check_names(spec)
+    native = _boolean(annotations, NATIVE_SIDECAR, mesh.native_sidecars)
+    hold = _hold_application(annotations)
+    resources = _resources(annotations, mesh)
+    return Injection(
+        init_container=_init_container(
+            annotations, mesh, {key: dict(value) for key, value in resources.items()}
+        ),
+        proxy_container=_proxy_container(annotations, mesh, resources, native, hold),
+        volumes=_volumes(),
+        labels=_labels_to_add(labels, name or workload_name(pod)),
+        annotations=_annotations_to_add(annotations, spec, mesh, native),
+        native=native,
+        hold=hold,
+    )
