@@ -3,6 +3,10 @@
 The webhook turns mesh config and `traffic.sidecar.istio.io/*` annotations into `TrafficOptions`
 and renders them with `to_args()` onto the init container's command line; `injector iptables`
 parses the same flags back into `TrafficOptions`. One model, so the two sides cannot drift.
+
+`build_restore_input()` is the pure half of `injector iptables`: options in, `iptables-restore`
+input for the nat table out, with Istio's `istio-iptables` rules in REDIRECT mode. The command
+(injector/commands/iptables.py) only runs it through `iptables-restore --noflush`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ DEFAULT_EXCLUDED_INBOUND_PORTS: tuple[int, ...] = (15090, 15021, 15020)
 def parse_port(text: str) -> int:
     """A TCP port, 1..65535."""
     stripped = text.strip()
-    if not stripped.isdigit() or not 0 < int(stripped) < 65536:
+    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
+    if not (stripped.isascii() and stripped.isdigit()) or not 0 < int(stripped) < 65536:
         raise ValueError(f"not a port: {text!r}")
     return int(stripped)
 
@@ -49,6 +54,14 @@ def parse_cidrs(text: str) -> tuple[IpNetwork, ...]:
 def parse_cidr_set(text: str) -> tuple[IpNetwork, ...] | None:
     """`*` (None: every destination) or a comma-separated CIDR list."""
     return None if text.strip() == "*" else parse_cidrs(text)
+
+
+def parse_id(text: str) -> int:
+    """A numeric uid or gid."""
+    stripped = text.strip()
+    if not (stripped.isascii() and stripped.isdigit()) or int(stripped) >= 2**32 - 1:
+        raise ValueError(f"not a numeric uid/gid: {text!r}")
+    return int(stripped)
 
 
 def parse_mode(text: str) -> str:
@@ -98,3 +111,159 @@ class TrafficOptions:
         if self.include_outbound_ports:
             args += ["-q", _join(self.include_outbound_ports)]
         return args
+
+
+# --- The rules -----------------------------------------------------------------------------------
+
+# Our chains in the nat table. We own them: every run empties and refills them.
+CAPTURE_CHAINS: tuple[str, ...] = ("ISTIO_INBOUND", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT",
+                                   "ISTIO_REDIRECT")
+
+# The built-in chains we hook into, and the chain each one jumps to. These jumps are the only
+# rules we write outside our own chains, so they are the only ones we ever delete there.
+HOOKS: dict[str, str] = {"PREROUTING": "ISTIO_INBOUND", "OUTPUT": "ISTIO_OUTPUT"}
+
+
+@dataclass(frozen=True)
+class _Family:
+    """What differs between the IPv4 and the IPv6 rules."""
+
+    version: int
+    # Where "localhost" calls go: apps and the proxy talking to each other explicitly.
+    localhost: str
+    # The source address the proxy binds for inbound passthrough connections to the app, so
+    # that its own calls to the pod's address are told apart from the app's (Istio's 127.0.0.6).
+    passthrough_source: str
+
+
+_IPV4 = _Family(4, localhost="127.0.0.1/32", passthrough_source="127.0.0.6/32")
+_IPV6 = _Family(6, localhost="::1/128", passthrough_source="::6/128")
+
+
+def _of_family(networks: tuple[IpNetwork, ...], family: _Family) -> list[IpNetwork]:
+    return [network for network in networks if network.version == family.version]
+
+
+def _inbound_rules(options: TrafficOptions) -> list[str]:
+    """Inbound TCP to the pod: to the inbound capture port, the excluded ports aside."""
+    if options.include_inbound_ports == ():
+        # An empty include list turns inbound capture off: no hook at all, as in Istio.
+        return []
+    rules = ["-A PREROUTING -p tcp -j ISTIO_INBOUND"]
+    if options.include_inbound_ports is None:
+        # `*`: every port, minus the exclusions (the proxy's own ports by default).
+        rules += [f"-A ISTIO_INBOUND -p tcp -m tcp --dport {port} -j RETURN"
+                  for port in options.exclude_inbound_ports]
+        rules.append("-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT")
+    else:
+        # An explicit list: only those ports; exclusions are moot, as in Istio.
+        rules += [f"-A ISTIO_INBOUND -p tcp -m tcp --dport {port} -j ISTIO_IN_REDIRECT"
+                  for port in options.include_inbound_ports]
+    return rules
+
+
+def _outbound_rules(options: TrafficOptions, family: _Family) -> list[str]:
+    """Outbound TCP from the pod: to the proxy port, unless it must not be."""
+    rules = ["-A OUTPUT -p tcp -j ISTIO_OUTPUT"]
+    # Excluded ports first: they bypass the proxy whoever calls, even the proxy calling itself.
+    rules += [f"-A ISTIO_OUTPUT -p tcp -m tcp --dport {port} -j RETURN"
+              for port in options.exclude_outbound_ports]
+    # The proxy's inbound passthrough connections to the app come from 127.0.0.6 (::6): they
+    # have been through the proxy already.
+    rules.append(f"-A ISTIO_OUTPUT -s {family.passthrough_source} -o lo -j RETURN")
+    # Istio only lets app-to-app loopback traffic (to the pod's own address) bypass the proxy
+    # when the included ranges do not name a loopback address explicitly.
+    included = options.include_outbound_cidrs or ()
+    app_loopback_bypasses = not any(network.is_loopback for network in included)
+    for kind, owner in (("uid", options.proxy_uid), ("gid", options.proxy_gid)):
+        # The proxy calling the pod's own (non-localhost) address over loopback, e.g. an app
+        # calling its own service VIP through the proxy: that call is inbound traffic.
+        rules.append(f"-A ISTIO_OUTPUT ! -d {family.localhost} -o lo -m owner "
+                     f"--{kind}-owner {owner} -j ISTIO_IN_REDIRECT")
+        if app_loopback_bypasses:
+            # Anyone else on loopback talks to the pod itself, not through the proxy.
+            rules.append(f"-A ISTIO_OUTPUT -o lo -m owner ! --{kind}-owner {owner} -j RETURN")
+        # Everything else the proxy sends goes out as is, or it would loop back to itself.
+        rules.append(f"-A ISTIO_OUTPUT -m owner --{kind}-owner {owner} -j RETURN")
+    # Explicit localhost calls (app to sidecar, container to container) are never captured.
+    rules.append(f"-A ISTIO_OUTPUT -d {family.localhost} -j RETURN")
+    # Exclusions before inclusions: an excluded range inside an included one stays excluded.
+    rules += [f"-A ISTIO_OUTPUT -d {network} -j RETURN"
+              for network in _of_family(options.exclude_outbound_cidrs, family)]
+    # Included ports are captured whatever the destination (Istio's includeOutboundPorts).
+    rules += [f"-A ISTIO_OUTPUT -p tcp -m tcp --dport {port} -j ISTIO_REDIRECT"
+              for port in options.include_outbound_ports]
+    if options.include_outbound_cidrs is None:
+        rules.append("-A ISTIO_OUTPUT -j ISTIO_REDIRECT")
+    else:
+        # Only the included ranges of this family; none means no outbound capture at all.
+        rules += [f"-A ISTIO_OUTPUT -d {network} -j ISTIO_REDIRECT"
+                  for network in _of_family(options.include_outbound_cidrs, family)]
+    return rules
+
+
+def build_rules(options: TrafficOptions, ipv6: bool = False) -> list[str]:
+    """The `-A` lines for the nat table, in the canonical form `iptables-save` prints them."""
+    if options.mode != "REDIRECT":
+        raise ValueError(f"unsupported interception mode {options.mode!r}: only REDIRECT")
+    family = _IPV6 if ipv6 else _IPV4
+    return [
+        f"-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports {options.proxy_port}",
+        f"-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports {options.inbound_capture_port}",
+        *_inbound_rules(options),
+        *_outbound_rules(options, family),
+    ]
+
+
+def find_installed_hooks(saved_nat_table: str) -> list[str]:
+    """The rules in `iptables-save` output that jump from a built-in chain into ours.
+
+    These are the `-A PREROUTING ... -j ISTIO_INBOUND` and `-A OUTPUT ... -j ISTIO_OUTPUT` rules
+    an earlier run (ours or Istio's) left; a new run deletes them before adding its own so that
+    running twice does not hook twice.
+    """
+    hooks = []
+    for line in saved_nat_table.splitlines():
+        words = line.split()
+        if len(words) < 4 or words[0] != "-A" or words[1] not in HOOKS:
+            continue
+        jumps_to = [words[i + 1] for i, word in enumerate(words[:-1]) if word in ("-j", "-g")]
+        if HOOKS[words[1]] in jumps_to:
+            hooks.append(line.strip())
+    return hooks
+
+
+def build_restore_input(
+    options: TrafficOptions, ipv6: bool = False, installed_hooks: list[str] | None = None
+) -> str:
+    """The whole `iptables-restore --noflush` input (or `ip6tables-restore` with `ipv6`).
+
+    With `--noflush`, iptables-restore leaves every rule it is not told about alone, and a
+    declared user chain (`:ISTIO_OUTPUT - [0:0]`) is created, or emptied if it exists. So our
+    chains are replaced wholesale and only the hooks from `installed_hooks` (see
+    `find_installed_hooks`) are deleted: nobody else's rules are touched, and the whole change
+    is committed at once.
+    """
+    rules = build_rules(options, ipv6)
+    lines = [
+        f"# injector iptables: Istio traffic capture, REDIRECT mode, IPv{6 if ipv6 else 4}",
+        "*nat",
+        *(f":{chain} - [0:0]" for chain in CAPTURE_CHAINS),
+        *("-D" + hook[2:] for hook in installed_hooks or ()),
+        *rules,
+        "COMMIT",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def has_global_ipv6_address(if_inet6: str) -> bool:
+    """Whether `/proc/net/if_inet6` lists an IPv6 address of global scope (a dual-stack pod).
+
+    Each line: address, interface index, prefix length, scope, flags, interface name; scope 00
+    is global (link-local is 20, host/loopback 10).
+    """
+    for line in if_inet6.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[3] == "00":
+            return True
+    return False
