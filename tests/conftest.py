@@ -1,0 +1,111 @@
+"""Fixtures that run the real thing: `injector serve` as a subprocess over HTTPS on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A running `injector serve` and what a client needs to trust it."""
+
+    url: str
+    port: int
+    certs_dir: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def root_cert(self) -> Path:
+        return self.certs_dir / "root-cert.pem"
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.root_cert))
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, verify=self.ssl_context(), timeout=10, **kwargs)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(
+    workdir: Path,
+    *args: str,
+    certs_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+    wait_ready: bool = True,
+) -> Server:
+    """Start `injector serve` on a free loopback port and wait until it answers over HTTPS."""
+    certs_dir = certs_dir or workdir / "certs"
+    port = free_port()
+    log_path = workdir / f"serve-{port}.log"
+    command = [sys.executable, "-m", "injector", "serve", "--port", str(port),
+               "--certs-dir", str(certs_dir), *args]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})}, cwd=workdir,
+        )
+    server = Server(f"https://127.0.0.1:{port}", port, certs_dir, process, log_path)
+    if wait_ready:
+        wait_until_serving(server)
+    return server
+
+
+def wait_until_serving(server: Server, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise AssertionError(
+                f"injector serve exited with {server.process.returncode}:\n{server.log()}")
+        if server.root_cert.exists():
+            try:
+                with server.client() as client:
+                    if client.get("/healthz").status_code == 200:
+                        return
+            except (httpx.TransportError, ssl.SSLError):
+                pass
+        time.sleep(0.1)
+    server.stop()
+    raise AssertionError(f"injector serve did not answer within {timeout}s:\n{server.log()}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server for a test module: certificates made at start, default mesh config."""
+    running = start_server(tmp_path_factory.mktemp("serve"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Iterator[httpx.Client]:
+    with server.client() as https:
+        yield https
