@@ -260,10 +260,11 @@ def has_global_ipv6_address(if_inet6: str) -> bool:
     """Whether `/proc/net/if_inet6` lists an IPv6 address of global scope (a dual-stack pod).
 
     Each line: address, interface index, prefix length, scope, flags, interface name; scope 00
-    is global (link-local is 20, host/loopback 10).
+    is global (link-local is 20, host/loopback 10). Loopback's own addresses do not count: ::6,
+    added there for the proxy by an earlier IPv6 run, says nothing about the pod's network.
     """
     for line in if_inet6.splitlines():
         fields = line.split()
-        if len(fields) >= 4 and fields[3] == "00":
+        if len(fields) >= 6 and fields[3] == "00" and fields[5] != "lo":
             return True
     return False

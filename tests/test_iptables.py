@@ -257,6 +257,8 @@ def test_global_ipv6_address_detection() -> None:
     assert has_global_ipv6_address(
         loopback_and_link_local + "fd000000000000000000000000000002 02 40 00 00     eth0\n")
     assert not has_global_ipv6_address("")
+    # ::6 on loopback is our own doing, not the pod's address.
+    assert not has_global_ipv6_address("00000000000000000000000000000006 01 80 00 80       lo\n")
 
 
 # --- modes and parsing --------------------------------------------------------------------------

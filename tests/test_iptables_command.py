@@ -23,6 +23,15 @@ TOOLS = ("iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-resto
 
 
 @pytest.fixture(autouse=True)
+def loopback_addresses(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records the addresses an IPv6 run would add to lo: these tests run in the host's own
+    namespace, which they must never change (the real thing is tested in network namespaces)."""
+    added: list[str] = []
+    monkeypatch.setattr(command, "_add_address_to_loopback", added.append)
+    return added
+
+
+@pytest.fixture(autouse=True)
 def _no_injector_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Neither the tester's INJECTOR_* variables nor the machine's IPv6 addresses leak in."""
     for name in list(os.environ):
@@ -190,14 +199,22 @@ def test_a_run_reads_the_table_then_applies_everything_in_one_restore(
     assert out == applied  # the init container's log says what was applied
 
 
-def test_ipv6_goes_through_ip6tables(
-    fake: FakeIptables, capsys: pytest.CaptureFixture[str]
+def test_ipv6_goes_through_ip6tables_and_gives_the_proxy_its_passthrough_address(
+    fake: FakeIptables, capsys: pytest.CaptureFixture[str], loopback_addresses: list[str]
 ) -> None:
     code, _, _ = _run(capsys, "--ipv6")
     assert code == 0
     assert fake.calls() == ["iptables-save -t nat", "iptables-restore --noflush",
                             "ip6tables-save -t nat", "ip6tables-restore --noflush"]
     assert fake.stdin_of("ip6tables-restore") == build_restore_input(TrafficOptions(), ipv6=True)
+    assert loopback_addresses == ["::6"]
+
+
+def test_ipv4_only_adds_no_address(
+    fake: FakeIptables, capsys: pytest.CaptureFixture[str], loopback_addresses: list[str]
+) -> None:
+    assert _run(capsys)[0] == 0
+    assert loopback_addresses == []
 
 
 def test_failing_iptables_shows_its_stderr_and_exits_non_zero(

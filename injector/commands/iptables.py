@@ -8,7 +8,11 @@ the whole nat change in one `iptables-restore --noflush` (and `ip6tables-restore
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -142,12 +146,51 @@ def _run_tool(argv: list[str], stdin: str | None = None) -> str:
     return done.stdout
 
 
+# rtnetlink (linux/netlink.h, linux/rtnetlink.h, linux/if_addr.h)
+_RTM_NEWADDR = 20
+_NLMSG_ERROR = 2
+_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_REPLACE, _NLM_F_CREATE = 0x1, 0x4, 0x100, 0x400
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+_IFA_F_NODAD = 0x02
+_RT_SCOPE_HOST = 254
+IPV6_PASSTHROUGH_SOURCE = "::6"
+
+
+def _add_address_to_loopback(address: str) -> None:
+    """`ip -6 addr replace ADDRESS/128 dev lo`, over rtnetlink so that the init image needs no
+    iproute2.
+
+    IPv4 loopback owns all of 127.0.0.0/8, so the proxy can bind 127.0.0.6 as it is; IPv6
+    loopback has ::1 only, so ::6 must be added before the proxy can bind it (Istio does the same).
+    Replacing makes a second run a no-op.
+    """
+    packed = socket.inet_pton(socket.AF_INET6, address)
+    attribute = struct.pack("=HH", 4 + len(packed), _IFA_LOCAL) + packed
+    attributes = attribute + struct.pack("=HH", 4 + len(packed), _IFA_ADDRESS) + packed
+    body = struct.pack("=BBBBI", socket.AF_INET6, 128, _IFA_F_NODAD, _RT_SCOPE_HOST,
+                       socket.if_nametoindex("lo")) + attributes
+    flags = _NLM_F_REQUEST | _NLM_F_ACK | _NLM_F_CREATE | _NLM_F_REPLACE
+    message = struct.pack("=IHHII", 16 + len(body), _RTM_NEWADDR, flags, 1, 0) + body
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as route:
+        route.settimeout(IPTABLES_TIMEOUT_SECONDS)
+        route.sendto(message, (0, 0))
+        reply = route.recv(4096)
+    # The acknowledgement: an NLMSG_ERROR whose error is 0 on success, -errno otherwise.
+    _, kind, _, _, _ = struct.unpack_from("=IHHII", reply)
+    code = struct.unpack_from("=i", reply, 16)[0] if kind == _NLMSG_ERROR else 0
+    if code != 0:
+        raise IptablesFailed(f"cannot add {address}/128 to lo: {os.strerror(-code)} "
+                             f"({errno.errorcode.get(-code, -code)})")
+
+
 def _apply(options: TrafficOptions, ipv6: bool) -> str:
     """Replace our nat rules in one `iptables-restore --noflush`; return what was applied."""
     prefix = "ip6tables" if ipv6 else "iptables"
     saved = _run_tool([f"{prefix}-save", "-t", "nat"])
     restore_input = build_restore_input(options, ipv6, find_installed_hooks(saved))
     _run_tool([f"{prefix}-restore", "--noflush"], stdin=restore_input)
+    if ipv6:
+        _add_address_to_loopback(IPV6_PASSTHROUGH_SOURCE)
     return restore_input
 
 
