@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PYTHON ?= python3
 DEBS   := iptables iproute2 openssl wrk util-linux
 
-.PHONY: run test lint bench system-deps clean
+.PHONY: run test lint bench demo system-deps clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed system-deps
 	$(PY) -m bench
+
+# An offline mesh on this machine (root): control plane and two pods in network namespaces.
+demo: $(VENV)/.installed system-deps
+	$(PY) -m tests.e2e.demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info
