@@ -158,6 +158,10 @@ def _ensure_serving(certs_dir: Path, namespace: str, dns_names: Sequence[str],
         _write_new(key_path, ca.key_to_pem(ca.generate_key()), KEY_MODE)
     key = read_key(key_path)
     issuer_cert = read_certs(certs_dir / CA_CERT)[0]
+    if issuer_cert.not_valid_after_utc <= now:
+        raise CertsError(f"{certs_dir / CA_CERT}: the CA expired at "
+                         f"{ca.rfc3339(issuer_cert.not_valid_after_utc)}; it cannot issue "
+                         f"{TLS_CERT}")
     issuer_key = read_key(certs_dir / CA_KEY)
     chain = read_certs(certs_dir / CERT_CHAIN)
     roots = read_certs(certs_dir / ROOT_CERT)
