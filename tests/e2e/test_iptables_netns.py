@@ -1,8 +1,9 @@
 """`injector iptables` on a real netfilter stack, in throwaway network namespaces.
 
-A "pod" namespace and a "peer" namespace joined by a veth pair:
+A dual-stack "pod" namespace and a "peer" namespace joined by a veth pair:
 
-    pod  10.200.0.2/24 ---- veth ---- 10.200.0.1/24  peer (also 10.200.1.1 on its lo)
+    pod  10.200.0.2/24  ---- veth ----  10.200.0.1/24  peer (also 10.200.1.1 on its lo)
+         fd00:200::2/64                 fd00:200::1/64      (also fd00:201::1 on its lo)
 
 `injector iptables` runs inside the pod namespace. Small listeners stand in for the proxy's
 outbound (15001) and inbound (15006) capture ports, for the app and for the peer's services; each
@@ -41,17 +42,23 @@ POD_IP = "10.200.0.2"
 PEER_IP = "10.200.0.1"
 EXCLUDED_PEER_IP = "10.200.1.1"  # on the peer, inside the excluded range
 EXCLUDED_RANGE = "10.200.1.0/24"
+POD_IP6 = "fd00:200::2"
+PEER_IP6 = "fd00:200::1"
+EXCLUDED_PEER_IP6 = "fd00:201::1"
+EXCLUDED_RANGE6 = "fd00:201::/64"
 EXCLUDED_OUTBOUND_PORT = 5432
 APP_PORT = 9080
 PROXY_UID = 1337
 
 # What the webhook puts on the init container's command line for such a pod.
-OPTIONS = TrafficOptions(exclude_outbound_cidrs=parse_cidrs(EXCLUDED_RANGE),
+OPTIONS = TrafficOptions(exclude_outbound_cidrs=parse_cidrs(f"{EXCLUDED_RANGE},{EXCLUDED_RANGE6}"),
                          exclude_outbound_ports=(EXCLUDED_OUTBOUND_PORT,))
 
 TIMEOUT = 10  # seconds, for any one command; every step here takes milliseconds
 SOL_IP = 0
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+SOL_IPV6 = 41
+IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
 CLONE_NEWNET = 0x40000000
 # Where the tools live on Debian; pytest's PATH may lack the sbin directories.
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -61,11 +68,8 @@ SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CLIENT = """
 import socket, sys
 host, port = sys.argv[1], int(sys.argv[2])
-with socket.socket() as sock:
-    sock.settimeout(5)
-    if len(sys.argv) > 3:
-        sock.bind((sys.argv[3], 0))
-    sock.connect((host, port))
+source = (sys.argv[3], 0) if len(sys.argv) > 3 else None
+with socket.create_connection((host, port), timeout=5, source_address=source) as sock:
     answer = b""
     while not answer.endswith(b"\\n"):
         chunk = sock.recv(256)
@@ -97,10 +101,14 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{SYSTEM_PATH}:{os.environ.get('PATH', '')}"}
 
 
-def _run(*argv: str, check: bool = True, stdin: str | None = None
+def _run(*argv: str, check: bool = True, stdin: str | None = None, tools: Path | None = None
          ) -> subprocess.CompletedProcess[str]:
+    """Run a command; `tools` is a directory put first on PATH (the legacy iptables shims)."""
+    env = _env()
+    if tools is not None:
+        env["PATH"] = f"{tools}:{env['PATH']}"
     done = subprocess.run(list(argv), input=stdin, capture_output=True, text=True,
-                          timeout=TIMEOUT, env=_env(), check=False)
+                          timeout=TIMEOUT, env=env, check=False)
     if check and done.returncode != 0:
         pytest.fail(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
     return done
@@ -159,7 +167,11 @@ def _socket_in(namespace: str, family: socket.AddressFamily = socket.AF_INET) ->
 def _original_destination(connection: socket.socket) -> str:
     """Where the client meant to go, before any REDIRECT (SO_ORIGINAL_DST)."""
     try:
-        raw = connection.getsockopt(SOL_IP, SO_ORIGINAL_DST, 16)
+        if connection.family == socket.AF_INET6:
+            raw = connection.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)  # sockaddr_in6
+            port, address6 = struct.unpack("!2xH4x16s4x", raw)
+            return f"[{ipaddress.IPv6Address(address6)}]:{port}"
+        raw = connection.getsockopt(SOL_IP, SO_ORIGINAL_DST, 16)  # sockaddr_in
     except OSError:
         return "-"  # no conntrack entry for it
     port, address = struct.unpack("!2xH4s8x", raw)
@@ -196,7 +208,10 @@ def _listeners(specs: list[tuple[str, str, str, int]]) -> Iterator[None]:
     running: list[tuple[Listener, threading.Thread]] = []
     try:
         for name, namespace, address, port in specs:
-            server = _socket_in(namespace)
+            ipv6 = ":" in address
+            server = _socket_in(namespace, socket.AF_INET6 if ipv6 else socket.AF_INET)
+            if ipv6:  # the IPv4 listener on the same port is a separate socket
+                server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             server.bind((address, port))
             server.listen(16)
@@ -213,14 +228,16 @@ def _listeners(specs: list[tuple[str, str, str, int]]) -> Iterator[None]:
             listener.server.close()
 
 
-def _injector(namespace: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _injector(namespace: str, *args: str, tools: Path | None = None
+              ) -> subprocess.CompletedProcess[str]:
     """`injector iptables ARGS` inside the namespace, as the init container runs it."""
     return _run("ip", "netns", "exec", namespace, sys.executable, "-m", "injector", "iptables",
-                *args, check=False)
+                *args, check=False, tools=tools)
 
 
-def _saved_nat_table(namespace: str) -> str:
-    saved = _run("ip", "netns", "exec", namespace, "iptables-save", "-t", "nat").stdout
+def _saved_nat_table(namespace: str, ipv6: bool = False, tools: Path | None = None) -> str:
+    save = "ip6tables-save" if ipv6 else "iptables-save"
+    saved = _run("ip", "netns", "exec", namespace, save, "-t", "nat", tools=tools).stdout
     # Drop the "# Generated by ... on <time>" lines: only the rules are compared.
     return "\n".join(line for line in saved.splitlines() if not line.startswith("#"))
 
@@ -279,8 +296,14 @@ def pod() -> Iterator[Pod]:
         _run("ip", "-n", pod_ns, "route", "add", "default", "via", PEER_IP)
         _run("ip", "-n", peer_ns, "addr", "add", f"{PEER_IP}/24", "dev", peer_link)
         _run("ip", "-n", peer_ns, "addr", "add", f"{EXCLUDED_PEER_IP}/32", "dev", "lo")
+        # nodad: the addresses are usable at once instead of after duplicate detection.
+        _run("ip", "-n", pod_ns, "addr", "add", f"{POD_IP6}/64", "dev", pod_link, "nodad")
+        _run("ip", "-n", peer_ns, "addr", "add", f"{PEER_IP6}/64", "dev", peer_link, "nodad")
+        _run("ip", "-n", peer_ns, "addr", "add", f"{EXCLUDED_PEER_IP6}/128", "dev", "lo")
         _run("ip", "-n", peer_ns, "link", "set", peer_link, "up")
+        _run("ip", "-n", pod_ns, "-6", "route", "add", "default", "via", PEER_IP6)
 
+        # No --ipv6: the pod's global IPv6 address must be enough to get IPv6 rules as well.
         applied = _injector(pod_ns, *OPTIONS.to_args())
         assert applied.returncode == 0, applied.stderr
 
@@ -293,6 +316,12 @@ def pod() -> Iterator[Pod]:
             ("peer-service", peer_ns, PEER_IP, 8080),
             ("peer-database", peer_ns, PEER_IP, EXCLUDED_OUTBOUND_PORT),
             ("peer-excluded-range", peer_ns, EXCLUDED_PEER_IP, 8080),
+            ("outbound-capture", pod_ns, "::", OPTIONS.proxy_port),
+            ("inbound-capture", pod_ns, "::", OPTIONS.inbound_capture_port),
+            ("app", pod_ns, "::", APP_PORT),
+            ("app-localhost", pod_ns, "::1", 8081),
+            ("peer-service", peer_ns, PEER_IP6, 8080),
+            ("peer-excluded-range", peer_ns, EXCLUDED_PEER_IP6, 8080),
         ]
         with _listeners(listeners):
             yield Pod(pod_ns, peer_ns, python)
@@ -357,16 +386,43 @@ def test_the_proxys_inbound_passthrough_from_127_0_0_6_reaches_the_app(pod: Pod)
     assert answer.startswith("app ")
 
 
+# --- IPv6 --------------------------------------------------------------------------------------
+
+def test_ipv6_outbound_call_is_captured_with_its_original_destination(pod: Pod) -> None:
+    assert pod.connect(PEER_IP6, 8080) == f"outbound-capture [{PEER_IP6}]:8080"
+
+
+def test_ipv6_proxys_own_call_is_not_captured(pod: Pod) -> None:
+    assert pod.connect(PEER_IP6, 8080, uid=PROXY_UID, gid=PROXY_UID).startswith("peer-service ")
+
+
+def test_ipv6_excluded_range_and_loopback_are_not_captured(pod: Pod) -> None:
+    assert pod.connect(EXCLUDED_PEER_IP6, 8080).startswith("peer-excluded-range ")
+    assert pod.connect("::1", 8081).startswith("app-localhost ")
+
+
+def test_ipv6_inbound_call_is_captured_with_its_original_destination(pod: Pod) -> None:
+    answer = pod.connect(POD_IP6, APP_PORT, namespace=pod.peer)
+    assert answer == f"inbound-capture [{POD_IP6}]:{APP_PORT}"
+
+
+def test_ipv6_proxys_inbound_passthrough_from_6_reaches_the_app(pod: Pod) -> None:
+    # ::6 exists on lo only because the command added it; the proxy can bind it.
+    answer = pod.connect(POD_IP6, APP_PORT, uid=PROXY_UID, gid=PROXY_UID, source="::6")
+    assert answer.startswith("app ")
+
+
 # --- the rules themselves -------------------------------------------------------------------------
 
-def test_the_kernel_holds_exactly_the_rules_we_built(pod: Pod) -> None:
-    saved = _saved_nat_table(pod.pod).splitlines()
+@pytest.mark.parametrize("ipv6", [False, True], ids=["ipv4", "ipv6"])
+def test_the_kernel_holds_exactly_the_rules_we_built(pod: Pod, ipv6: bool) -> None:
+    saved = _saved_nat_table(pod.pod, ipv6).splitlines()
     ours = [line for line in saved
             if line.startswith("-A") and ("ISTIO_" in line.split()[1] or "-j ISTIO_" in line)]
     # Same rules, same order within each chain (iptables-save groups them by chain).
     for chain in ("PREROUTING", "OUTPUT", "ISTIO_INBOUND", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT",
                   "ISTIO_REDIRECT"):
-        expected = [rule for rule in build_rules(OPTIONS) if rule.split()[1] == chain]
+        expected = [rule for rule in build_rules(OPTIONS, ipv6) if rule.split()[1] == chain]
         assert [rule for rule in ours if rule.split()[1] == chain] == expected, chain
 
 
@@ -377,17 +433,45 @@ def bare_pod() -> Iterator[str]:
         yield name
 
 
-def test_running_twice_leaves_identical_rules_and_keeps_others_rules(bare_pod: str) -> None:
+@pytest.fixture(params=["nft", "legacy"])
+def iptables_backend(request: pytest.FixtureRequest, bare_pod: str, tmp_path: Path
+                     ) -> Path | None:
+    """None for the system's default iptables (nf_tables on Debian), or a directory of
+    `iptables-*` shims for the legacy (x_tables) backend, that older nodes still use.
+
+    The shims are only ever put on PATH for commands run inside a test namespace.
+    """
+    if request.param == "nft":
+        return None
+    legacy = shutil.which("xtables-legacy-multi", path=SYSTEM_PATH)
+    if legacy is None:
+        pytest.skip("no xtables-legacy-multi (Debian package iptables) for the legacy backend")
+    tools = tmp_path / "legacy"
+    tools.mkdir()
+    for tool in ("iptables-save", "iptables-restore", "ip6tables-save", "ip6tables-restore"):
+        (tools / tool).symlink_to(legacy)
+    probe = _run("ip", "netns", "exec", bare_pod, "iptables-save", "-t", "nat", check=False,
+                 tools=tools)
+    if probe.returncode != 0:
+        pytest.skip(f"this kernel has no legacy iptables: {probe.stderr.strip()}")
+    return tools
+
+
+def test_running_twice_leaves_identical_rules_and_keeps_others_rules(
+    bare_pod: str, iptables_backend: Path | None
+) -> None:
+    tools = iptables_backend
     # Somebody else's rules, before and after where our hooks go: they must survive untouched.
-    _run("ip", "netns", "exec", bare_pod, "iptables-restore", "--noflush", stdin=(
+    _run("ip", "netns", "exec", bare_pod, "iptables-restore", "--noflush", tools=tools, stdin=(
         "*nat\n:OTHER - [0:0]\n-A OTHER -j RETURN\n-A OUTPUT -d 192.0.2.1/32 -j OTHER\n"
         "-A PREROUTING -p udp -j RETURN\nCOMMIT\n"))
     args = OPTIONS.to_args()
-    assert _injector(bare_pod, *args).returncode == 0
-    first = _saved_nat_table(bare_pod)
-    second_run = _injector(bare_pod, *args)
+    first_run = _injector(bare_pod, *args, tools=tools)
+    assert first_run.returncode == 0, first_run.stderr
+    first = _saved_nat_table(bare_pod, tools=tools)
+    second_run = _injector(bare_pod, *args, tools=tools)
     assert second_run.returncode == 0, second_run.stderr
-    assert _saved_nat_table(bare_pod) == first
+    assert _saved_nat_table(bare_pod, tools=tools) == first
     assert first.count("-j ISTIO_OUTPUT") == 1 and first.count("-j ISTIO_INBOUND") == 1
     for foreign in ("-A OTHER -j RETURN", "-A OUTPUT -d 192.0.2.1/32 -j OTHER",
                     "-A PREROUTING -p udp -j RETURN"):
