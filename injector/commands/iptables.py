@@ -167,14 +167,17 @@ def _add_address_to_loopback(address: str) -> None:
     packed = socket.inet_pton(socket.AF_INET6, address)
     attribute = struct.pack("=HH", 4 + len(packed), _IFA_LOCAL) + packed
     attributes = attribute + struct.pack("=HH", 4 + len(packed), _IFA_ADDRESS) + packed
-    body = struct.pack("=BBBBI", socket.AF_INET6, 128, _IFA_F_NODAD, _RT_SCOPE_HOST,
-                       socket.if_nametoindex("lo")) + attributes
     flags = _NLM_F_REQUEST | _NLM_F_ACK | _NLM_F_CREATE | _NLM_F_REPLACE
-    message = struct.pack("=IHHII", 16 + len(body), _RTM_NEWADDR, flags, 1, 0) + body
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as route:
-        route.settimeout(IPTABLES_TIMEOUT_SECONDS)
-        route.sendto(message, (0, 0))
-        reply = route.recv(4096)
+    try:
+        body = struct.pack("=BBBBI", socket.AF_INET6, 128, _IFA_F_NODAD, _RT_SCOPE_HOST,
+                           socket.if_nametoindex("lo")) + attributes
+        message = struct.pack("=IHHII", 16 + len(body), _RTM_NEWADDR, flags, 1, 0) + body
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as route:
+            route.settimeout(IPTABLES_TIMEOUT_SECONDS)
+            route.sendto(message, (0, 0))
+            reply = route.recv(4096)
+    except OSError as error:
+        raise IptablesFailed(f"cannot add {address}/128 to lo: {error}") from None
     # The acknowledgement: an NLMSG_ERROR whose error is 0 on success, -errno otherwise.
     _, kind, _, _, _ = struct.unpack_from("=IHHII", reply)
     code = struct.unpack_from("=i", reply, 16)[0] if kind == _NLMSG_ERROR else 0
