@@ -4,9 +4,11 @@ loads them and runs uvicorn."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import orjson
 from fastapi import APIRouter, FastAPI, Request
@@ -61,8 +63,22 @@ def create_app(
     namespace_labels: webhook.NamespaceLabels,
     readiness_checks: Sequence[ReadinessCheck] = (),
     routers: Sequence[APIRouter] = (),
+    background: Sequence[Callable[[], Awaitable[None]]] = (),
 ) -> FastAPI:
-    app = FastAPI(title="injector", version="0.1.0", docs_url=None, redoc_url=None)
+    """The app; `background` tasks (watchers) run while it serves and never block a request."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(job()) for job in background]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    app = FastAPI(title="injector", version="0.1.0", docs_url=None, redoc_url=None,
+                  lifespan=lifespan)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, error: StarletteHTTPException) -> Response:
@@ -96,9 +112,14 @@ def create_app(
         outcome = webhook.admit(review, mesh, namespace_labels)
         INJECTION_SECONDS.observe(time.perf_counter() - started)
         ADMISSIONS.labels(outcome.result, outcome.reason).inc()
+        elapsed = time.perf_counter() - started
         log.info(
-            "admission namespace=%s pod=%s result=%s reason=%s",
-            outcome.namespace, outcome.pod, outcome.result, outcome.reason,
+            "admission %s/%s %s (%s)", outcome.namespace, outcome.pod, outcome.result,
+            outcome.reason,
+            extra={"fields": {
+                "namespace": outcome.namespace, "pod": outcome.pod, "result": outcome.result,
+                "reason": outcome.reason, "duration_ms": round(elapsed * 1000, 3),
+            }},
         )
         return Response(outcome.body, media_type="application/json")
 

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import datetime
-import logging
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from injector.cli import CommandParser, UsageError
 from injector.config import ConfigError, load_mesh_config
 
-if TYPE_CHECKING:
-    from injector.app import ReadinessCheck
+# Forward-secret AEAD suites only for TLS 1.2 (TLS 1.3's are all of that kind already).
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
 def add_arguments(parser: CommandParser) -> None:
@@ -32,26 +29,22 @@ def add_arguments(parser: CommandParser) -> None:
                   choices=["debug", "info", "warning", "error"], help="log level")
 
 
-def _serving_cert_check(cert_path: Path) -> ReadinessCheck:
-    from cryptography import x509
-
-    certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
-    not_after = certificate.not_valid_after_utc
-
-    def check() -> str | None:
-        if datetime.datetime.now(datetime.UTC) >= not_after:
-            return f"the serving certificate expired at {not_after.isoformat()}"
-        return None
-
-    return check
+def server_tls_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
+    """TLS 1.2 or newer only, whatever the OpenSSL build's default, with strong suites."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    context.load_cert_chain(cert_path, key_path)
+    return context
 
 
 def run(args: argparse.Namespace) -> int:
     # Imported here so that the other commands (the init container's among them) start fast.
     import uvicorn
 
-    from injector import ca_api, cadir, kube
+    from injector import ca_api, cadir, kube, logs
     from injector.app import create_app
+    from injector.serving_cert import ServingCertificate
 
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port}: not a port")
@@ -59,10 +52,9 @@ def run(args: argparse.Namespace) -> int:
         mesh = load_mesh_config(args.config_data, source=f"config file {args.config}")
     except ConfigError as error:
         raise UsageError(str(error)) from None
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    logs.configure(args.log_level)
     certs_dir = Path(args.certs_dir)
+    cert_path, key_path = certs_dir / "tls.crt", certs_dir / "tls.key"
     try:
         cadir.ensure_certs_dir(
             certs_dir,
@@ -74,30 +66,33 @@ def run(args: argparse.Namespace) -> int:
         ca_service = ca_api.build_ca_service(
             certs_dir=certs_dir, mesh=mesh, token_file=args.token_file, api_client=api
         )
-        serving_check = _serving_cert_check(certs_dir / "tls.crt")
+        tls = server_tls_context(cert_path, key_path)
     except (cadir.CertsError, ca_api.ConfigurationError) as error:
         raise UsageError(str(error)) from None
+    except (OSError, ssl.SSLError) as error:
+        raise UsageError(f"serving certificate {cert_path}: {error}") from None
+    serving = ServingCertificate(tls, cert_path, key_path)
 
     app = create_app(
         mesh=mesh,
         namespace_labels=lambda namespace: None,
-        readiness_checks=[ca_service.readiness, serving_check],
+        readiness_checks=[ca_service.readiness, serving.readiness],
         routers=[ca_api.router(ca_service)],
+        background=[serving.watch],
     )
     config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
-        ssl_certfile=str(certs_dir / "tls.crt"),
-        ssl_keyfile=str(certs_dir / "tls.key"),
-        log_level=args.log_level,
+        ssl_certfile=str(cert_path),
+        ssl_keyfile=str(key_path),
+        log_config=None,
         access_log=False,
         server_header=False,
         timeout_graceful_shutdown=20,
     )
     config.load()
-    assert config.ssl is not None
-    # TLS 1.2 or newer only, whatever the OpenSSL build's default.
-    config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Our context, not uvicorn's: it is the one the serving-certificate watcher reloads.
+    config.ssl = tls
     uvicorn.Server(config).run()
     return 0

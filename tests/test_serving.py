@@ -1,0 +1,84 @@
+"""Operating the server: certificate rotation without restart, structured logs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from tests.conftest import Server, start_server
+from tests.pods import pod, review
+
+
+def presented_serial(server: Server) -> int:
+    context = server.ssl_context()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_a_new_serving_certificate_on_disk_is_served_without_restart(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    try:
+        before = presented_serial(server)
+        (server.certs_dir / "tls.crt").unlink()
+        (server.certs_dir / "tls.key").unlink()
+        subprocess.run([sys.executable, "-m", "injector", "certs", "init", "--certs-dir",
+                        str(server.certs_dir)], check=True, timeout=60)
+        on_disk = x509.load_pem_x509_certificate(
+            (server.certs_dir / "tls.crt").read_bytes()).serial_number
+        assert on_disk != before
+        deadline = time.monotonic() + 15
+        while presented_serial(server) != on_disk:
+            assert time.monotonic() < deadline, "the new certificate was never served"
+            time.sleep(0.2)
+        assert server.process.poll() is None
+        with server.client() as client:
+            assert client.get("/readyz").status_code == 200
+    finally:
+        server.stop()
+
+
+def test_logs_are_json_lines_with_the_admission_fields(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    try:
+        with server.client() as client:
+            client.post("/inject", json=review(pod(name="checkout-1"), namespace="shop"))
+    finally:
+        server.stop()
+    entries = [json.loads(line) for line in server.log().splitlines() if line.strip()]
+    admission = [entry for entry in entries if entry.get("pod") == "checkout-1"]
+    assert len(admission) == 1
+    assert admission[0]["namespace"] == "shop"
+    assert admission[0]["result"] == "injected"
+    assert admission[0]["reason"] == "namespace-enabled"
+    assert admission[0]["duration_ms"] >= 0
+    assert all({"time", "level", "logger", "msg"} <= entry.keys() for entry in entries)
+
+
+def tls12_handshake(server: Server, ciphers: str) -> str:
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.load_verify_locations(server.root_cert)
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    client.set_ciphers(ciphers)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw, \
+            client.wrap_socket(raw, server_hostname="localhost") as tls:
+        cipher = tls.cipher()
+    assert cipher is not None
+    return cipher[0]
+
+
+def test_weak_tls_1_2_suites_are_refused(server: Server) -> None:
+    assert tls12_handshake(server, "ECDHE-ECDSA-AES128-GCM-SHA256") == (
+        "ECDHE-ECDSA-AES128-GCM-SHA256")
+    with pytest.raises(ssl.SSLError):
+        tls12_handshake(server, "ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES128-SHA")  # CBC only
