@@ -1,0 +1,243 @@
+"""The CA over HTTPS: `POST /v1/certificates` and `GET /v1/trust-bundle` (SPEC section 4).
+
+The thin shell around `ca.sign_svid`: read at most 64 KiB, authenticate the bearer token (in a
+worker thread: TokenReview is blocking I/O), parse the JSON, sign, answer. Every refusal is a
+JSON `{"error": ...}` with the status the SPEC gives it, counted by reason; every issuance is one
+log line with the SPIFFE ID and serial. Tokens, keys and CSR bodies are never logged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import Counter, Gauge, Histogram
+from starlette.concurrency import run_in_threadpool
+
+from injector import ca, cadir
+from injector.authn import (
+    AuthenticationUnavailable,
+    Authenticator,
+    AuthenticatorChain,
+    Caller,
+    StaticTokens,
+    TokenFileError,
+    TokenReviewAuthenticator,
+)
+from injector.config import MeshConfig
+from injector.spiffe import SpiffeId, SpiffeIdError
+
+MAX_CSR_REQUEST_BYTES = 64 * 1024
+RETRY_AFTER_SECONDS = 5
+
+log = logging.getLogger("injector.ca")
+
+CSRS_RECEIVED = Counter("injector_ca_csr_received", "Certificate requests received")
+CERTIFICATES_ISSUED = Counter("injector_ca_certificates_issued", "X509-SVIDs issued")
+REFUSALS = Counter("injector_ca_refusals", "Certificate requests refused, by reason",
+                   ["reason"])
+SIGNING_SECONDS = Histogram(
+    "injector_ca_signing_duration_seconds",
+    "Time to check a CSR and sign its SVID (authentication excluded)",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+)
+ROOT_EXPIRY = Gauge("injector_ca_root_expiry_timestamp_seconds",
+                    "When the root certificate the signing CA chains to expires (Unix time)")
+SIGNING_CA_EXPIRY = Gauge("injector_ca_signing_ca_expiry_timestamp_seconds",
+                          "When the signing CA certificate expires (Unix time)")
+
+
+class ConfigurationError(Exception):
+    """The CA cannot be set up from the given settings; the message is one line."""
+
+
+class Refusal(Exception):
+    """A request the CA answers with an error: HTTP status, metric reason, message."""
+
+    def __init__(self, status: int, reason: str, message: str,
+                 retry_after_seconds: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.retry_after_seconds = retry_after_seconds
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class CAService:
+    """The CA's state and decisions, independent of the HTTP framework."""
+
+    def __init__(self, authority: ca.Authority, authenticator: AuthenticatorChain, *,
+                 policy: ca.SigningPolicy = ca.DEFAULT_POLICY,
+                 clock: Callable[[], dt.datetime] = _utcnow) -> None:
+        self.authority = authority
+        self.authenticator = authenticator
+        self.policy = policy
+        self._clock = clock
+        ROOT_EXPIRY.set(authority.root_not_after.timestamp())
+        SIGNING_CA_EXPIRY.set(authority.signing_cert.not_valid_after_utc.timestamp())
+
+    def readiness(self) -> str | None:
+        """None when the CA can sign; otherwise why it cannot (for /readyz)."""
+        if self.authority.expired(self._clock()):
+            return f"the signing CA expired at {ca.rfc3339(self.authority.not_after)}"
+        return None
+
+    def trust_bundle_pem(self) -> str:
+        return "".join(self.authority.trust_bundle_pems)
+
+    def authenticate(self, authorization: str | None) -> Caller:
+        """Blocking (TokenReview): call from a worker thread."""
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Refusal(401, "no_token", "missing bearer token")
+        try:
+            caller = self.authenticator.authenticate(token)
+        except AuthenticationUnavailable as error:
+            raise Refusal(503, "auth_unavailable", f"cannot authenticate now: {error}",
+                          error.retry_after_seconds) from None
+        if caller is None:
+            raise Refusal(401, "bad_token", "the token is not valid for this CA")
+        return caller
+
+    def issue(self, caller: Caller, body: bytes) -> dict[str, Any]:
+        """Parse the request body and sign; the 200 response document, or Refusal."""
+        csr, ttl_seconds = _parse_request(body)
+        try:
+            identity = SpiffeId.for_service_account(self.authority.trust_domain,
+                                                    caller.namespace, caller.service_account)
+        except SpiffeIdError as error:
+            raise Refusal(403, "bad_identity",
+                          f"the caller's identity cannot be a SPIFFE ID: {error}") from None
+        started = time.perf_counter()
+        try:
+            svid = ca.sign_svid(csr, identity, ttl_seconds, self.authority, self._clock(),
+                                policy=self.policy)
+        except ca.SigningRefused as refused:
+            raise Refusal(refused.status, refused.reason, refused.message,
+                          RETRY_AFTER_SECONDS if refused.status == 503 else None) from None
+        SIGNING_SECONDS.observe(time.perf_counter() - started)
+        CERTIFICATES_ISSUED.inc()
+        log.info("issued SVID spiffe_id=%s serial=%x expires_at=%s authenticator=%s",
+                 svid.spiffe_id, svid.serial_number, ca.rfc3339(svid.expires_at),
+                 caller.authenticator)
+        return {
+            "spiffe_id": str(svid.spiffe_id),
+            "certificate_chain": list(svid.certificate_chain_pems),
+            "trust_bundle": list(svid.trust_bundle_pems),
+            "expires_at": ca.rfc3339(svid.expires_at),
+        }
+
+
+def _parse_request(body: bytes) -> tuple[str, int | None]:
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise Refusal(400, "bad_request", "the body is not JSON") from None
+    if not isinstance(document, dict):
+        raise Refusal(400, "bad_request", "the body must be a JSON object")
+    csr = document.get("csr")
+    if not isinstance(csr, str) or not csr.strip():
+        raise Refusal(400, "bad_request", "csr must be a PEM string")
+    ttl = document.get("ttl_seconds")
+    if ttl is not None and (not isinstance(ttl, int) or isinstance(ttl, bool)):
+        raise Refusal(400, "bad_ttl", "ttl_seconds must be an integer")
+    return csr, ttl
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to exceed `limit`, before any parsing."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise Refusal(413, "too_large", f"the body exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Refusal(413, "too_large", f"the body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error(refusal: Refusal) -> Response:
+    headers: dict[str, str] = {}
+    if refusal.retry_after_seconds is not None:
+        headers["Retry-After"] = str(refusal.retry_after_seconds)
+    if refusal.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return Response(orjson.dumps({"error": refusal.message}), status_code=refusal.status,
+                    media_type="application/json", headers=headers)
+
+
+def router(service: CAService) -> APIRouter:
+    routes = APIRouter()
+
+    @routes.post("/v1/certificates", response_class=Response)
+    async def certificates(request: Request) -> Response:
+        CSRS_RECEIVED.inc()
+        try:
+            body = await _read_limited(request, MAX_CSR_REQUEST_BYTES)
+            caller = await run_in_threadpool(service.authenticate,
+                                             request.headers.get("authorization"))
+            document = service.issue(caller, body)
+        except Refusal as refusal:
+            REFUSALS.labels(refusal.reason).inc()
+            if refusal.status != 401:
+                log.info("refused certificate request: %s (%s)", refusal.reason,
+                         refusal.message[:200])
+            return _error(refusal)
+        except Exception:
+            # A bug is not the caller's fault and is worth retrying; never a 500 or traceback.
+            log.exception("certificate request failed unexpectedly")
+            REFUSALS.labels("internal").inc()
+            return _error(Refusal(503, "internal", "internal error, retry later",
+                                  RETRY_AFTER_SECONDS))
+        return Response(orjson.dumps(document), media_type="application/json")
+
+    @routes.get("/v1/trust-bundle", response_class=Response)
+    async def trust_bundle() -> Response:
+        return Response(service.trust_bundle_pem(), media_type="application/x-pem-file")
+
+    return routes
+
+
+def build_ca_service(*, certs_dir: Path, mesh: MeshConfig, token_file: str | None,
+                     api_client: Any) -> CAService:
+    """Load the CA from `certs_dir` and the authenticators from the settings.
+
+    Raises cadir.CertsError (a CA that does not load: key mismatch, chain that does not verify)
+    or ConfigurationError (a bad token file, an impossible TTL policy), both one line.
+    """
+    authority = cadir.load_authority(Path(certs_dir), mesh.trust_domain)
+    if mesh.default_ttl_seconds > mesh.max_ttl_seconds:
+        raise ConfigurationError(
+            f"defaultTtlSeconds {mesh.default_ttl_seconds} exceeds maxTtlSeconds "
+            f"{mesh.max_ttl_seconds}")
+    authenticators: list[Authenticator] = []
+    if token_file:
+        try:
+            authenticators.append(StaticTokens.from_file(token_file))
+        except TokenFileError as error:
+            raise ConfigurationError(str(error)) from None
+    if api_client is not None:
+        authenticators.append(TokenReviewAuthenticator(api_client))
+    if not authenticators:
+        log.warning("the CA has no authenticator (no --token-file, no Kubernetes API): "
+                    "every certificate request will be refused with 401")
+    return CAService(
+        authority, AuthenticatorChain(authenticators),
+        policy=ca.SigningPolicy(default_ttl_seconds=mesh.default_ttl_seconds,
+                                max_ttl_seconds=mesh.max_ttl_seconds),
+    )
