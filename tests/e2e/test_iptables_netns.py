@@ -133,8 +133,9 @@ def _namespaces(*prefixes: str) -> Iterator[list[str]]:
     finally:
         for name in names:
             # Deleting the namespace deletes its end of the veth, and with it the other end.
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=TIMEOUT,
-                           env=_env(), check=False)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # still try the next one
+                subprocess.run(["ip", "netns", "del", name], capture_output=True,
+                               timeout=TIMEOUT, env=_env(), check=False)
 
 
 def _socket_in(namespace: str, family: socket.AddressFamily = socket.AF_INET) -> socket.socket:
