@@ -1,10 +1,13 @@
 # The two commands a newcomer needs: `make run` and `make test`.
 VENV   := .venv
+IMAGE   ?= injector:0.1.0
+ENGINE  ?= docker
+KUBECTL ?= kubectl
 PY     := $(VENV)/bin/python
 PYTHON ?= python3
 DEBS   := iptables iproute2 openssl wrk util-linux
 
-.PHONY: run test lint bench demo system-deps clean
+.PHONY: run test lint bench demo image deploy system-deps clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +41,13 @@ bench: $(VENV)/.installed system-deps
 # An offline mesh on this machine (root): control plane and two pods in network namespaces.
 demo: $(VENV)/.installed system-deps
 	$(PY) -m tests.e2e.demo
+
+# The one image for control plane, init container and sidecar (needs a container engine).
+image:
+	$(ENGINE) build -t $(IMAGE) .
+
+deploy:
+	$(KUBECTL) apply -k deploy/
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -52,7 +52,10 @@ class MeshConfig(_Model):
     proxy_uid: int = Field(1337, ge=1, alias="proxyUID")
     proxy_gid: int = Field(1337, ge=1, alias="proxyGID")
     resources: ProxyResources = ProxyResources()
-    log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = "warning"
+    # The sidecar's log level; not `logLevel`, which in a config file is serve's own option.
+    proxy_log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = (
+        "warning"
+    )
     trust_domain: str = "cluster.local"
     ca_address: str = "injector.mesh-system.svc:443"
     mesh_cidrs: tuple[str, ...] = Field(DEFAULT_MESH_CIDRS, alias="meshCIDRs")

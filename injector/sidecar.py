@@ -218,7 +218,7 @@ def _proxy_container(
     image = _annotation(annotations, PROXY_IMAGE, mesh.proxy_image).strip()
     if not image:
         raise InvalidAnnotation(PROXY_IMAGE, image, "must not be empty")
-    log_level = _annotation(annotations, LOG_LEVEL, mesh.log_level)
+    log_level = _annotation(annotations, LOG_LEVEL, mesh.proxy_log_level)
     if log_level not in LOG_LEVELS:
         raise InvalidAnnotation(LOG_LEVEL, log_level, f"expected one of {sorted(LOG_LEVELS)}")
     mtls_mode = _annotation(annotations, MTLS_MODE, mesh.mtls_mode)
