@@ -62,10 +62,16 @@ def create_app(
     mesh: MeshConfig,
     namespace_labels: webhook.NamespaceLabels,
     readiness_checks: Sequence[ReadinessCheck] = (),
+    degraded: Callable[[], list[str]] = list,
     routers: Sequence[APIRouter] = (),
     background: Sequence[Callable[[], Awaitable[None]]] = (),
 ) -> FastAPI:
-    """The app; `background` tasks (watchers) run while it serves and never block a request."""
+    """The app; `background` tasks (watchers) run while it serves and never block a request.
+
+    `readiness_checks` failing make /readyz 503; `degraded` parts (the Kubernetes API out of
+    reach, say) are reported there but keep it 200: the webhook and the CA still work, and a
+    replica taken out of its Service would stop every pod creation in the cluster.
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -132,6 +138,9 @@ def create_app(
         problems = [problem for check in readiness_checks if (problem := check()) is not None]
         if problems:
             return JSONResponse({"status": "not ready", "reasons": problems}, status_code=503)
+        degraded_parts = degraded()
+        if degraded_parts:
+            return JSONResponse({"status": "degraded", "degraded": degraded_parts})
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics")

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported here so that the other commands (the init container's among them) start fast.
     import uvicorn
 
-    from injector import ca_api, cadir, kube, logs
+    from injector import ca_api, cadir, cluster, kube, logs
     from injector.app import create_app
     from injector.serving_cert import ServingCertificate
 
@@ -67,16 +67,22 @@ def run(args: argparse.Namespace) -> int:
             certs_dir=certs_dir, mesh=mesh, token_file=args.token_file, api_client=api
         )
         tls = server_tls_context(cert_path, key_path)
-    except (cadir.CertsError, ca_api.ConfigurationError) as error:
+    except (cadir.CertsError, ca_api.ConfigurationError, kube.KubeConfigError) as error:
         raise UsageError(str(error)) from None
     except (OSError, ssl.SSLError) as error:
         raise UsageError(f"serving certificate {cert_path}: {error}") from None
     serving = ServingCertificate(tls, cert_path, key_path)
+    sync = None
+    if api is not None:
+        root_pem = (certs_dir / cadir.ROOT_CERT).read_text()
+        sync = cluster.ClusterSync(api, root_pem=root_pem, mesh=mesh)
+        sync.start()
 
     app = create_app(
         mesh=mesh,
-        namespace_labels=lambda namespace: None,
+        namespace_labels=sync.namespace_labels if sync else lambda namespace: None,
         readiness_checks=[ca_service.readiness, serving.readiness],
+        degraded=sync.degraded if sync else list,
         routers=[ca_api.router(ca_service)],
         background=[serving.watch],
     )

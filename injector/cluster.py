@@ -1,0 +1,315 @@
+"""The control plane's duties in a cluster, in the background, never in an admission's way.
+
+- a watched cache of namespace labels for the injection decision;
+- ConfigMap `istio-ca-root-cert` (the trust bundle pods mount) in every namespace that can get
+  injected pods, recreated when deleted and corrected when changed;
+- the MutatingWebhookConfiguration's `caBundle` kept equal to our root, so the API server's TLS
+  to the webhook never breaks.
+
+Every write is idempotent (create tolerates AlreadyExists, a patch that is already true changes
+nothing), so two replicas running this side by side agree instead of fighting. All calls go
+through the official client with deadlines; failures are retried with capped backoff and shown
+as degraded in /readyz.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import orjson
+from kubernetes import client, watch
+from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
+
+from injector.config import MeshConfig
+from injector.policy import NAMESPACE_LABEL
+
+ROOT_CONFIGMAP = "istio-ca-root-cert"
+ROOT_CONFIGMAP_KEY = "root-cert.pem"
+WEBHOOK_CONFIGURATION = "injector"
+NAMESPACE_LABEL_VALUES = frozenset({"enabled", "disabled"})
+
+REQUEST_TIMEOUT = (3.05, 10.0)
+WATCH_SECONDS = 240
+MAX_BACKOFF_SECONDS = 30.0
+
+log = logging.getLogger("injector.cluster")
+
+# What a failing API call raises through the client: its HTTP errors, and the transport's.
+API_ERRORS = (ApiException, HTTPError, OSError, ValueError)
+
+
+def _json(response: Any) -> dict[str, Any]:
+    """The body of a `_preload_content=False` response: dicts, not the client's models."""
+    try:
+        return orjson.loads(response.data)
+    finally:
+        response.release_conn()
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, ApiException):
+        return f"HTTP {error.status} {error.reason}"
+    return " ".join(str(error).split())[:200] or type(error).__name__
+
+
+def gets_root_configmap(namespace: str, labels: Mapping[str, str], mesh: MeshConfig) -> bool:
+    """Whether pods there may be injected, and so need the trust bundle: every namespace but the
+    ignored ones and those that said no (a pod labelled `sidecar.istio.io/inject=true` in an
+    unlabelled namespace is injected too, and must find its ConfigMap)."""
+    return (
+        namespace not in mesh.all_ignored_namespaces
+        and labels.get(NAMESPACE_LABEL) != "disabled"
+    )
+
+
+class ClusterSync:
+    def __init__(self, api: client.ApiClient, *, root_pem: str, mesh: MeshConfig,
+                 resync_seconds: float = 60.0) -> None:
+        self._core = client.CoreV1Api(api)
+        self._admission = client.AdmissionregistrationV1Api(api)
+        self._root_pem = root_pem
+        self._mesh = mesh
+        self._resync_seconds = resync_seconds
+        self._labels: dict[str, dict[str, str]] = {}
+        self._labels_lock = threading.Lock()
+        self._namespaces_synced = threading.Event()
+        self._pending: queue.Queue[str] = queue.Queue()
+        self._problems: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # --- what the rest of the server asks ---------------------------------------------------
+
+    def namespace_labels(self, namespace: str) -> Mapping[str, str] | None:
+        """The namespace's labels, or None while the cache is not in sync with the API (then
+        the webhook's namespaceSelector is trusted)."""
+        if not self._namespaces_synced.is_set():
+            return None
+        with self._labels_lock:
+            return self._labels.get(namespace)
+
+    def degraded(self) -> list[str]:
+        """What is not working right now; the webhook and the CA keep serving regardless."""
+        return sorted(self._problems.values())
+
+    def wait_synced(self, timeout: float) -> bool:
+        return self._namespaces_synced.wait(timeout)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for name, target in (
+            ("namespaces", self._watch_namespaces),
+            ("configmaps", self._watch_configmaps),
+            ("configmap-writer", self._write_configmaps),
+            ("webhook-ca-bundle", self._keep_ca_bundle),
+        ):
+            thread = threading.Thread(target=target, name=f"cluster-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._pending.put("")
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    def _ok(self, part: str) -> None:
+        if self._problems.pop(part, None) is not None:
+            log.info("%s: working again", part)
+
+    def _failed(self, part: str, what: str, error: BaseException) -> None:
+        message = f"{part}: {what}: {_describe(error)}"
+        if self._problems.get(part) != message:
+            log.warning(message)
+        self._problems[part] = message
+
+    def _retry_forever(self, part: str, what: str, step: Callable[[], None]) -> None:
+        """Run `step` until stopped; after a failure wait with capped exponential backoff."""
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                step()
+                backoff = 0.5
+            except API_ERRORS as error:
+                self._failed(part, what, error)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+    def _list_then_watch(
+        self, list_call: Callable[..., Any], on_list: Callable[[list[dict[str, Any]]], None],
+        on_event: Callable[[str, dict[str, Any]], None], **selector: str,
+    ) -> Iterator[None]:
+        """List, then watch from the list's resourceVersion until the watch ends or fails."""
+        listing = _json(list_call(_preload_content=False, _request_timeout=REQUEST_TIMEOUT,
+                                  **selector))
+        on_list(listing.get("items") or [])
+        yield
+        version = listing.get("metadata", {}).get("resourceVersion")
+        stream = watch.Watch().stream(
+            list_call, resource_version=version, timeout_seconds=WATCH_SECONDS,
+            allow_watch_bookmarks=True, _request_timeout=(REQUEST_TIMEOUT[0], WATCH_SECONDS + 10),
+            **selector,
+        )
+        for event in stream:
+            if self._stop.is_set():
+                return
+            kind, obj = event["type"], event["raw_object"]
+            if kind == "ERROR":
+                # Usually 410 Gone: our resourceVersion is too old; list again.
+                raise ApiException(status=obj.get("code", 500), reason=obj.get("reason"))
+            if kind != "BOOKMARK":
+                on_event(kind, obj)
+
+    # --- namespaces ---------------------------------------------------------------------------
+
+    def _labels_of(self, namespace: dict[str, Any]) -> dict[str, str]:
+        metadata = namespace.get("metadata") or {}
+        labels = dict(metadata.get("labels") or {})
+        value = labels.get(NAMESPACE_LABEL)
+        if value is not None and value not in NAMESPACE_LABEL_VALUES:
+            log.warning("namespace %s: label %s=%r is neither enabled nor disabled; treated "
+                        "as not opted in", metadata.get("name"), NAMESPACE_LABEL, value)
+            del labels[NAMESPACE_LABEL]
+        return labels
+
+    def _namespace_listed(self, items: list[dict[str, Any]]) -> None:
+        labels = {item["metadata"]["name"]: self._labels_of(item) for item in items}
+        with self._labels_lock:
+            self._labels = labels
+        self._namespaces_synced.set()
+        for name in labels:
+            self._pending.put(name)
+
+    def _namespace_changed(self, kind: str, namespace: dict[str, Any]) -> None:
+        name = namespace["metadata"]["name"]
+        with self._labels_lock:
+            if kind == "DELETED":
+                self._labels.pop(name, None)
+            else:
+                self._labels[name] = self._labels_of(namespace)
+        if kind != "DELETED":
+            self._pending.put(name)
+
+    def _watch_namespaces(self) -> None:
+        def step() -> None:
+            try:
+                for _ in self._list_then_watch(self._core.list_namespace, self._namespace_listed,
+                                               self._namespace_changed):
+                    self._ok("namespaces")
+            except API_ERRORS:
+                # Until we have listed again the cache may be stale: trust the selector.
+                self._namespaces_synced.clear()
+                raise
+
+        self._retry_forever("namespaces", "watching namespaces", step)
+
+    # --- the root ConfigMaps ------------------------------------------------------------------
+
+    def _configmap_changed(self, kind: str, configmap: dict[str, Any]) -> None:
+        if kind == "DELETED" or (configmap.get("data") or {}).get(
+                ROOT_CONFIGMAP_KEY) != self._root_pem:
+            self._pending.put(configmap["metadata"]["namespace"])
+
+    def _watch_configmaps(self) -> None:
+        def step() -> None:
+            for _ in self._list_then_watch(
+                self._core.list_config_map_for_all_namespaces,
+                lambda items: [self._configmap_changed("LISTED", item) for item in items],
+                self._configmap_changed,
+                field_selector=f"metadata.name={ROOT_CONFIGMAP}",
+            ):
+                self._ok("configmap-watch")
+
+        self._retry_forever("configmap-watch", f"watching {ROOT_CONFIGMAP} ConfigMaps", step)
+
+    def _ensure_configmap(self, namespace: str) -> None:
+        wanted = {ROOT_CONFIGMAP_KEY: self._root_pem}
+        try:
+            current = _json(self._core.read_namespaced_config_map(
+                ROOT_CONFIGMAP, namespace, _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT))
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            body = {
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": ROOT_CONFIGMAP, "namespace": namespace,
+                             "labels": {"istio.io/config": "true"}},
+                "data": wanted,
+            }
+            try:
+                self._core.create_namespaced_config_map(
+                    namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT)
+                log.info("created ConfigMap %s/%s", namespace, ROOT_CONFIGMAP)
+            except ApiException as create_error:
+                if create_error.status != 409:  # another replica was first
+                    raise
+            return
+        if (current.get("data") or {}).get(ROOT_CONFIGMAP_KEY) != self._root_pem:
+            self._core.patch_namespaced_config_map(
+                ROOT_CONFIGMAP, namespace, {"data": wanted}, _preload_content=False,
+                _content_type="application/merge-patch+json", _request_timeout=REQUEST_TIMEOUT)
+            log.info("updated ConfigMap %s/%s", namespace, ROOT_CONFIGMAP)
+
+    def _write_configmaps(self) -> None:
+        while not self._stop.is_set():
+            try:
+                namespace = self._pending.get(timeout=self._resync_seconds)
+            except queue.Empty:
+                # Nothing heard for a while: check every namespace again.
+                with self._labels_lock:
+                    for name in self._labels:
+                        self._pending.put(name)
+                continue
+            if not namespace:
+                continue
+            with self._labels_lock:
+                labels = self._labels.get(namespace)
+            if labels is None or not gets_root_configmap(namespace, labels, self._mesh):
+                continue
+            try:
+                self._ensure_configmap(namespace)
+                self._ok("configmaps")
+            except API_ERRORS as error:
+                if isinstance(error, ApiException) and error.status == 404:
+                    continue  # the namespace went away
+                self._failed("configmaps", f"writing {namespace}/{ROOT_CONFIGMAP}", error)
+                self._stop.wait(1.0)
+                self._pending.put(namespace)
+
+    # --- the webhook's caBundle ---------------------------------------------------------------
+
+    def _sync_ca_bundle(self) -> None:
+        bundle = base64.b64encode(self._root_pem.encode()).decode()
+        configuration = _json(self._admission.read_mutating_webhook_configuration(
+            WEBHOOK_CONFIGURATION, _preload_content=False, _request_timeout=REQUEST_TIMEOUT))
+        ops: list[dict[str, Any]] = []
+        for index, webhook in enumerate(configuration.get("webhooks") or []):
+            if (webhook.get("clientConfig") or {}).get("caBundle") != bundle:
+                # The test guards against the list changing under us between read and patch.
+                ops.append({"op": "test", "path": f"/webhooks/{index}/name",
+                            "value": webhook.get("name")})
+                ops.append({"op": "add", "path": f"/webhooks/{index}/clientConfig/caBundle",
+                            "value": bundle})
+        if ops:
+            self._admission.patch_mutating_webhook_configuration(
+                WEBHOOK_CONFIGURATION, ops, _preload_content=False,
+                _content_type="application/json-patch+json", _request_timeout=REQUEST_TIMEOUT)
+            log.info("patched the caBundle of MutatingWebhookConfiguration %s",
+                     WEBHOOK_CONFIGURATION)
+
+    def _keep_ca_bundle(self) -> None:
+        def step() -> None:
+            self._sync_ca_bundle()
+            self._ok("webhook-ca-bundle")
+            self._stop.wait(self._resync_seconds)
+
+        self._retry_forever(
+            "webhook-ca-bundle", f"keeping {WEBHOOK_CONFIGURATION}'s caBundle", step)
