@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "kube-inject": ("injector.commands.kube_inject", "inject sidecars into manifests offline"),
     "iptables": ("injector.commands.iptables", "program the pod's traffic redirection"),
     "certs": ("injector.commands.certs", "manage the certificates directory"),
+    "agent": ("injector.commands.agent", "the sidecar's agent: certificates and Envoy"),
 }
 
 
