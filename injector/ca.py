@@ -321,6 +321,9 @@ class SigningPolicy:
     max_ttl_seconds: int = MAX_TTL_SECONDS
 
 
+DEFAULT_POLICY: Final = SigningPolicy()
+
+
 class SigningRefused(Exception):
     """The CA will not sign: `status` is the HTTP status to answer, `reason` a metric label."""
 
@@ -395,7 +398,7 @@ def _check_requested_extensions(csr: x509.CertificateSigningRequest, identity: S
 
 def sign_svid(csr_pem: bytes | str, identity: SpiffeId, ttl_seconds: int | None,
               authority: Authority, now: dt.datetime, *,
-              policy: SigningPolicy = SigningPolicy()) -> IssuedSvid:
+              policy: SigningPolicy = DEFAULT_POLICY) -> IssuedSvid:
     """Sign an X509-SVID for `identity` with the CSR's public key, or raise SigningRefused."""
     if authority.expired(now):
         raise SigningRefused(503, "ca_expired",
