@@ -387,6 +387,8 @@ def _check_requested_extensions(csr: x509.CertificateSigningRequest, identity: S
         value = extension.value
         if isinstance(value, x509.BasicConstraints) and value.ca:
             raise SigningRefused(400, "ca_requested", "csr asks for a CA certificate")
+        if isinstance(value, x509.KeyUsage) and (value.key_cert_sign or value.crl_sign):
+            raise SigningRefused(400, "ca_requested", "csr asks to sign certificates or CRLs")
         if isinstance(value, x509.SubjectAlternativeName):
             wanted = str(identity)
             for uri in value.get_values_for_type(x509.UniformResourceIdentifier):
@@ -454,7 +456,7 @@ def sign_svid(csr_pem: bytes | str, identity: SpiffeId, ttl_seconds: int | None,
         certificate_chain_pems=(cert_to_pem(certificate).decode("ascii"),
                                 *authority.chain_pems),
         trust_bundle_pems=authority.trust_bundle_pems,
-        expires_at=not_after,
+        expires_at=certificate.not_valid_after_utc,  # what the certificate says, to the second
         serial_number=serial,
     )
 

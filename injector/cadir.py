@@ -15,6 +15,7 @@ the meantime), and keys are mode 0600 from the moment they exist.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -35,6 +36,8 @@ CERT_CHAIN = "cert-chain.pem"
 TLS_CERT = "tls.crt"
 TLS_KEY = "tls.key"
 CA_FILES = (ROOT_CERT, CA_CERT, CA_KEY, CERT_CHAIN)
+
+log = logging.getLogger("injector.certs")
 
 KEY_MODE = 0o600
 CERT_MODE = 0o644
@@ -151,6 +154,7 @@ def _ensure_serving(certs_dir: Path, namespace: str, dns_names: Sequence[str],
                     now: dt.datetime) -> None:
     cert_path, key_path = certs_dir / TLS_CERT, certs_dir / TLS_KEY
     if cert_path.exists() and key_path.exists():
+        _warn_about_missing_names(cert_path, namespace, dns_names)
         return
     if cert_path.exists():
         raise CertsError(f"{cert_path} exists without {TLS_KEY}: remove it to make a new one")
@@ -172,6 +176,22 @@ def _ensure_serving(certs_dir: Path, namespace: str, dns_names: Sequence[str],
     below_root = [c for c in below_root if c not in roots]
     _write_new(cert_path, b"".join(ca.cert_to_pem(c) for c in (serving, *below_root)),
                CERT_MODE)
+
+
+def _warn_about_missing_names(cert_path: Path, namespace: str, dns_names: Sequence[str]
+                              ) -> None:
+    """Never overwritten means a new --dns-name is not in an existing tls.crt: say so."""
+    try:
+        serving = read_certs(cert_path)[0]
+        present = list(serving.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value)
+    except (CertsError, x509.ExtensionNotFound, ValueError):
+        return  # whether it is usable at all is for the TLS server to say
+    missing = [str(name.value) for name in ca.serving_names(namespace, dns_names)
+               if name not in present]
+    if missing:
+        log.warning("%s does not cover %s; it is kept (never overwritten): remove %s and %s "
+                    "to issue a new one", cert_path, ", ".join(missing), TLS_CERT, TLS_KEY)
 
 
 def ensure_certs_dir(certs_dir: Path, *, trust_domain: str = "cluster.local",

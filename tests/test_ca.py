@@ -135,6 +135,13 @@ def test_serials_are_random(authority: ca.Authority) -> None:
     assert len(serials) == 50
 
 
+def test_expires_at_is_the_certificates_not_after_to_the_second(authority: ca.Authority) -> None:
+    now = NOW + dt.timedelta(microseconds=987654)
+    svid = ca.sign_svid(make_csr(p256()), WEB, 3600, authority, now)
+    assert svid.expires_at == svid.certificate.not_valid_after_utc
+    assert svid.expires_at == (now + dt.timedelta(seconds=3600)).replace(microsecond=0)
+
+
 def test_default_ttl_and_capping_at_the_ca_expiry() -> None:
     short_lived = self_signed_authority(validity=dt.timedelta(hours=2))
     csr = make_csr(p256())
@@ -165,6 +172,16 @@ def _tampered_signature(csr_pem: bytes) -> bytes:
     return x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM)
 
 
+def _csr_with_key_cert_sign() -> bytes:
+    usage = x509.KeyUsage(digital_signature=True, content_commitment=False,
+                          key_encipherment=False, data_encipherment=False, key_agreement=False,
+                          key_cert_sign=True, crl_sign=False, encipher_only=False,
+                          decipher_only=False)
+    return (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+            .add_extension(usage, critical=True).sign(p256(), hashes.SHA256())
+            .public_bytes(serialization.Encoding.PEM))
+
+
 REFUSALS: dict[str, tuple[object, int, str]] = {
     "garbage": (lambda: b"hello", 400, "bad_csr"),
     "pem of a certificate": (
@@ -173,6 +190,7 @@ REFUSALS: dict[str, tuple[object, int, str]] = {
                               b"-----END CERTIFICATE REQUEST-----\n", 400, "bad_csr"),
     "bad signature": (lambda: _tampered_signature(make_csr(p256())), 400, "bad_signature"),
     "asks for a CA": (lambda: make_csr(p256(), ask_ca=True), 400, "ca_requested"),
+    "asks to sign certificates": (lambda: _csr_with_key_cert_sign(), 400, "ca_requested"),
     "rsa 1024": (lambda: make_csr(rsa.generate_private_key(65537, 1024)), 400, "weak_key"),
     "p-521": (lambda: make_csr(ec.generate_private_key(ec.SECP521R1())), 400, "weak_key"),
     "secp256k1": (lambda: make_csr(ec.generate_private_key(ec.SECP256K1())), 400, "weak_key"),

@@ -64,6 +64,15 @@ def test_never_overwrites_and_keeps_the_root(tmp_path: Path) -> None:
     assert {name: (tmp_path / name).read_bytes() for name in ALL_FILES} == before
 
 
+def test_a_name_missing_from_the_kept_serving_cert_is_reported(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cadir.ensure_certs_dir(tmp_path, dns_names=["one.example"])
+    cadir.ensure_certs_dir(tmp_path, dns_names=["one.example"])
+    assert "does not cover" not in caplog.text
+    cadir.ensure_certs_dir(tmp_path, dns_names=["one.example", "two.example"])
+    assert "does not cover two.example" in caplog.text
+
+
 def test_a_missing_serving_cert_is_reissued_from_the_same_root(tmp_path: Path) -> None:
     cadir.ensure_certs_dir(tmp_path)
     root = (tmp_path / "root-cert.pem").read_bytes()
