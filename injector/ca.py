@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -374,14 +374,15 @@ def _parse_csr(csr_pem: bytes | str) -> x509.CertificateSigningRequest:
     data = csr_pem.encode("ascii", "replace") if isinstance(csr_pem, str) else csr_pem
     try:
         return x509.load_pem_x509_csr(data)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, x509.InvalidVersion, UnsupportedAlgorithm):
         raise SigningRefused(400, "bad_csr", "csr is not a PEM PKCS#10 request") from None
 
 
 def _check_requested_extensions(csr: x509.CertificateSigningRequest, identity: SpiffeId) -> None:
     try:
         extensions = csr.extensions
-    except (ValueError, TypeError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension,
+            x509.UnsupportedGeneralNameType):
         raise SigningRefused(400, "bad_csr", "csr has malformed extensions") from None
     for extension in extensions:
         value = extension.value
@@ -416,10 +417,14 @@ def sign_svid(csr_pem: bytes | str, identity: SpiffeId, ttl_seconds: int | None,
     csr = _parse_csr(csr_pem)
     try:
         public_key = csr.public_key()
-    except (ValueError, TypeError, NotImplementedError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise SigningRefused(400, "weak_key", "csr key type is not supported") from None
     check_csr_public_key(public_key)
-    if not csr.is_signature_valid:
+    try:
+        signature_valid = csr.is_signature_valid
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        signature_valid = False  # e.g. a signature algorithm OpenSSL does not know
+    if not signature_valid:
         raise SigningRefused(400, "bad_signature", "csr signature does not verify")
     _check_requested_extensions(csr, identity)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import socket
 import ssl
@@ -15,6 +16,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from injector import ca
 from injector.spiffe import SpiffeId
@@ -353,3 +356,55 @@ def test_a_peer_from_another_ca_fails_the_handshake(tmp_path: Path) -> None:
     (tmp_path / "bundle.pem").write_bytes(ca.cert_to_pem(ours.signing_cert))
     with pytest.raises((ssl.SSLError, ConnectionError)):
         mutual_tls(tmp_path, "api", "web")
+
+
+# --- properties ---------------------------------------------------------------------------------
+
+_WORKLOAD_KEY = p256()
+_printable = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1,
+                     max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(common_name=_printable, dns_names=st.lists(
+    st.from_regex(r"[a-z][a-z0-9-]{0,20}(\.[a-z][a-z0-9-]{0,20}){0,3}", fullmatch=True),
+    max_size=4))
+def test_nothing_but_the_public_key_comes_from_the_csr(authority: ca.Authority,
+                                                       common_name: str,
+                                                       dns_names: list[str]) -> None:
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    sans: list[x509.GeneralName] = [x509.DNSName(name) for name in dns_names]
+    svid = ca.sign_svid(make_csr(_WORKLOAD_KEY, subject=subject, sans=sans or None), WEB, None,
+                        authority, NOW)
+    assert svid.certificate.subject == x509.Name([])
+    assert list(svid.certificate.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value) == [x509.UniformResourceIdentifier(str(WEB))]
+
+
+_VALID_CSR_DER = x509.load_pem_x509_csr(
+    make_csr(_WORKLOAD_KEY, sans=[x509.UniformResourceIdentifier(str(WEB))])).public_bytes(
+    serialization.Encoding.DER)
+
+
+def _flip(position: int, mask: int) -> bytes:
+    data = bytearray(_VALID_CSR_DER)
+    data[position % len(data)] ^= mask
+    return (b"-----BEGIN CERTIFICATE REQUEST-----\n" + base64.encodebytes(bytes(data))
+            + b"-----END CERTIFICATE REQUEST-----\n")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(
+    st.builds(_flip, st.integers(min_value=0), st.integers(min_value=1, max_value=255)),
+    st.binary(max_size=600),
+    st.text(max_size=300),
+    st.binary(max_size=400).map(lambda data: b"-----BEGIN CERTIFICATE REQUEST-----\n"
+                                + base64.encodebytes(data)
+                                + b"-----END CERTIFICATE REQUEST-----\n"),
+))
+def test_any_input_is_signed_or_refused_never_crashes(authority: ca.Authority,
+                                                      csr: bytes | str) -> None:
+    try:
+        ca.sign_svid(csr, WEB, None, authority, NOW)
+    except ca.SigningRefused as refused:
+        assert refused.status == 400
