@@ -203,7 +203,7 @@ def is_self_signed(cert: x509.Certificate) -> bool:
         return False
     try:
         cert.verify_directly_issued_by(cert)
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True
 
@@ -251,7 +251,7 @@ def _verify_path(signing_cert: x509.Certificate, chain: Sequence[x509.Certificat
 def _check_issued_by(child: x509.Certificate, parent: x509.Certificate) -> None:
     try:
         child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         raise ChainError(f"{_describe(child)} is not signed by {_describe(parent)}") from None
 
 

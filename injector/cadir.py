@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from injector import ca
-from injector.spiffe import validate_trust_domain
+from injector.spiffe import SpiffeIdError, validate_trust_domain
 
 ROOT_CERT = "root-cert.pem"
 CA_CERT = "ca-cert.pem"
@@ -62,7 +62,7 @@ def read_certs(path: Path) -> list[x509.Certificate]:
     """All certificates in a PEM file; at least one."""
     try:
         certs = x509.load_pem_x509_certificates(_read(path))
-    except ValueError:
+    except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm):
         raise CertsError(f"{path}: not a PEM certificate file") from None
     if not certs:
         raise CertsError(f"{path}: no certificate in it")
@@ -213,8 +213,29 @@ def ensure_certs_dir(certs_dir: Path, *, trust_domain: str = "cluster.local",
     except ValueError as error:
         raise CertsError(f"trust domain: {error}") from None
     now = _now()
-    _ensure_ca(certs_dir, trust_domain, now)
-    _ensure_serving(certs_dir, namespace, dns_names, now)
+    try:
+        _ensure_ca(certs_dir, trust_domain, now)
+        _ensure_serving(certs_dir, namespace, dns_names, now)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as error:
+        raise _unusable(certs_dir, error) from None
+
+
+def generate_ca_files(trust_domain: str) -> dict[str, bytes]:
+    """A new self-signed CA in the SPEC section 2 file names, without touching any directory."""
+    with tempfile.TemporaryDirectory() as scratch:
+        _ensure_ca(Path(scratch), trust_domain, _now())
+        return {name: (Path(scratch) / name).read_bytes() for name in CA_FILES}
+
+
+def adopt_ca_files(certs_dir: Path, files: dict[str, bytes]) -> None:
+    """Write the CA files given (a CA shared by the replicas), keys 0600; never overwrite."""
+    certs_dir = Path(certs_dir)
+    try:
+        certs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CertsError(f"{certs_dir}: cannot create directory ({error.strerror})") from None
+    for name in CA_FILES:
+        _write_new(certs_dir / name, files[name], KEY_MODE if name == CA_KEY else CERT_MODE)
 
 
 def load_authority(certs_dir: Path, trust_domain: str) -> ca.Authority:
@@ -227,5 +248,13 @@ def load_authority(certs_dir: Path, trust_domain: str) -> ca.Authority:
     try:
         return ca.Authority.build(signing_cert=signing_cert, signing_key=signing_key,
                                   chain=chain, roots=roots, trust_domain=trust_domain)
-    except ValueError as error:
+    except (ca.ChainError, SpiffeIdError) as error:
         raise CertsError(f"{certs_dir}: {error}") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm) as error:
+        raise _unusable(certs_dir, error) from None
+
+
+def _unusable(certs_dir: Path, error: Exception) -> CertsError:
+    """A certificate or key that parses but cannot be used (unknown curve, broken field)."""
+    reason = " ".join(str(error).split())[:200] or type(error).__name__
+    return CertsError(f"{certs_dir}: unusable certificate or key ({reason})")

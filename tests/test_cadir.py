@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import ipaddress
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from injector import ca, cadir
@@ -166,3 +168,19 @@ def test_load_authority_refuses_a_chain_that_does_not_verify(tmp_path: Path) -> 
     (tmp_path / "cert-chain.pem").write_bytes((tmp_path / "ca-cert.pem").read_bytes())
     with pytest.raises(cadir.CertsError, match=r"is not (signed|issued) by"):
         cadir.load_authority(tmp_path, "cluster.local")
+
+
+def test_a_certificate_that_parses_but_cannot_be_used_is_a_certs_error(tmp_path: Path) -> None:
+    cadir.ensure_certs_dir(tmp_path)
+    der = _cert(tmp_path / "ca-cert.pem").public_bytes(serialization.Encoding.DER)
+    p256_oid = bytes.fromhex("06082a8648ce3d030107")
+    assert p256_oid in der
+    unknown_curve = der.replace(p256_oid, p256_oid[:-1] + b"\x56")
+    (tmp_path / "ca-cert.pem").write_bytes(
+        b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(unknown_curve)
+        + b"-----END CERTIFICATE-----\n")
+    with pytest.raises(cadir.CertsError, match="unusable certificate or key"):
+        cadir.load_authority(tmp_path, "cluster.local")
+    (tmp_path / "tls.crt").unlink()  # so that the CA is needed to make a new one
+    with pytest.raises(cadir.CertsError, match="unusable certificate or key"):
+        cadir.ensure_certs_dir(tmp_path)
