@@ -167,6 +167,8 @@ def _ensure_serving(certs_dir: Path, namespace: str, dns_names: Sequence[str],
                          f"{ca.rfc3339(issuer_cert.not_valid_after_utc)}; it cannot issue "
                          f"{TLS_CERT}")
     issuer_key = read_key(certs_dir / CA_KEY)
+    if not ca.public_keys_match(issuer_key, issuer_cert):
+        raise CertsError(f"{certs_dir / CA_KEY} does not match {certs_dir / CA_CERT}")
     chain = read_certs(certs_dir / CERT_CHAIN)
     roots = read_certs(certs_dir / ROOT_CERT)
     serving = ca.make_serving_cert(key, issuer_cert=issuer_cert, issuer_key=issuer_key,
