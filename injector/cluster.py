@@ -15,10 +15,13 @@ as degraded in /readyz.
 from __future__ import annotations
 
 import base64
+import binascii
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -26,12 +29,14 @@ from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
+from injector import cadir
 from injector.config import MeshConfig
 from injector.policy import NAMESPACE_LABEL
 
 ROOT_CONFIGMAP = "istio-ca-root-cert"
 ROOT_CONFIGMAP_KEY = "root-cert.pem"
 WEBHOOK_CONFIGURATION = "injector"
+SHARED_CA_SECRET = "istio-ca-secret"
 NAMESPACE_LABEL_VALUES = frozenset({"enabled", "disabled"})
 
 REQUEST_TIMEOUT = (3.05, 10.0)
@@ -68,9 +73,69 @@ def gets_root_configmap(namespace: str, labels: Mapping[str, str], mesh: MeshCon
     )
 
 
+def _shared_ca_files(core: client.CoreV1Api, namespace: str,
+                     trust_domain: str) -> dict[str, bytes]:
+    """The CA every replica signs with: from the Secret, or made now and stored there."""
+    try:
+        secret = _json(core.read_namespaced_secret(
+            SHARED_CA_SECRET, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT))
+    except ApiException as error:
+        if error.status != 404:
+            raise
+        files = cadir.generate_ca_files(trust_domain)
+        body = {
+            "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": SHARED_CA_SECRET, "namespace": namespace},
+            "data": {name: base64.b64encode(data).decode() for name, data in files.items()},
+        }
+        try:
+            core.create_namespaced_secret(namespace, body, _preload_content=False,
+                                          _request_timeout=REQUEST_TIMEOUT)
+            log.info("created the shared CA Secret %s/%s", namespace, SHARED_CA_SECRET)
+            return files
+        except ApiException as create_error:
+            if create_error.status != 409:
+                raise
+            # Another replica stored its CA first: sign with that one, as every replica must.
+            secret = _json(core.read_namespaced_secret(
+                SHARED_CA_SECRET, namespace, _preload_content=False,
+                _request_timeout=REQUEST_TIMEOUT))
+    data = secret.get("data") or {}
+    try:
+        return {name: base64.b64decode(data[name], validate=True) for name in cadir.CA_FILES}
+    except (KeyError, binascii.Error):
+        raise cadir.CertsError(
+            f"Secret {namespace}/{SHARED_CA_SECRET} lacks a valid "
+            f"{', '.join(cadir.CA_FILES)}") from None
+
+
+def adopt_shared_ca(api: client.ApiClient, *, namespace: str, certs_dir: Path,
+                    trust_domain: str, attempts: int = 3) -> str | None:
+    """Before the certificates directory is completed: unless it already holds a CA (a
+    plugged-in `cacerts`, or this replica's earlier start), fill it with the CA shared by all
+    replicas through a Secret, so that every replica signs for the same root.
+
+    Returns None, or why this replica could not get the shared CA (the API down at start: it
+    then serves with a root of its own rather than not at all).
+    """
+    if any((certs_dir / name).exists() for name in cadir.CA_FILES):
+        return None
+    core = client.CoreV1Api(api)
+    for attempt in range(attempts):
+        try:
+            cadir.adopt_ca_files(certs_dir, _shared_ca_files(core, namespace, trust_domain))
+            return None
+        except API_ERRORS as error:
+            problem = f"shared CA Secret {namespace}/{SHARED_CA_SECRET}: {_describe(error)}"
+            log.warning("%s (attempt %d of %d)", problem, attempt + 1, attempts)
+            time.sleep(min(2.0**attempt, 5.0))
+    return f"{problem}; this replica signs with a root of its own until restarted"
+
+
 class ClusterSync:
     def __init__(self, api: client.ApiClient, *, root_pem: str, mesh: MeshConfig,
-                 resync_seconds: float = 60.0) -> None:
+                 resync_seconds: float = 60.0, problems: Mapping[str, str] | None = None
+                 ) -> None:
         self._core = client.CoreV1Api(api)
         self._admission = client.AdmissionregistrationV1Api(api)
         self._root_pem = root_pem
@@ -80,7 +145,7 @@ class ClusterSync:
         self._labels_lock = threading.Lock()
         self._namespaces_synced = threading.Event()
         self._pending: queue.Queue[str] = queue.Queue()
-        self._problems: dict[str, str] = {}
+        self._problems: dict[str, str] = dict(problems or {})
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 

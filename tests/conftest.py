@@ -63,6 +63,7 @@ def start_server(
     wait_ready: bool = True,
 ) -> Server:
     """Start `injector serve` on a free loopback port and wait until it answers over HTTPS."""
+    workdir.mkdir(parents=True, exist_ok=True)
     certs_dir = certs_dir or workdir / "certs"
     port = free_port()
     log_path = workdir / f"serve-{port}.log"

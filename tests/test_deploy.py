@@ -403,13 +403,11 @@ EXPECTED_RULES = {
      ("injector",), ("get", "patch")),
     ("ClusterRole", "", "namespaces", (), ("list", "watch")),
     ("ClusterRole", "", "configmaps", ("istio-ca-root-cert",),
-     ("get", "list", "patch", "update", "watch")),
+     ("get", "list", "patch", "watch")),
     ("ClusterRole", "", "configmaps", (), ("create",)),
     ("ClusterRole", "authentication.k8s.io", "tokenreviews", (), ("create",)),
-    ("Role", "", "secrets", ("istio-ca-secret",), ("get", "update")),
+    ("Role", "", "secrets", ("istio-ca-secret",), ("get",)),
     ("Role", "", "secrets", (), ("create",)),
-    ("Role", "coordination.k8s.io", "leases", ("injector-leader",), ("get", "update")),
-    ("Role", "coordination.k8s.io", "leases", (), ("create",)),
 }
 
 

@@ -55,14 +55,21 @@ def run(args: argparse.Namespace) -> int:
     logs.configure(args.log_level)
     certs_dir = Path(args.certs_dir)
     cert_path, key_path = certs_dir / "tls.crt", certs_dir / "tls.key"
+    problems: dict[str, str] = {}
     try:
+        api = kube.api_client(args.kubeconfig)
+        if api is not None:
+            shared_ca_problem = cluster.adopt_shared_ca(
+                api, namespace=mesh.injector_namespace, certs_dir=certs_dir,
+                trust_domain=mesh.trust_domain)
+            if shared_ca_problem:
+                problems["shared-ca"] = shared_ca_problem
         cadir.ensure_certs_dir(
             certs_dir,
             trust_domain=mesh.trust_domain,
             dns_names=args.dns_name,
             namespace=mesh.injector_namespace,
         )
-        api = kube.api_client(args.kubeconfig)
         ca_service = ca_api.build_ca_service(
             certs_dir=certs_dir, mesh=mesh, token_file=args.token_file, api_client=api
         )
@@ -75,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     sync = None
     if api is not None:
         root_pem = (certs_dir / cadir.ROOT_CERT).read_text()
-        sync = cluster.ClusterSync(api, root_pem=root_pem, mesh=mesh)
+        sync = cluster.ClusterSync(api, root_pem=root_pem, mesh=mesh, problems=problems)
         sync.start()
 
     app = create_app(
