@@ -184,3 +184,20 @@ def test_a_certificate_that_parses_but_cannot_be_used_is_a_certs_error(tmp_path:
     (tmp_path / "tls.crt").unlink()  # so that the CA is needed to make a new one
     with pytest.raises(cadir.CertsError, match="unusable certificate or key"):
         cadir.ensure_certs_dir(tmp_path)
+
+
+def test_a_shared_ca_is_generated_in_memory_and_adopted_without_overwriting(
+        tmp_path: Path) -> None:
+    files = cadir.generate_ca_files("cluster.local")
+    assert set(files) == set(cadir.CA_FILES)
+    first, second = tmp_path / "replica-1", tmp_path / "replica-2"
+    cadir.adopt_ca_files(first, files)
+    cadir.adopt_ca_files(second, files)
+    for replica in (first, second):
+        assert stat.S_IMODE(os.stat(replica / "ca-key.pem").st_mode) == 0o600
+        cadir.ensure_certs_dir(replica)
+        _openssl_verify(replica / "root-cert.pem", replica / "tls.crt")
+    assert cadir.load_authority(first, "cluster.local").anchor == \
+        cadir.load_authority(second, "cluster.local").anchor
+    cadir.adopt_ca_files(first, cadir.generate_ca_files("cluster.local"))  # a late loser
+    assert (first / "ca-key.pem").read_bytes() == files["ca-key.pem"]
