@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import ssl
 import subprocess
@@ -82,3 +83,31 @@ def test_weak_tls_1_2_suites_are_refused(server: Server) -> None:
         "ECDHE-ECDSA-AES128-GCM-SHA256")
     with pytest.raises(ssl.SSLError):
         tls12_handshake(server, "ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES128-SHA")  # CBC only
+
+
+def test_sigterm_lets_an_in_flight_admission_finish(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    body = json.dumps(review(pod(name="late-1"))).encode()
+    head = (f"POST /inject HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw, \
+                server.ssl_context().wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(head + body[:200])
+            time.sleep(0.3)  # the server is reading this request's body
+            server.process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            tls.sendall(body[200:])
+            reply = b""
+            while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < int(
+                    reply.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0]):
+                chunk = tls.recv(65536)
+                assert chunk, f"connection closed mid-reply: {reply!r}"
+                reply += chunk.replace(b"Content-Length", b"content-length")
+        status_line, rest = reply.split(b"\r\n", 1)
+        assert b" 200 " in status_line
+        answer = json.loads(rest.split(b"\r\n\r\n", 1)[1])
+        assert "patch" in answer["response"]
+        assert server.process.wait(timeout=25) == 0
+    finally:
+        server.stop()

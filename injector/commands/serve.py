@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import ssl
 from pathlib import Path
 
@@ -107,5 +108,9 @@ def run(args: argparse.Namespace) -> int:
     config.load()
     # Our context, not uvicorn's: it is the one the serving-certificate watcher reloads.
     config.ssl = tls
+    # uvicorn drains on SIGTERM, then raises the signal again for the handler it found. SIGTERM
+    # is how Kubernetes stops a pod: once drained, that is a clean exit (0), not a death by
+    # signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.Server(config).run()
     return 0
