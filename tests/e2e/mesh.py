@@ -120,6 +120,19 @@ print(json.dumps(out))
 """
 
 
+# The API server's side of the webhook call: POST an AdmissionReview (stdin) to /inject over
+# HTTPS, verified against the CA's root, and print the answer.
+WEBHOOK_CLIENT = r"""
+import ssl, sys, urllib.request
+url, root = sys.argv[1], sys.argv[2]
+request = urllib.request.Request(url, data=sys.stdin.buffer.read(), method="POST",
+                                 headers={"content-type": "application/json"})
+context = ssl.create_default_context(cafile=root)
+with urllib.request.urlopen(request, context=context, timeout=10) as response:
+    sys.stdout.write(response.read().decode())
+"""
+
+
 def missing_prerequisite() -> str | None:
     """Why the mesh cannot run here, or None."""
     if not sys.platform.startswith("linux"):
@@ -437,7 +450,7 @@ class Mesh:
     def token_for(self, pod_spec: Mapping[str, Any]) -> str:
         """The pod's service account token; the CA reads the token file when it starts, so a
         pod's token must exist before its CA does."""
-        namespace = pod_spec["metadata"]["namespace"]
+        namespace = pod_spec["metadata"].get("namespace", "default")
         account = pod_spec["spec"].get("serviceAccountName") or "default"
         for entry in self.tokens:
             if (entry["namespace"], entry["serviceAccount"]) == (namespace, account):
@@ -451,12 +464,25 @@ class Mesh:
         self.token_file.write_text(yaml.safe_dump(self.tokens))
         return token
 
+    def mesh_config(self, *, ca_port: int = CA_PORT, mtls_mode: str = "PERMISSIVE") -> Path:
+        """A mesh config (as deploy/ has one) pointing the sidecars at this control plane."""
+        config = self.workdir / f"mesh-{ca_port}-{mtls_mode.lower()}.yaml"
+        config.write_text(yaml.safe_dump({
+            "caAddress": f"{CA_IP}:{ca_port}",
+            "meshCIDRs": list(MESH_CIDRS),
+            "trustDomain": "cluster.local",
+            "mtlsMode": mtls_mode,
+        }))
+        return config
+
     def start_ca(self, port: int = CA_PORT, *, wait: bool = True) -> Process:
-        """`injector serve` in the control plane; its serving certificate names CA_IP."""
+        """`injector serve` (webhook and CA) in the control plane; its serving certificate
+        names CA_IP."""
         process = self.start(f"ca-{port}", self.cp, [
             sys.executable, "-m", "injector", "serve", "--host", CA_IP, "--port", str(port),
             "--certs-dir", str(self.certs_dir), "--token-file", str(self.token_file),
-            "--dns-name", CA_IP, "--log-level", "warning"])
+            "--dns-name", CA_IP, "--log-level", "warning",
+            "--config", str(self.mesh_config(ca_port=port))])
         if wait:
             self.wait_for_ca(process, port)
         return process
@@ -489,13 +515,7 @@ class Mesh:
                overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """The manifest's pod as our webhook injects it, for a mesh config pointing at this
         control plane."""
-        config = self.workdir / f"mesh-{secrets.token_hex(3)}.yaml"
-        config.write_text(yaml.safe_dump({
-            "caAddress": f"{CA_IP}:{ca_port}",
-            "meshCIDRs": list(MESH_CIDRS),
-            "trustDomain": "cluster.local",
-            "mtlsMode": mtls_mode,
-        }))
+        config = self.mesh_config(ca_port=ca_port, mtls_mode=mtls_mode)
         done = run(sys.executable, "-m", "injector", "kube-inject", "-f", str(manifest),
                    "--config", str(config))
         document = yaml.safe_load(done.stdout)
@@ -509,6 +529,35 @@ class Mesh:
         for key, value in (overrides or {}).items():
             document["metadata"][key] = value
         return document
+
+    def admit(self, manifest: Path, port: int = CA_PORT) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The manifest's Pod sent through the running webhook as the API server sends it;
+        returns the admission response and the pod with the response's JSON patch applied."""
+        import base64
+        import uuid
+
+        import jsonpatch
+
+        pod = yaml.safe_load(manifest.read_text())
+        review = {
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {
+                "uid": str(uuid.uuid4()), "operation": "CREATE",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": pod["metadata"].get("namespace", "default"),
+                "name": pod["metadata"].get("name", ""),
+                "object": pod,
+            },
+        }
+        done = run("ip", "netns", "exec", self.cp, sys.executable, "-c", WEBHOOK_CLIENT,
+                   f"https://{CA_IP}:{port}/inject", str(self.certs_dir / "root-cert.pem"),
+                   stdin=json.dumps(review))
+        response = json.loads(done.stdout)["response"]
+        if not response.get("allowed") or "patch" not in response:
+            raise MeshError(f"the webhook did not inject {manifest.name}: {response}")
+        patch = json.loads(base64.b64decode(response["patch"]))
+        return response, jsonpatch.apply_patch(pod, patch)
 
     def add_pod(self, name: str, spec: dict[str, Any]) -> Pod:
         """A pod network namespace with its own /24 link to the control plane."""

@@ -5,9 +5,11 @@ network namespaces; each pod's `istio-init` and `istio-proxy` containers are the
 `injector kube-inject` wrote for a manifest from examples/, run with exactly their command, args,
 env, volumes and security context:
 
-- payments (examples/annotated-pod.yaml, hold mode: its postStart hook `injector agent wait`),
-- httpbin (examples/pod.yaml), with a short certificate lifetime to watch renewals,
-- reviews (examples/deployment.yaml's template) in STRICT mode, whose agent starts before its CA.
+- payments (examples/annotated-pod.yaml, hold mode: its postStart hook `injector agent wait`) and
+  httpbin (examples/pod.yaml, with a short certificate lifetime to watch renewals), both sent
+  through the running webhook (`POST /inject`) and patched with its answer;
+- reviews (examples/deployment.yaml's template, through `injector kube-inject`) in STRICT mode,
+  whose agent starts before its CA.
 
 Needs root, iproute2, iptables, util-linux and Envoy; skipped with the reason otherwise (CI runs
 as root). Every wait is bounded.
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -50,11 +53,14 @@ class Cluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("mesh")
     with harness.Mesh(workdir) as mesh:
-        payments = mesh.add_pod("payments", mesh.inject(EXAMPLES / "annotated-pod.yaml"))
-        httpbin = mesh.add_pod("httpbin", mesh.inject(EXAMPLES / "pod.yaml"))
-        for pod in (payments, httpbin):
-            mesh.token_for(pod.spec)
+        # The pods' tokens exist before the CA starts, which reads its token file then.
+        manifests = {"payments": EXAMPLES / "annotated-pod.yaml", "httpbin": EXAMPLES / "pod.yaml"}
+        for manifest in manifests.values():
+            mesh.token_for(yaml.safe_load(manifest.read_text()))
         mesh.start_ca()
+        # Through the running webhook, as the API server would send them.
+        payments = mesh.add_pod("payments", mesh.admit(manifests["payments"])[1])
+        httpbin = mesh.add_pod("httpbin", mesh.admit(manifests["httpbin"])[1])
         for pod in (payments, httpbin):
             mesh.run_init(pod)
         mesh.start_proxy(httpbin, extra_env={"INJECTOR_TTL_SECONDS": str(SHORT_TTL_SECONDS)})
