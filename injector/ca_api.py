@@ -32,6 +32,7 @@ from injector.authn import (
     TokenReviewAuthenticator,
 )
 from injector.config import MeshConfig
+from injector.ratelimit import RateLimiter
 from injector.spiffe import SpiffeId, SpiffeIdError
 
 MAX_CSR_REQUEST_BYTES = 64 * 1024
@@ -79,10 +80,12 @@ class CAService:
 
     def __init__(self, authority: ca.Authority, authenticator: AuthenticatorChain, *,
                  policy: ca.SigningPolicy = ca.DEFAULT_POLICY,
-                 clock: Callable[[], dt.datetime] = _utcnow) -> None:
+                 clock: Callable[[], dt.datetime] = _utcnow,
+                 rate_limiter: RateLimiter | None = None) -> None:
         self.authority = authority
         self.authenticator = authenticator
         self.policy = policy
+        self._rate_limiter = rate_limiter
         self._clock = clock
         ROOT_EXPIRY.set(authority.root_not_after.timestamp())
         SIGNING_CA_EXPIRY.set(authority.signing_cert.not_valid_after_utc.timestamp())
@@ -109,6 +112,12 @@ class CAService:
                           error.retry_after_seconds) from None
         if caller is None:
             raise Refusal(401, "bad_token", "the token is not valid for this CA")
+        if self._rate_limiter is not None:
+            wait = self._rate_limiter.acquire(f"{caller.namespace}/{caller.service_account}")
+            if wait is not None:
+                raise Refusal(429, "rate_limited",
+                              f"too many certificate requests for {caller.namespace}/"
+                              f"{caller.service_account}; retry in {wait}s", wait)
         return caller
 
     def issue(self, caller: Caller, body: bytes) -> dict[str, Any]:
@@ -240,4 +249,5 @@ def build_ca_service(*, certs_dir: Path, mesh: MeshConfig, token_file: str | Non
         authority, AuthenticatorChain(authenticators),
         policy=ca.SigningPolicy(default_ttl_seconds=mesh.default_ttl_seconds,
                                 max_ttl_seconds=mesh.max_ttl_seconds),
+        rate_limiter=RateLimiter(mesh.csr_rate_per_second, mesh.csr_burst),
     )

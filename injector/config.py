@@ -72,6 +72,10 @@ class MeshConfig(_Model):
     exclude_outbound_ports: str = ""
     default_ttl_seconds: int = Field(86400, ge=60)
     max_ttl_seconds: int = Field(90 * 86400, ge=60)
+    # Certificate requests per identity (service account): a rollout of many replicas renews
+    # at once, so the burst is generous; a runaway client is held off with 429 + Retry-After.
+    csr_rate_per_second: float = Field(20.0, gt=0)
+    csr_burst: int = Field(200, ge=1)
 
     @field_validator("mesh_cidrs")
     @classmethod
