@@ -384,6 +384,22 @@ class Pod:
         return None
 
 
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Block SIGINT and SIGTERM for the block (main thread only), then deliver any that came."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class Mesh:
     """The control plane and its pods; a context manager that tears everything down."""
 
@@ -416,6 +432,12 @@ class Mesh:
         self.close()
 
     def close(self) -> None:
+        """Stop what we started and delete the namespaces. Ctrl-C or SIGTERM arriving meanwhile
+        is held back until the end, so an impatient second signal cannot leave things behind."""
+        with _signals_held():
+            self._close()
+
+    def _close(self) -> None:
         # Stop everything at once (each agent drains for a while), then wait for all.
         running = [process for process in reversed(self.processes) if process.alive()]
         for process in running:
