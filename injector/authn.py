@@ -151,7 +151,7 @@ class TokenReviewAuthenticator:
 
     def __init__(self, api_client: Any, *, audience: str = ISTIO_CA_AUDIENCE,
                  cache_seconds: float = 60.0, max_cache_entries: int = 4096,
-                 request_timeout_seconds: float = 5.0,
+                 request_timeout_seconds: float = 3.0,
                  clock: Callable[[], float] = time.time) -> None:
         from kubernetes.client import AuthenticationV1Api
 

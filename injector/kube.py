@@ -14,9 +14,6 @@ import yaml
 from kubernetes import client, config
 from kubernetes.config.config_exception import ConfigException
 
-# Every call has a deadline: a hung API server must not hang an admission or a CSR.
-REQUEST_TIMEOUT_SECONDS = 5.0
-
 
 class KubeConfigError(Exception):
     """The kubeconfig (or in-cluster config) cannot be used; the message is one line."""

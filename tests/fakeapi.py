@@ -308,6 +308,8 @@ class FakeKubeAPI:
     calls: list[ApiCall] = field(default_factory=list)
     store: ObjectStore = field(default_factory=ObjectStore)
     fail_with: int | None = None
+    # Every answer waits this long first: an API server under load.
+    delay_seconds: float = 0.0
     # Set before stopping the server, so that open watch streams end and it can shut down.
     closing: bool = False
     # When set, TokenReview status.audiences is this instead of the honest intersection: an
@@ -336,6 +338,8 @@ class FakeKubeAPI:
                 self.calls.append(call)
             if request.headers.get("authorization") != f"Bearer {INJECTOR_API_TOKEN}":
                 return _status(401, "Unauthorized", "Unauthorized")
+            if self.delay_seconds:
+                await asyncio.sleep(self.delay_seconds)
             if self.fail_with is not None:
                 return _status(self.fail_with, "InternalError", "the fake API server is failing")
             return await call_next(request)
