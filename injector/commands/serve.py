@@ -6,6 +6,7 @@ import argparse
 import signal
 import ssl
 from pathlib import Path
+from typing import Any
 
 from injector.cli import CommandParser, UsageError
 from injector.config import ConfigError, load_mesh_config
@@ -94,12 +95,32 @@ def run(args: argparse.Namespace) -> int:
         routers=[ca_api.router(ca_service)],
         background=[serving.watch],
     )
+    config = uvicorn_config(app, host=args.host, port=args.port, tls=tls,
+                            cert_path=cert_path, key_path=key_path)
+    # uvicorn drains on SIGTERM, then raises the signal again for the handler it found. SIGTERM
+    # is how Kubernetes stops a pod: once drained, that is a clean exit (0), not a death by
+    # signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.Server(config).run()
+    return 0
+
+
+def uvicorn_config(app: Any, *, host: str, port: int, tls: ssl.SSLContext, cert_path: Path,
+                   key_path: Path) -> Any:
+    """serve's uvicorn settings, loaded, serving with `tls`. The benchmark's baselines use it
+    too, so that they measure the same server stack."""
+    import uvicorn
+
     config = uvicorn.Config(
         app,
-        host=args.host,
-        port=args.port,
+        host=host,
+        port=port,
         ssl_certfile=str(cert_path),
         ssl_keyfile=str(key_path),
+        # The fast implementations, by name: "auto" would fall back silently to asyncio and
+        # h11, several times slower, if they were missing.
+        loop="uvloop",
+        http="httptools",
         log_config=None,
         access_log=False,
         server_header=False,
@@ -108,9 +129,4 @@ def run(args: argparse.Namespace) -> int:
     config.load()
     # Our context, not uvicorn's: it is the one the serving-certificate watcher reloads.
     config.ssl = tls
-    # uvicorn drains on SIGTERM, then raises the signal again for the handler it found. SIGTERM
-    # is how Kubernetes stops a pod: once drained, that is a clean exit (0), not a death by
-    # signal.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.Server(config).run()
-    return 0
+    return config
