@@ -1,0 +1,126 @@
+"""Admission over HTTPS with keep-alive, and the RSS of `injector serve`.
+
+`injector serve` (default settings, JSON logs to a file) answers a typical ReplicaSet pod's
+AdmissionReview; two baselines on the same uvicorn settings and TLS context (bench.echo_server)
+read a body of the same size: a raw ASGI echo (the limit for Python on this stack) and a FastAPI
+echo route that parses it with orjson (the framework's floor). wrk drives each at concurrency 1,
+16 and 64, the three interleaved round after round; each figure is the best round's.
+
+Idle RSS is read once `serve` answers; loaded RSS (now and peak) after the last round.
+Run alone with `python -m bench.bench_http`.
+"""
+
+from __future__ import annotations
+
+import base64
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from bench import harness
+from tests.pods import replicaset_pod, review
+
+TARGETS = {"inject": 0.80, "inject_vs_raw": 0.35, "p99_ms": 10.0, "idle_rss_mib": 80.0}
+
+
+def typical_review() -> bytes:
+    return orjson.dumps(review(replicaset_pod()))
+
+
+def _check_answers(servers: dict[str, harness.Server], body: bytes, certs: Path) -> None:
+    """Each server answers the body with 200; serve really injects (a patch, allowed)."""
+    verify = str(certs / "root-cert.pem")
+    for name, server in servers.items():
+        reply = httpx.post(f"{server.url}/inject", content=body, verify=verify, timeout=10,
+                           headers={"content-type": "application/json"})
+        if reply.status_code != 200:
+            raise RuntimeError(f"{name}: HTTP {reply.status_code} {reply.text[:200]}")
+        if name == "inject":
+            response = reply.json()["response"]
+            if not (response["allowed"] and base64.b64decode(response["patch"])):
+                raise RuntimeError(f"serve did not inject: {reply.text[:300]}")
+
+
+def main() -> dict[str, Any]:
+    if not harness.have_wrk():
+        print("wrk is not installed (Debian package wrk): skipped")
+        return {"skipped": "wrk not installed"}
+    body = typical_review()
+    results: dict[str, Any] = {"body_bytes": len(body), "pinned": harness.PINNED,
+                               "seconds_per_run": harness.SECONDS, "rounds": harness.ROUNDS}
+    with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
+        workdir = Path(tmp)
+        certs = harness.certs_dir(workdir)
+        servers: dict[str, harness.Server] = {}
+        try:
+            servers["inject"] = harness.start(
+                "inject", ["-m", "injector", "serve", "--certs-dir", str(certs)], workdir, certs)
+            time.sleep(1)
+            idle = servers["inject"].rss_kib()
+            servers["raw"] = harness.start(
+                "raw", ["-m", "bench.echo_server", "raw", "--certs-dir", str(certs)],
+                workdir, certs)
+            servers["fastapi"] = harness.start(
+                "fastapi", ["-m", "bench.echo_server", "fastapi", "--certs-dir", str(certs)],
+                workdir, certs)
+            _check_answers(servers, body, certs)
+            script = harness.wrk_script(body, {"Content-Type": "application/json"}, workdir)
+            runs: dict[tuple[str, int], list[harness.Load]] = {}
+            for _ in range(harness.ROUNDS):
+                for connections in harness.CONCURRENCY:
+                    for name in ("raw", "fastapi", "inject"):
+                        load = harness.wrk(f"{servers[name].url}/inject", script, connections)
+                        runs.setdefault((name, connections), []).append(load)
+            loaded = servers["inject"].rss_kib()
+        finally:
+            for server in servers.values():
+                server.stop()
+
+    print(f"typical AdmissionReview: {len(body)} bytes; server and wrk pinned to their own "
+          f"cores: {harness.PINNED}; {harness.ROUNDS} rounds of {harness.SECONDS:g} s, best")
+    print(f"{'conc':>4} {'server':8} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>7} "
+          f"{'vs fastapi':>10} {'vs raw':>7}")
+    table: dict[str, Any] = {}
+    for connections in harness.CONCURRENCY:
+        raw = harness.best(runs[("raw", connections)])
+        fastapi = harness.best(runs[("fastapi", connections)])
+        for name in ("raw", "fastapi", "inject"):
+            load = harness.best(runs[(name, connections)])
+            vs_fastapi = load.per_second / fastapi.per_second
+            vs_raw = load.per_second / raw.per_second
+            table[f"{name}_c{connections}"] = {
+                "requests_per_second": load.per_second, "p50_ms": load.p50_ms,
+                "p90_ms": load.p90_ms, "p99_ms": load.p99_ms, "max_ms": load.max_ms,
+                "non_2xx": sum(run.non_2xx for run in runs[(name, connections)]),
+                "socket_errors": sum(run.socket_errors for run in runs[(name, connections)]),
+                "ratio_to_fastapi_echo": vs_fastapi, "ratio_to_raw_echo": vs_raw,
+                "all_rounds_per_second": [run.per_second for run in runs[(name, connections)]],
+            }
+            row = table[f"{name}_c{connections}"]
+            print(f"{connections:4} {name:8} {load.per_second:8.0f} {load.p50_ms:7.2f} "
+                  f"{load.p99_ms:7.2f} {row['non_2xx']:7} {vs_fastapi:10.2f} {vs_raw:7.2f}")
+    results["runs"] = table
+    at16 = table["inject_c16"]
+    rss = {"idle_rss_mib": idle["VmRSS"] / 1024, "loaded_rss_mib": loaded["VmRSS"] / 1024,
+           "peak_rss_mib": loaded["VmHWM"] / 1024}
+    results["rss"] = rss
+    print(f"RSS of injector serve: idle {rss['idle_rss_mib']:.1f} MiB, after load "
+          f"{rss['loaded_rss_mib']:.1f} MiB (peak {rss['peak_rss_mib']:.1f} MiB)")
+    verdicts = {
+        "inject_c16_vs_fastapi_echo >= 0.80": at16["ratio_to_fastapi_echo"] >= TARGETS["inject"],
+        "inject_c16_vs_raw_echo >= 0.35": at16["ratio_to_raw_echo"] >= TARGETS["inject_vs_raw"],
+        "inject_c16_p99 < 10 ms": at16["p99_ms"] < TARGETS["p99_ms"],
+        "idle_rss < 80 MiB": rss["idle_rss_mib"] < TARGETS["idle_rss_mib"],
+    }
+    results["targets"] = verdicts
+    for target, met in verdicts.items():
+        print(f"target {target}: {'met' if met else 'NOT met'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""What the HTTPS benchmarks share: servers started on their own core, `wrk` on another, and
+the figures read back from both.
+
+The load generator is `wrk` (Debian's), one thread, keep-alive, in its own process; a Lua script
+posts a fixed body and prints its summary as one JSON line, so nothing is scraped from wrk's
+human-readable output. On a machine with two cores or more the server gets the last core and
+wrk the first (`taskset`); on one core they share it and the ratios still hold, the absolute
+numbers do not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+SECONDS = int(os.environ.get("BENCH_SECONDS", "4"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+CONCURRENCY = (1, 16, 64)
+
+_CPUS = sorted(os.sched_getaffinity(0))
+PINNED = len(_CPUS) >= 2 and shutil.which("taskset") is not None
+SERVER_CPU = _CPUS[-1]
+CLIENT_CPU = _CPUS[0]
+
+
+def _pinned(cpu: int, command: Sequence[str]) -> list[str]:
+    return ["taskset", "-c", str(cpu), *command] if PINNED else list(command)
+
+
+@contextlib.contextmanager
+def on_server_cpu() -> Iterator[None]:
+    """Run in-process loops on the core the servers get, for like-for-like ratios."""
+    before = os.sched_getaffinity(0)
+    if PINNED:
+        os.sched_setaffinity(0, {SERVER_CPU})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def rss_kib(self) -> dict[str, int]:
+        """VmRSS (now) and VmHWM (peak) of the server process, in KiB."""
+        figures: dict[str, int] = {}
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                figures[key] = int(value.split()[0])
+        return figures
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def certs_dir(workdir: Path) -> Path:
+    """A certificates directory made by `injector certs init`, as a user would."""
+    path = workdir / "certs"
+    subprocess.run([sys.executable, "-m", "injector", "certs", "init", "--certs-dir",
+                    str(path)], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return path
+
+
+def start(name: str, args: Sequence[str], workdir: Path, certs: Path,
+          env: Mapping[str, str] | None = None) -> Server:
+    """Start a server (`python <args>` with `--port`) on the server core; wait for /healthz."""
+    port = free_port()
+    log_path = workdir / f"{name}.log"
+    command = _pinned(SERVER_CPU, [sys.executable, *args, "--port", str(port)])
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                   env={**os.environ, **(env or {})})
+    server = Server(name, f"https://127.0.0.1:{port}", process, log_path)
+    trust = ssl.create_default_context(cafile=str(certs / "root-cert.pem"))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited:\n{log_path.read_text()}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"{server.url}/healthz", verify=trust, timeout=5).status_code == 200:
+                return server
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"{name} did not answer in 60 s:\n{log_path.read_text()}")
+
+
+@dataclass
+class Load:
+    """One wrk run's summary."""
+
+    requests: int
+    seconds: float
+    non_2xx: int
+    socket_errors: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def per_second(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+
+_LUA = """
+wrk.method = "POST"
+wrk.body = [==[%(body)s]==]
+%(headers)s
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests":%%d,"duration_us":%%d,"status":%%d,"socket":%%d,' ..
+    '"p50":%%d,"p90":%%d,"p99":%%d,"max":%%d}\\n',
+    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+
+def wrk_script(body: bytes, headers: Mapping[str, str], directory: Path) -> Path:
+    text = body.decode()
+    if "]==]" in text:
+        raise ValueError("the body cannot be a Lua long string")
+    lines = "\n".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}"
+                      for k, v in headers.items())
+    path = Path(tempfile.mkstemp(suffix=".lua", dir=directory)[1])
+    path.write_text(_LUA % {"body": text, "headers": lines})
+    return path
+
+
+def wrk(url: str, script: Path, connections: int, seconds: int = SECONDS) -> Load:
+    """wrk, one thread, `connections` keep-alive connections, pinned to the client core."""
+    command = _pinned(CLIENT_CPU, ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
+                                   "--timeout", "10s", "-s", str(script), url])
+    done = subprocess.run(command, capture_output=True, text=True, check=True,
+                          timeout=seconds + 60)
+    line = next(line for line in done.stdout.splitlines() if line.startswith("WRKJSON "))
+    data = json.loads(line.removeprefix("WRKJSON "))
+    return Load(
+        requests=data["requests"], seconds=data["duration_us"] / 1e6, non_2xx=data["status"],
+        socket_errors=data["socket"], p50_ms=data["p50"] / 1e3, p90_ms=data["p90"] / 1e3,
+        p99_ms=data["p99"] / 1e3, max_ms=data["max"] / 1e3,
+    )
+
+
+def best(loads: Sequence[Load]) -> Load:
+    """The run with the highest throughput: on a shared machine, the least disturbed one."""
+    return max(loads, key=lambda load: load.per_second)
+
+
+def have_wrk() -> bool:
+    return shutil.which("wrk") is not None
