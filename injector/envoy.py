@@ -93,6 +93,10 @@ class ProxyConfig:
     # a client slower than this is treated as TCP too (Istio waits 100 ms; we are more patient).
     protocol_detection_timeout_seconds: float = 1.0
     drain_seconds: float = 5.0
+    # The pod has IPv6: every listener also binds `::` (IPv6 only; 0.0.0.0 keeps IPv4), so
+    # connections the ip6tables rules redirect find the proxy. Off when IPv6 is disabled, since
+    # Envoy refuses to start on an address it cannot bind.
+    ipv6: bool = False
 
 
 def node_id(instance_ip: str, pod_name: str, namespace: str) -> str:
@@ -108,6 +112,15 @@ def _duration(seconds: float) -> str:
 
 def _socket_address(address: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": address, "port_value": port}}
+
+
+def _bind_all(config: ProxyConfig, port: int) -> dict[str, Any]:
+    """`address`, and `additional_addresses` for IPv6, of a listener on every pod address."""
+    where: dict[str, Any] = {"address": _socket_address("0.0.0.0", port)}
+    if config.ipv6:
+        # ipv4_compat stays false: the socket is IPv6-only and does not collide with 0.0.0.0.
+        where["additional_addresses"] = [{"address": _socket_address("::", port)}]
+    return where
 
 
 def _sds(config: ProxyConfig, file_name: str) -> dict[str, Any]:
@@ -264,7 +277,7 @@ def _outbound_listener(config: ProxyConfig) -> dict[str, Any]:
         ]
     return {
         "name": "virtualOutbound",
-        "address": _socket_address("0.0.0.0", config.ports.outbound),
+        **_bind_all(config, config.ports.outbound),
         "traffic_direction": "OUTBOUND",
         "listener_filters": [_original_dst(), _http_inspector()],
         "listener_filters_timeout": _duration(config.protocol_detection_timeout_seconds),
@@ -303,7 +316,7 @@ def _inbound_listener(config: ProxyConfig) -> dict[str, Any]:
     ]
     listener: dict[str, Any] = {
         "name": "virtualInbound",
-        "address": _socket_address("0.0.0.0", config.ports.inbound),
+        **_bind_all(config, config.ports.inbound),
         "traffic_direction": "INBOUND",
         "listener_filters": [_original_dst(), _tls_inspector(), _http_inspector()],
         "listener_filters_timeout": _duration(config.protocol_detection_timeout_seconds),
@@ -329,16 +342,17 @@ def _inbound_listener(config: ProxyConfig) -> dict[str, Any]:
     return listener
 
 
-def _admin_route_listener(name: str, port: int, routes: list[dict[str, Any]]) -> dict[str, Any]:
+def _admin_route_listener(config: ProxyConfig, name: str, port: int,
+                          routes: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "name": name,
-        "address": _socket_address("0.0.0.0", port),
+        **_bind_all(config, port),
         "filter_chains": [{"filters": [_http_connection_manager(name, routes)]}],
     }
 
 
 def _status_listener(config: ProxyConfig) -> dict[str, Any]:
-    return _admin_route_listener("status", config.ports.status, [
+    return _admin_route_listener(config, "status", config.ports.status, [
         {"match": {"path": "/healthz/ready"},
          "route": {"cluster": "admin", "prefix_rewrite": "/ready"}},
         {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
@@ -346,7 +360,7 @@ def _status_listener(config: ProxyConfig) -> dict[str, Any]:
 
 
 def _prometheus_listener(config: ProxyConfig) -> dict[str, Any]:
-    return _admin_route_listener("prometheus", config.ports.prometheus, [
+    return _admin_route_listener(config, "prometheus", config.ports.prometheus, [
         {"match": {"path": "/stats/prometheus"}, "route": {"cluster": "admin"}},
         {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
     ])

@@ -90,6 +90,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no-mesh-cidrs": {"mesh_cidrs": ()},
     "ipv6-cidrs": {"mesh_cidrs": (ipaddress.ip_network("fd00::/8"),
                                   ipaddress.ip_network("10.0.0.0/8"))},
+    "dual-stack": {"ipv6": True, "mtls_mode": "STRICT"},
     "other-ports-and-trust-domain": {
         "ports": envoy.Ports(admin=25000, outbound=25001, inbound=25006, status=25021,
                              prometheus=25090),
@@ -233,3 +234,15 @@ def test_secret_documents() -> None:
 def test_node_id_is_istios_sidecar_form() -> None:
     assert envoy.node_id("10.1.2.3", "httpbin", "demo") == \
         "sidecar~10.1.2.3~httpbin.demo~demo.svc.cluster.local"
+
+
+def test_ipv6_listeners_only_when_the_pod_has_ipv6(tmp_path: Path) -> None:
+    single = envoy.build_bootstrap(_config(tmp_path))
+    dual = envoy.build_bootstrap(_config(tmp_path, ipv6=True))
+    for name in ("virtualOutbound", "virtualInbound", "status", "prometheus"):
+        assert "additional_addresses" not in _listener(single, name)
+        listener = _listener(dual, name)
+        assert listener["address"]["socket_address"]["address"] == "0.0.0.0"
+        extra = listener["additional_addresses"][0]["address"]["socket_address"]
+        assert extra["address"] == "::"
+        assert extra["port_value"] == listener["address"]["socket_address"]["port_value"]

@@ -168,7 +168,22 @@ class Settings:
             sds_dir=PurePosixPath(self.envoy_dir / SDS_DIR),
             ports=self.ports,
             drain_seconds=self.drain_seconds,
+            ipv6=ipv6_available(),
         )
+
+
+def ipv6_available() -> bool:
+    """Whether this network namespace has IPv6 (so the proxy must listen on `::` too)."""
+    import socket
+
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
 def _layer(flag_value: str | None, env_name: str, default: str) -> str:
