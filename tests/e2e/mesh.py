@@ -5,8 +5,9 @@ Used by tests/e2e/test_mesh.py and by `make demo` (tests/e2e/demo.py). Needs roo
 
     control plane (netns)   10.250.0.1 on lo: `injector serve` (the CA)
                             10.251.0.1 on lo: a plain HTTP server outside the mesh CIDRs
-         | veth 10.250.N.1/24 <-> 10.250.N.2/24 (one /24 per pod, the control plane routes)
-    pod N (netns)           istio-init, istio-proxy (agent + Envoy), the app
+         | veth 10.250.N.1/24 <-> 10.250.N.2/24, fd00:250:N::1/64 <-> fd00:250:N::2/64
+         |      (one link per pod; the control plane routes between them)
+    pod N (netns)           istio-init, istio-proxy (agent + Envoy), the app: dual-stack
 
 A pod is made the way a cluster makes it: a manifest from examples/ goes through
 `injector kube-inject` (the webhook's own code) with a mesh config pointing at this control plane,
@@ -53,20 +54,21 @@ TIMEOUT = 20  # seconds for any one command
 
 CA_IP = "10.250.0.1"
 OUTSIDE_IP = "10.251.0.1"  # outside the mesh CIDRs
-MESH_CIDRS = ("10.250.0.0/16",)
+MESH_CIDRS = ("10.250.0.0/16", "fd00:250::/32")
 CA_PORT = 15017
 APP_PORT = 8080
 
 # The tiny app: an HTTP server (standard library only, so any uid can run it) that answers every
 # request with what it saw, as JSON, and appends the same to a log file.
 APP = r"""
-import json, sys
+import json, socket, sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 host, port, name, log_path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
-        seen = {"app": name, "path": self.path, "peer": self.client_address[0],
+        peer = self.client_address[0].removeprefix("::ffff:")  # IPv4 on a dual-stack socket
+        seen = {"app": name, "path": self.path, "peer": peer,
                 "xfcc": self.headers.get("x-forwarded-client-cert")}
         with open(log_path, "a") as log:
             log.write(json.dumps(seen) + "\n")
@@ -78,8 +80,14 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
     def log_message(self, *args):
         pass
-ThreadingHTTPServer.allow_reuse_address = True
-ThreadingHTTPServer((host, port), Handler).serve_forever()
+class Server(ThreadingHTTPServer):
+    allow_reuse_address = True
+    address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    def server_bind(self):
+        if self.address_family == socket.AF_INET6:  # "::" takes IPv4 as well
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+Server((host, port), Handler).serve_forever()
 """
 
 # A client: GET a URL over plain HTTP (as an app does: the sidecar does the rest), or speak TLS
@@ -350,6 +358,7 @@ class Pod:
     ip: str
     spec: dict[str, Any]
     volumes: dict[str, Path]
+    ip6: str = ""
     proxy: Process | None = None
     apps: list[Process] = field(default_factory=list)
     app_log: Path | None = None
@@ -422,7 +431,8 @@ class Mesh:
             run("ip", "-n", self.cp, "addr", "add", f"{CA_IP}/32", "dev", "lo")
             run("ip", "-n", self.cp, "addr", "add", f"{OUTSIDE_IP}/32", "dev", "lo")
             # Routing between the pods' links; this sysctl is the namespace's own.
-            run("ip", "netns", "exec", self.cp, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            run("ip", "netns", "exec", self.cp, "sysctl", "-qw", "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1")
         except BaseException:
             self.close()
             raise
@@ -596,7 +606,12 @@ class Mesh:
         run("ip", "-n", netns, "route", "add", "default", "via", cp_ip)
         run("ip", "-n", self.cp, "addr", "add", f"{cp_ip}/24", "dev", cp_link)
         run("ip", "-n", self.cp, "link", "set", cp_link, "up")
-        pod = Pod(name, netns, pod_ip, spec, {})
+        # nodad: the IPv6 addresses are usable at once instead of after duplicate detection.
+        pod_ip6, cp_ip6 = f"fd00:250:{subnet}::2", f"fd00:250:{subnet}::1"
+        run("ip", "-n", netns, "addr", "add", f"{pod_ip6}/64", "dev", pod_link, "nodad")
+        run("ip", "-n", self.cp, "addr", "add", f"{cp_ip6}/64", "dev", cp_link, "nodad")
+        run("ip", "-n", netns, "-6", "route", "add", "default", "via", cp_ip6)
+        pod = Pod(name, netns, pod_ip, spec, {}, ip6=pod_ip6)
         self.pods[name] = pod
         return pod
 
@@ -679,7 +694,7 @@ class Mesh:
         captured like any app's: only the proxy's uid is exempt)."""
         pod.app_log = self.workdir / f"{pod.name}-app-requests.jsonl"
         process = self.start(f"{pod.name}-app", pod.netns,
-                             [sys.executable, "-c", APP, "0.0.0.0", str(port), pod.name,
+                             [sys.executable, "-c", APP, "::", str(port), pod.name,
                               str(pod.app_log)])
         pod.apps.append(process)
         return process

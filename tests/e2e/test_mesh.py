@@ -165,6 +165,13 @@ def test_a_call_goes_through_both_sidecars_over_mtls_and_b_sees_a_s_identity(
                   envoy_listener_address="0.0.0.0_15006") >= 1
 
 
+def test_ipv6_calls_go_over_mtls_too(cluster: Cluster) -> None:
+    payments, httpbin = cluster.payments, cluster.httpbin
+    seen = _seen(_call(cluster, payments, httpbin.ip6, path="/over-ipv6"))
+    assert f"URI={payments.spiffe_id}" in str(seen["xfcc"]), seen
+    assert seen["peer"] == "::6"  # the sidecar's IPv6 inbound passthrough address
+
+
 def test_the_certificates_land_in_the_volumes_owned_by_the_proxy(cluster: Cluster) -> None:
     certs = cluster.payments.volumes["workload-certs"]
     key = certs / "key.pem"
