@@ -143,6 +143,7 @@ class Settings:
     concurrency: int
     ports: envoy.Ports
     log_level: str
+    ipv6: bool
 
     @property
     def spiffe_id(self) -> str | None:
@@ -168,7 +169,7 @@ class Settings:
             sds_dir=PurePosixPath(self.envoy_dir / SDS_DIR),
             ports=self.ports,
             drain_seconds=self.drain_seconds,
-            ipv6=ipv6_available(),
+            ipv6=self.ipv6,
         )
 
 
@@ -278,6 +279,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         concurrency=args.concurrency,
         ports=ports,
         log_level=args.log_level,
+        ipv6=ipv6_available(),
     )
 
 
@@ -418,7 +420,8 @@ def drain_and_stop(settings: Settings, process: subprocess.Popen[bytes]) -> None
 
     url = (f"http://127.0.0.1:{settings.ports.admin}/drain_listeners?inboundonly&graceful")
     try:
-        httpx.post(url, timeout=2.0)
+        response = httpx.post(url, timeout=2.0)
+        response.raise_for_status()
         log.info("draining inbound listeners for %.1fs", settings.drain_seconds)
     except httpx.HTTPError as error:
         log.warning("could not start draining Envoy (%s); stopping it", error)
@@ -440,21 +443,40 @@ def _describe(issued: Issued, renew_in: float) -> str:
             f"{expiry}); renewing in {renew_in:.1f}s")
 
 
+def _installed(settings: Settings, attempt: Attempt) -> bool:
+    """Write the new SVID; a volume that cannot take it is logged, and the caller retries."""
+    assert attempt.issued is not None
+    try:
+        install(settings, attempt.issued, attempt.key_pem)
+    except OSError as error:
+        log.error("cannot write the certificate files: %s (%s)", error.strerror,
+                  error.filename)
+        return False
+    return True
+
+
 def run_agent(settings: Settings, stop: threading.Event) -> int:
     backoff = Backoff()
     # The first certificate: Envoy starts only with it, so readiness stays false until then.
     while True:
         attempt = request_certificate(settings, backoff)
-        if attempt.issued is not None:
+        received = time.time()
+        if attempt.issued is not None and _installed(settings, attempt):
             break
-        if stop.wait(attempt.retry_in):
+        delay = attempt.retry_in if attempt.issued is None else backoff.next_delay(
+            REFUSAL_MIN_DELAY)
+        if stop.wait(delay):
             log.info("stopped before the first certificate arrived")
             return 0
-    received = time.time()
-    install(settings, attempt.issued, attempt.key_pem)
+    assert attempt.issued is not None
     renew_at = received + renewal_delay(received, attempt.issued.not_after, random.random())
     log.info(_describe(attempt.issued, renew_at - received))
-    process = start_envoy(settings, write_bootstrap(settings))
+    try:
+        bootstrap = write_bootstrap(settings)
+    except OSError as error:
+        log.error("cannot write the Envoy bootstrap: %s (%s)", error.strerror, error.filename)
+        return 1
+    process = start_envoy(settings, bootstrap)
     try:
         while True:
             returncode = process.poll()
@@ -467,11 +489,12 @@ def run_agent(settings: Settings, stop: threading.Event) -> int:
                 return 0
             if time.time() >= renew_at:
                 attempt = request_certificate(settings, backoff)
+                received = time.time()
                 if attempt.issued is None:
-                    renew_at = time.time() + attempt.retry_in
+                    renew_at = received + attempt.retry_in
+                elif not _installed(settings, attempt):
+                    renew_at = received + backoff.next_delay(REFUSAL_MIN_DELAY)
                 else:
-                    received = time.time()
-                    install(settings, attempt.issued, attempt.key_pem)
                     renew_at = received + renewal_delay(received, attempt.issued.not_after,
                                                         random.random())
                     log.info(_describe(attempt.issued, renew_at - received))
