@@ -3,6 +3,10 @@
 Pure: `build(pod, mesh, workload_name)` returns an `Injection` describing only the additions;
 `injector.patch` turns it into a JSON patch. Nothing here reads or copies the pod's own
 containers or volumes beyond their names, so a big pod costs no more than a small one.
+
+The containers and volumes depend only on the mesh config and the pod's override annotations
+(`OVERRIDES`): they are built once per such combination (`template`), kept as JSON, and handed
+out as fresh dicts (or, to the webhook, as the JSON itself), so no two pods ever share a dict.
 """
 
 from __future__ import annotations
@@ -81,7 +85,11 @@ class NameConflict(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Injection:
-    """The additions for one pod. `native` and `hold` say where the proxy goes."""
+    """The additions for one pod. `native` and `hold` say where the proxy goes.
+
+    The containers and volumes are dicts, or `orjson.Fragment`s of their JSON when built with
+    `build(..., as_json=True)` for a caller that only serialises them.
+    """
 
     init_container: dict[str, Any]
     proxy_container: dict[str, Any]
@@ -388,16 +396,9 @@ def _annotations_to_add(
     annotations: Mapping[str, Any],
     spec: Mapping[str, Any],
     mesh: MeshConfig,
-    native: bool,
+    status: str,
 ) -> dict[str, str]:
-    injected_init = [INIT_CONTAINER, PROXY_CONTAINER] if native else [INIT_CONTAINER]
-    status = {
-        "initContainers": injected_init,
-        "containers": [] if native else [PROXY_CONTAINER],
-        "volumes": list(VOLUME_NAMES),
-        "revision": mesh.revision,
-    }
-    added = {STATUS_ANNOTATION: orjson.dumps(status).decode()}
+    added = {STATUS_ANNOTATION: status}
     containers = spec.get("containers") or ()
     if DEFAULT_CONTAINER not in annotations and containers:
         first = containers[0].get("name") if isinstance(containers[0], Mapping) else None
@@ -410,8 +411,83 @@ def _annotations_to_add(
     return added
 
 
-def build(pod: Mapping[str, Any], mesh: MeshConfig, name: str | None = None) -> Injection:
+# Every annotation the containers and volumes depend on; nothing else of the pod changes them.
+OVERRIDES: tuple[str, ...] = (
+    PROXY_IMAGE, PROXY_CPU, PROXY_MEMORY, PROXY_CPU_LIMIT, PROXY_MEMORY_LIMIT, LOG_LEVEL,
+    MTLS_MODE, NATIVE_SIDECAR, PROXY_CONFIG, INCLUDE_OUTBOUND_IP_RANGES,
+    EXCLUDE_OUTBOUND_IP_RANGES, INCLUDE_INBOUND_PORTS, EXCLUDE_INBOUND_PORTS,
+    EXCLUDE_OUTBOUND_PORTS,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """The part of an injection fixed by the mesh config and the override annotations, as JSON
+    (immutable: the cache can hand it to every pod)."""
+
+    init_container: bytes
+    proxy_container: bytes
+    volumes: tuple[bytes, ...]
+    status: str  # the sidecar.istio.io/status annotation
+    native: bool
+    hold: bool
+
+
+def _make_template(annotations: Mapping[str, Any], mesh: MeshConfig) -> Template:
+    native = _boolean(annotations, NATIVE_SIDECAR, mesh.native_sidecars)
+    hold = _hold_application(annotations)
+    resources = _resources(annotations, mesh)
+    injected_init = [INIT_CONTAINER, PROXY_CONTAINER] if native else [INIT_CONTAINER]
+    status = {
+        "initContainers": injected_init,
+        "containers": [] if native else [PROXY_CONTAINER],
+        "volumes": list(VOLUME_NAMES),
+        "revision": mesh.revision,
+    }
+    return Template(
+        init_container=orjson.dumps(_init_container(annotations, mesh, resources)),
+        proxy_container=orjson.dumps(
+            _proxy_container(annotations, mesh, resources, native, hold)),
+        volumes=tuple(orjson.dumps(volume) for volume in _volumes()),
+        status=orjson.dumps(status).decode(),
+        native=native,
+        hold=hold,
+    )
+
+
+_TEMPLATES: dict[tuple[int, tuple[Any, ...]], tuple[MeshConfig, Template]] = {}
+_MAX_TEMPLATES = 512
+
+
+def template(annotations: Mapping[str, Any], mesh: MeshConfig) -> Template:
+    """The template for these override annotations under `mesh`, from the cache when it can.
+
+    Raises InvalidAnnotation (never cached) for an override the pod cannot have.
+    """
+    key = tuple(annotations.get(name) for name in OVERRIDES)
+    if not all(value is None or type(value) is str for value in key):
+        return _make_template(annotations, mesh)  # refused below, with the annotation's name
+    # Keyed by the mesh's identity (hashing a config model costs more than a lookup); the
+    # entry holds the mesh, so its id cannot be reused while the entry exists.
+    cached = _TEMPLATES.get((id(mesh), key))
+    if cached is not None and cached[0] is mesh:
+        return cached[1]
+    made = _make_template(
+        {name: value for name, value in zip(OVERRIDES, key, strict=True) if value is not None},
+        mesh)
+    if len(_TEMPLATES) >= _MAX_TEMPLATES:
+        _TEMPLATES.clear()  # a bound on memory, whatever annotation values pods carry
+    _TEMPLATES[(id(mesh), key)] = (mesh, made)
+    return made
+
+
+def build(
+    pod: Mapping[str, Any], mesh: MeshConfig, name: str | None = None, *, as_json: bool = False
+) -> Injection:
     """The additions for `pod` under `mesh`; `name` is its workload's name when known.
+
+    The containers and volumes are fresh dicts, or with `as_json` `orjson.Fragment`s of their
+    JSON, for a caller that only serialises them (the webhook): that skips building dicts.
 
     Raises InvalidAnnotation for an override the pod cannot have, NameConflict when the pod
     already uses a name the sidecar needs.
@@ -421,17 +497,14 @@ def build(pod: Mapping[str, Any], mesh: MeshConfig, name: str | None = None) -> 
     annotations = metadata.get("annotations") or {}
     labels = metadata.get("labels") or {}
     _check_names(spec)
-    native = _boolean(annotations, NATIVE_SIDECAR, mesh.native_sidecars)
-    hold = _hold_application(annotations)
-    resources = _resources(annotations, mesh)
+    parts = template(annotations, mesh)
+    thaw: Any = orjson.Fragment if as_json else orjson.loads
     return Injection(
-        init_container=_init_container(
-            annotations, mesh, {key: dict(value) for key, value in resources.items()}
-        ),
-        proxy_container=_proxy_container(annotations, mesh, resources, native, hold),
-        volumes=_volumes(),
+        init_container=thaw(parts.init_container),
+        proxy_container=thaw(parts.proxy_container),
+        volumes=[thaw(volume) for volume in parts.volumes],
         labels=_labels_to_add(labels, name or workload_name(pod)),
-        annotations=_annotations_to_add(annotations, spec, mesh, native),
-        native=native,
-        hold=hold,
+        annotations=_annotations_to_add(annotations, spec, mesh, parts.status),
+        native=parts.native,
+        hold=parts.hold,
     )

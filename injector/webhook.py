@@ -155,7 +155,7 @@ def admit(
             _response(review, {"allowed": True}), "skipped", decision.reason, namespace, name
         )
     try:
-        injection = sidecar.build(pod, mesh)
+        injection = sidecar.build(pod, mesh, as_json=True)
     except sidecar.InvalidAnnotation as error:
         return Outcome(
             _denied(review, f"sidecar injection refused: {error}"),
