@@ -9,6 +9,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, FastAPI, Request
@@ -57,6 +58,117 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     )
 
 
+def _json_error(message: str) -> bytes:
+    return orjson.dumps({"error": message})
+
+
+class Admission:
+    """The webhook's answer to one request body, with its metrics and log line: the one
+    implementation behind both the fast path and the FastAPI route."""
+
+    def __init__(self, mesh: MeshConfig, namespace_labels: webhook.NamespaceLabels) -> None:
+        self.mesh = mesh
+        self.namespace_labels = namespace_labels
+        self._counters: dict[tuple[str, str], Any] = {}
+
+    def _count(self, result: str, reason: str) -> None:
+        counter = self._counters.get((result, reason))
+        if counter is None:
+            counter = self._counters[(result, reason)] = ADMISSIONS.labels(result, reason)
+        counter.inc()
+
+    def too_large(self) -> tuple[int, bytes]:
+        self._count("rejected", "too-large")
+        return 413, _json_error(f"the body exceeds {MAX_ADMISSION_BYTES} bytes")
+
+    def answer(self, body: bytes, started: float) -> tuple[int, bytes]:
+        """HTTP status and JSON body; `started` is when the request arrived (perf_counter)."""
+        try:
+            review = webhook.parse(body)
+        except webhook.BadReview as error:
+            self._count("rejected", "bad-review")
+            return 400, _json_error(str(error))
+        outcome = webhook.admit(review, self.mesh, self.namespace_labels)
+        elapsed = time.perf_counter() - started
+        INJECTION_SECONDS.observe(elapsed)
+        self._count(outcome.result, outcome.reason)
+        log.info(
+            "admission %s/%s %s (%s)", outcome.namespace, outcome.pod, outcome.result,
+            outcome.reason,
+            extra={"fields": {
+                "namespace": outcome.namespace, "pod": outcome.pod, "result": outcome.result,
+                "reason": outcome.reason, "duration_ms": round(elapsed * 1000, 3),
+            }},
+        )
+        return 200, outcome.body
+
+
+_JSON = (b"content-type", b"application/json")
+
+
+class FastInject:
+    """ASGI: `POST /inject` answered here, everything else by the FastAPI app (`.app`).
+
+    The webhook is on the path of every pod creation. Starlette's routing, request object and
+    middleware cost about as much per request as the injection itself (bench/bench_http.py),
+    so the one hot route skips them; the answers are those of the FastAPI route, which stays
+    for what is not a plain POST (405 for other methods, the redirect of /inject/).
+    """
+
+    def __init__(self, app: FastAPI, admission: Admission) -> None:
+        self.app = app
+        self.admission = admission
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (scope["type"] != "http" or scope["path"] != "/inject"
+                or scope["method"] != "POST" or scope.get("root_path")):
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        try:
+            body = await self._body(scope, receive)
+            if body is None:
+                return  # the client went away: nobody to answer
+            if body is BodyTooLarge:
+                status, answer = self.admission.too_large()
+            else:
+                status, answer = self.admission.answer(body, started)
+        except Exception:
+            # A bug must not leak a traceback to the caller; the log keeps it.
+            logging.getLogger("injector").exception("internal error")
+            status, answer = 500, _json_error("internal error")
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [_JSON, (b"content-length", b"%d" % len(answer))]})
+        await send({"type": "http.response.body", "body": answer})
+
+    @staticmethod
+    async def _body(scope: Any, receive: Any) -> Any:
+        """The body; BodyTooLarge (the class) past the limit; None if the client left."""
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if value.isdigit() and int(value) > MAX_ADMISSION_BYTES:
+                    return BodyTooLarge
+                break
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        body = message.get("body", b"")
+        if not message.get("more_body", False):
+            return body if len(body) <= MAX_ADMISSION_BYTES else BodyTooLarge
+        chunks = [body]
+        size = len(body)
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_ADMISSION_BYTES:
+                return BodyTooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
 def create_app(
     *,
     mesh: MeshConfig,
@@ -65,8 +177,9 @@ def create_app(
     degraded: Callable[[], list[str]] = list,
     routers: Sequence[APIRouter] = (),
     background: Sequence[Callable[[], Awaitable[None]]] = (),
-) -> FastAPI:
-    """The app; `background` tasks (watchers) run while it serves and never block a request.
+) -> FastInject:
+    """The ASGI app; `background` tasks (watchers) run while it serves and never block a
+    request. `.app` is the FastAPI app behind the webhook's fast path.
 
     `readiness_checks` failing make /readyz 503; `degraded` parts (the Kubernetes API out of
     reach, say) are reported there but keep it 200: the webhook and the CA still work, and a
@@ -85,6 +198,7 @@ def create_app(
 
     app = FastAPI(title="injector", version="0.1.0", docs_url=None, redoc_url=None,
                   lifespan=lifespan)
+    admission = Admission(mesh, namespace_labels)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, error: StarletteHTTPException) -> Response:
@@ -104,30 +218,16 @@ def create_app(
 
     @app.post("/inject", response_class=Response)
     async def inject(request: Request) -> Response:
+        # Reached only past FastInject (which answers POST /inject itself), e.g. in a test
+        # that mounts the FastAPI app alone; the same answer either way.
         started = time.perf_counter()
         try:
             body = await read_body(request, MAX_ADMISSION_BYTES)
         except BodyTooLarge:
-            ADMISSIONS.labels("rejected", "too-large").inc()
-            return error_response(413, f"the body exceeds {MAX_ADMISSION_BYTES} bytes")
-        try:
-            review = webhook.parse(body)
-        except webhook.BadReview as error:
-            ADMISSIONS.labels("rejected", "bad-review").inc()
-            return error_response(400, str(error))
-        outcome = webhook.admit(review, mesh, namespace_labels)
-        INJECTION_SECONDS.observe(time.perf_counter() - started)
-        ADMISSIONS.labels(outcome.result, outcome.reason).inc()
-        elapsed = time.perf_counter() - started
-        log.info(
-            "admission %s/%s %s (%s)", outcome.namespace, outcome.pod, outcome.result,
-            outcome.reason,
-            extra={"fields": {
-                "namespace": outcome.namespace, "pod": outcome.pod, "result": outcome.result,
-                "reason": outcome.reason, "duration_ms": round(elapsed * 1000, 3),
-            }},
-        )
-        return Response(outcome.body, media_type="application/json")
+            status, answer = admission.too_large()
+        else:
+            status, answer = admission.answer(body, started)
+        return Response(answer, status_code=status, media_type="application/json")
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
@@ -149,4 +249,4 @@ def create_app(
 
     for router in routers:
         app.include_router(router)
-    return app
+    return FastInject(app, admission)
