@@ -181,6 +181,16 @@ def refusal_reason(status: int, body: bytes) -> str:
     return f"HTTP {status}"
 
 
+def usable_token(text: str) -> str | None:
+    """The token from the token file, or None when it cannot go into an Authorization header
+    (empty, or characters a header may not hold): refused here, so no HTTP library ever puts
+    the token into an error message that could be logged."""
+    token = text.strip()
+    if not token or not all(33 <= ord(char) < 127 for char in token):
+        return None
+    return token
+
+
 # --- timing --------------------------------------------------------------------------------------
 
 RENEWAL_JITTER = 0.05  # renew up to 5 % of the lifetime before half-life

@@ -38,6 +38,7 @@ from injector.agent import (
     refusal_reason,
     renewal_delay,
     retry_after_seconds,
+    usable_token,
 )
 from tests.conftest import Server, free_port, start_server
 
@@ -124,6 +125,12 @@ def test_refusal_reason_is_the_servers_one_line() -> None:
     assert refusal_reason(401, b'{"error": "the token is\\nnot valid"}') == \
         "HTTP 401: the token is not valid"
     assert refusal_reason(502, b"<html>bad gateway</html>") == "HTTP 502"
+
+
+def test_a_token_must_fit_an_authorization_header() -> None:
+    assert usable_token("  eyJhbGciOi.x-y_z=\n") == "eyJhbGciOi.x-y_z="
+    for bad in ("", " \n", "two\nlines", "with space", "caf\u00e9", "tab\there"):
+        assert usable_token(bad) is None
 
 
 # --- the key, the CSR and the CA's answer --------------------------------------------------------

@@ -43,6 +43,7 @@ from injector.agent import (
     refusal_reason,
     renewal_delay,
     retry_after_seconds,
+    usable_token,
 )
 from injector.cli import CommandParser, UsageError
 from injector.iptables import parse_cidrs
@@ -344,11 +345,16 @@ def request_certificate(settings: Settings, backoff: Backoff) -> Attempt:
 
     url = settings.ca.certificates_url
     try:
-        token = settings.token_file.read_text(encoding="utf-8").strip()
+        token = usable_token(settings.token_file.read_text(encoding="utf-8", errors="replace"))
     except OSError as error:
         delay = backoff.next_delay(REFUSAL_MIN_DELAY)
         log.error("cannot read the token file %s: %s; retrying in %.1fs", settings.token_file,
                   error.strerror, delay)
+        return Attempt(retry_in=delay)
+    if token is None:
+        delay = backoff.next_delay(REFUSAL_MIN_DELAY)
+        log.error("the token file %s holds no usable token (empty, or not a single line of "
+                  "printable ASCII); retrying in %.1fs", settings.token_file, delay)
         return Attempt(retry_in=delay)
     try:
         context = ssl.create_default_context(cafile=str(settings.ca_root_file))
