@@ -37,7 +37,7 @@ from tests.e2e.mesh import APP_PORT, CA_IP, EXAMPLES, OUTSIDE_IP, Mesh, Pod, met
 _MISSING = harness.missing_prerequisite()
 pytestmark = [pytest.mark.root, pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")]
 
-SHORT_TTL_SECONDS = 6  # httpbin's certificates: renewed about every 3 s
+SHORT_TTL_SECONDS = 8  # httpbin's certificates: renewed about every 4 s
 LATE_CA_PORT = 15018
 
 
