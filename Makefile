@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: $(VENV)/.installed
-	$(VENV)/bin/injector serve --token-file examples/dev-tokens.yaml
+	$(VENV)/bin/injector serve --token-file examples/ca/dev-tokens.yaml
 
 # Debian packages the root-only tests use; installed only when we are root and they are missing.
 system-deps:
