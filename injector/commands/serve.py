@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import ssl
 from pathlib import Path
@@ -44,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported here so that the other commands (the init container's among them) start fast.
     import uvicorn
 
-    from injector import ca_api, cadir, cluster, kube, logs
+    from injector import ca_api, cadir, logs
     from injector.app import create_app
     from injector.serving_cert import ServingCertificate
 
@@ -58,8 +59,17 @@ def run(args: argparse.Namespace) -> int:
     certs_dir = Path(args.certs_dir)
     cert_path, key_path = certs_dir / "tls.crt", certs_dir / "tls.key"
     problems: dict[str, str] = {}
+    api = None
     try:
-        api = kube.api_client(args.kubeconfig)
+        if args.kubeconfig or os.environ.get("KUBERNETES_SERVICE_HOST"):
+            # The kubernetes client (12 MiB of RSS) only when there is an API to talk to, the
+            # two cases where kube.api_client gives one.
+            from injector import cluster, kube
+
+            try:
+                api = kube.api_client(args.kubeconfig)
+            except kube.KubeConfigError as error:
+                raise UsageError(str(error)) from None
         if api is not None:
             shared_ca_problem = cluster.adopt_shared_ca(
                 api, namespace=mesh.injector_namespace, certs_dir=certs_dir,
@@ -76,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             certs_dir=certs_dir, mesh=mesh, token_file=args.token_file, api_client=api
         )
         tls = server_tls_context(cert_path, key_path)
-    except (cadir.CertsError, ca_api.ConfigurationError, kube.KubeConfigError) as error:
+    except (cadir.CertsError, ca_api.ConfigurationError) as error:
         raise UsageError(str(error)) from None
     except (OSError, ssl.SSLError) as error:
         raise UsageError(f"serving certificate {cert_path}: {error}") from None
