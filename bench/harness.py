@@ -95,7 +95,19 @@ def certs_dir(workdir: Path) -> Path:
 
 def start(name: str, args: Sequence[str], workdir: Path, certs: Path,
           env: Mapping[str, str] | None = None) -> Server:
-    """Start a server (`python <args>` with `--port`) on the server core; wait for /healthz."""
+    """Start a server (`python <args>` with `--port`) on the server core; wait for /healthz.
+    Tried three times: on a busy machine another process may take the free port first."""
+    for attempt in range(3):
+        try:
+            return _start(name, args, workdir, certs, env)
+        except RuntimeError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start(name: str, args: Sequence[str], workdir: Path, certs: Path,
+           env: Mapping[str, str] | None) -> Server:
     port = free_port()
     log_path = workdir / f"{name}.log"
     command = _pinned(SERVER_CPU, [sys.executable, *args, "--port", str(port)])
@@ -107,7 +119,8 @@ def start(name: str, args: Sequence[str], workdir: Path, certs: Path,
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{name} exited:\n{log_path.read_text()}")
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n"
+                               f"{log_path.read_text()}")
         with contextlib.suppress(httpx.TransportError):
             if httpx.get(f"{server.url}/healthz", verify=trust, timeout=5).status_code == 200:
                 return server
@@ -150,12 +163,28 @@ end
 """
 
 
-def wrk_script(body: bytes, headers: Mapping[str, str], directory: Path) -> Path:
+_ROTATE = """
+tokens = {%s}
+counter = 0
+request = function()
+  counter = counter + 1
+  wrk.headers["Authorization"] = "Bearer " .. tokens[(counter %% #tokens) + 1]
+  return wrk.format()
+end
+"""
+
+
+def wrk_script(body: bytes, headers: Mapping[str, str], directory: Path,
+               bearer_tokens: Sequence[str] = ()) -> Path:
+    """A wrk script posting `body` with `headers`; with `bearer_tokens`, each request carries
+    the next one in turn (many callers, as a cluster's sidecars are)."""
     text = body.decode()
     if "]==]" in text:
         raise ValueError("the body cannot be a Lua long string")
     lines = "\n".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}"
                       for k, v in headers.items())
+    if bearer_tokens:
+        lines += _ROTATE % ", ".join(json.dumps(token) for token in bearer_tokens)
     path = Path(tempfile.mkstemp(suffix=".lua", dir=directory)[1])
     path.write_text(_LUA % {"body": text, "headers": lines})
     return path
@@ -165,8 +194,10 @@ def wrk(url: str, script: Path, connections: int, seconds: int = SECONDS) -> Loa
     """wrk, one thread, `connections` keep-alive connections, pinned to the client core."""
     command = _pinned(CLIENT_CPU, ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
                                    "--timeout", "10s", "-s", str(script), url])
-    done = subprocess.run(command, capture_output=True, text=True, check=True,
+    done = subprocess.run(command, capture_output=True, text=True, check=False,
                           timeout=seconds + 60)
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout} {done.stderr}")
     line = next(line for line in done.stdout.splitlines() if line.startswith("WRKJSON "))
     data = json.loads(line.removeprefix("WRKJSON "))
     return Load(
