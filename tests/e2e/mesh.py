@@ -496,14 +496,17 @@ class Mesh:
         self.token_file.write_text(yaml.safe_dump(self.tokens))
         return token
 
-    def mesh_config(self, *, ca_port: int = CA_PORT, mtls_mode: str = "PERMISSIVE") -> Path:
+    def mesh_config(self, *, ca_port: int = CA_PORT, mtls_mode: str = "PERMISSIVE",
+                    native_sidecars: bool = False) -> Path:
         """A mesh config (as deploy/ has one) pointing the sidecars at this control plane."""
-        config = self.workdir / f"mesh-{ca_port}-{mtls_mode.lower()}.yaml"
+        native = "-native" if native_sidecars else ""
+        config = self.workdir / f"mesh-{ca_port}-{mtls_mode.lower()}{native}.yaml"
         config.write_text(yaml.safe_dump({
             "caAddress": f"{CA_IP}:{ca_port}",
             "meshCIDRs": list(MESH_CIDRS),
             "trustDomain": "cluster.local",
             "mtlsMode": mtls_mode,
+            "nativeSidecars": native_sidecars,
         }))
         return config
 
@@ -544,10 +547,11 @@ class Mesh:
 
     # -- pods --
     def inject(self, manifest: Path, *, ca_port: int = CA_PORT, mtls_mode: str = "PERMISSIVE",
-               overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """The manifest's pod as our webhook injects it, for a mesh config pointing at this
-        control plane."""
-        config = self.mesh_config(ca_port=ca_port, mtls_mode=mtls_mode)
+               native_sidecars: bool = False) -> dict[str, Any]:
+        """The manifest's pod as `injector kube-inject` (the webhook's code) injects it, for a
+        mesh config pointing at this control plane."""
+        config = self.mesh_config(ca_port=ca_port, mtls_mode=mtls_mode,
+                                  native_sidecars=native_sidecars)
         done = run(sys.executable, "-m", "injector", "kube-inject", "-f", str(manifest),
                    "--config", str(config))
         document = yaml.safe_load(done.stdout)
@@ -558,8 +562,6 @@ class Mesh:
                 "namespace": document["metadata"].get("namespace", "default"),
                 **{key: value for key, value in template.get("metadata", {}).items()
                    if key in ("labels", "annotations")}}, "spec": template["spec"]}
-        for key, value in (overrides or {}).items():
-            document["metadata"][key] = value
         return document
 
     def admit(self, manifest: Path, port: int = CA_PORT) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -8,8 +8,8 @@ env, volumes and security context:
 - payments (examples/annotated-pod.yaml, hold mode: its postStart hook `injector agent wait`) and
   httpbin (examples/pod.yaml, with a short certificate lifetime to watch renewals), both sent
   through the running webhook (`POST /inject`) and patched with its answer;
-- reviews (examples/deployment.yaml's template, through `injector kube-inject`) in STRICT mode,
-  whose agent starts before its CA.
+- reviews (examples/deployment.yaml's template, through `injector kube-inject`) as a native
+  sidecar in STRICT mode, whose agent starts before its CA.
 
 Needs root, iproute2, iptables, util-linux and Envoy; skipped with the reason otherwise (CI runs
 as root). Every wait is bounded.
@@ -252,7 +252,10 @@ def test_a_renewed_certificate_is_served_without_restarting_envoy(cluster: Clust
 def test_strict_mode_and_an_agent_that_starts_before_its_ca(cluster: Cluster) -> None:
     mesh = cluster.mesh
     reviews = mesh.add_pod("reviews", mesh.inject(EXAMPLES / "deployment.yaml",
-                                                  ca_port=LATE_CA_PORT, mtls_mode="STRICT"))
+                                                  ca_port=LATE_CA_PORT, mtls_mode="STRICT",
+                                                  native_sidecars=True))
+    init_containers = [c["name"] for c in reviews.spec["spec"]["initContainers"]]
+    assert init_containers[:2] == ["istio-init", "istio-proxy"]  # a native sidecar
     mesh.run_init(reviews)
     proxy = mesh.start_proxy(reviews)
     time.sleep(2)
