@@ -455,6 +455,7 @@ def _make_template(annotations: Mapping[str, Any], mesh: MeshConfig) -> Template
     )
 
 
+_OVERRIDE_SET = frozenset(OVERRIDES)
 _TEMPLATES: dict[tuple[int, tuple[Any, ...]], tuple[MeshConfig, Template]] = {}
 _MAX_TEMPLATES = 512
 
@@ -464,17 +465,17 @@ def template(annotations: Mapping[str, Any], mesh: MeshConfig) -> Template:
 
     Raises InvalidAnnotation (never cached) for an override the pod cannot have.
     """
-    key = tuple(annotations.get(name) for name in OVERRIDES)
-    if not all(value is None or type(value) is str for value in key):
+    # Most pods have none of the overrides: one pass over their few annotations says so.
+    key = tuple([(name, annotations[name]) for name in OVERRIDES if name in annotations]
+                if not _OVERRIDE_SET.isdisjoint(annotations) else ())
+    if not all(type(value) is str for _, value in key):
         return _make_template(annotations, mesh)  # refused below, with the annotation's name
     # Keyed by the mesh's identity (hashing a config model costs more than a lookup); the
     # entry holds the mesh, so its id cannot be reused while the entry exists.
     cached = _TEMPLATES.get((id(mesh), key))
     if cached is not None and cached[0] is mesh:
         return cached[1]
-    made = _make_template(
-        {name: value for name, value in zip(OVERRIDES, key, strict=True) if value is not None},
-        mesh)
+    made = _make_template(dict(key), mesh)
     if len(_TEMPLATES) >= _MAX_TEMPLATES:
         _TEMPLATES.clear()  # a bound on memory, whatever annotation values pods carry
     _TEMPLATES[(id(mesh), key)] = (mesh, made)
