@@ -90,6 +90,26 @@ class Server(ThreadingHTTPServer):
 Server((host, port), Handler).serve_forever()
 """
 
+# A TCP service that is not HTTP, and speaks first (as SMTP or MySQL do): a banner line, then it
+# echoes one line back.
+ECHO = r"""
+import socket, sys, threading
+port, name = int(sys.argv[1]), sys.argv[2]
+server = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("::", port))
+server.listen(16)
+def serve(connection):
+    with connection:
+        connection.settimeout(10)
+        connection.sendall(f"banner {name}\n".encode())
+        line = connection.makefile("rb").readline()
+        connection.sendall(b"echo " + line)
+while True:
+    threading.Thread(target=serve, args=(server.accept()[0],), daemon=True).start()
+"""
+
 # A client: GET a URL over plain HTTP (as an app does: the sidecar does the rest), or speak TLS
 # itself with a given certificate and ALPN (a peer that is not behind our sidecar). Prints JSON:
 # the response, or the error, and the serial of the certificate the server presented.
@@ -109,6 +129,13 @@ try:
         der = sock.getpeercert(binary_form=True)
         out["alpn"] = sock.selected_alpn_protocol()
         out["peer_cert_der"] = der.hex()
+    if "line" in args:  # not HTTP: read the banner, send a line, read the answer
+        lines = sock.makefile("rb")
+        banner = lines.readline().decode().strip()
+        sock.sendall(args["line"].encode() + b"\n")
+        out["received"] = [banner, lines.readline().decode().strip()]
+        print(json.dumps(out))
+        sys.exit(0)
     headers = "".join(f"{k}: {v}\r\n" for k, v in args.get("headers", {}).items())
     request = (f"GET {args.get('path', '/')} HTTP/1.1\r\nHost: {args['host']}\r\n{headers}"
                "Connection: close\r\n\r\n")
@@ -698,6 +725,13 @@ class Mesh:
         process = self.start(f"{pod.name}-app", pod.netns,
                              [sys.executable, "-c", APP, "::", str(port), pod.name,
                               str(pod.app_log)])
+        pod.apps.append(process)
+        return process
+
+    def start_echo(self, pod: Pod, port: int) -> Process:
+        """A TCP service beside the app that is not HTTP and speaks first."""
+        process = self.start(f"{pod.name}-echo", pod.netns,
+                             [sys.executable, "-c", ECHO, str(port), pod.name])
         pod.apps.append(process)
         return process
 

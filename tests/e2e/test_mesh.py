@@ -39,6 +39,7 @@ pytestmark = [pytest.mark.root, pytest.mark.skipif(_MISSING is not None, reason=
 
 SHORT_TTL_SECONDS = 8  # httpbin's certificates: renewed about every 4 s
 LATE_CA_PORT = 15018
+ECHO_PORT = 9000  # httpbin's TCP service that is not HTTP
 
 
 @dataclass
@@ -71,9 +72,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                                      f"{payments.proxy.log()[-3000:] if payments.proxy else ''}"
         mesh.wait_ready(httpbin)
         mesh.start_app(httpbin)
+        mesh.start_echo(httpbin, ECHO_PORT)
         mesh.start_app(payments)
         outside_log = mesh.start_outside_app()
         mesh.wait_listening(httpbin.netns, httpbin.ip, APP_PORT)
+        mesh.wait_listening(httpbin.netns, httpbin.ip, ECHO_PORT)
         mesh.wait_listening(mesh.cp, OUTSIDE_IP, APP_PORT)
         yield Cluster(mesh, payments, httpbin, outside_log)
 
@@ -163,6 +166,25 @@ def test_a_call_goes_through_both_sidecars_over_mtls_and_b_sees_a_s_identity(
     inbound = cluster.mesh.prometheus(httpbin)
     assert metric(inbound, "envoy_listener_ssl_handshake",
                   envoy_listener_address="0.0.0.0_15006") >= 1
+
+
+def test_tcp_that_is_not_http_goes_over_mtls_as_tcp(cluster: Cluster) -> None:
+    payments, httpbin = cluster.payments, cluster.httpbin
+
+    def mtls_tcp_connections() -> float:
+        return metric(cluster.mesh.prometheus(httpbin), "envoy_tcp_downstream_cx_total",
+                      envoy_tcp_prefix="inbound_mtls_tcp")
+
+    before = mtls_tcp_connections()
+    # A server-first protocol: the outbound side's protocol sniffing gives up waiting for the
+    # client's first bytes and proxies it as TCP.
+    answer = cluster.mesh.client(payments.netns, host=httpbin.ip, port=ECHO_PORT, line="ping")
+    assert answer.get("received") == ["banner httpbin", "echo ping"], answer
+    assert mtls_tcp_connections() == before + 1
+    # Plain TCP from outside the mesh passes in PERMISSIVE mode.
+    plain = cluster.mesh.client(cluster.mesh.cp, host=httpbin.ip, port=ECHO_PORT, line="plain")
+    assert plain.get("received") == ["banner httpbin", "echo plain"], plain
+    assert mtls_tcp_connections() == before + 1
 
 
 def test_ipv6_calls_go_over_mtls_too(cluster: Cluster) -> None:
