@@ -96,21 +96,26 @@ def add_arguments(parser: CommandParser) -> None:
     parser.option("--ttl-seconds", default=None, type=int,
                   help="the certificate lifetime to ask for (default: the CA's)")
     parser.option("--drain-seconds", default=5.0, type=float,
-                  help=f"how long to drain on SIGTERM (under {MAX_DRAIN_SECONDS:.0f} s)")
+                  help=f"how long to drain on SIGTERM, 0..{MAX_DRAIN_SECONDS:.0f} s (the pod's "
+                       "default grace period is 30 s)")
     parser.option("--concurrency", default=2, type=int, help="Envoy worker threads")
     defaults = envoy.Ports()
     parser.option("--admin-port", default=defaults.admin, type=int,
                   help="Envoy admin, on 127.0.0.1")
-    parser.option("--outbound-port", default=defaults.outbound, type=int)
-    parser.option("--inbound-port", default=defaults.inbound, type=int)
+    parser.option("--outbound-port", default=defaults.outbound, type=int,
+                  help="where iptables sends the app's outbound TCP")
+    parser.option("--inbound-port", default=defaults.inbound, type=int,
+                  help="where iptables sends the pod's inbound TCP")
     parser.option("--status-port", default=defaults.status, type=int,
                   help="readiness: GET /healthz/ready")
     parser.option("--prometheus-port", default=defaults.prometheus, type=int,
                   help="GET /stats/prometheus")
     parser.set_defaults(leaf_parser=parser, agent_action=None)
 
-    actions = parser.add_subparsers(dest="agent_action", metavar="ACTION",
+    # Optional: `injector agent` alone runs the agent.
+    actions = parser.add_subparsers(dest="agent_action", metavar="[wait]",
                                     parser_class=CommandParser)
+    actions.required = False
     wait = actions.add_parser(
         "wait", help="wait until the proxy is ready",
         description="Poll the proxy's readiness endpoint until it answers 200 (the webhook's "
