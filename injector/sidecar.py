@@ -11,6 +11,7 @@ out as fresh dicts (or, to the webhook, as the JSON itself), so no two pods ever
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -358,10 +359,12 @@ def workload_name(pod: Mapping[str, Any]) -> str:
     else the pod's own name (or its generateName prefix)."""
     metadata = pod.get("metadata") or {}
     labels = metadata.get("labels") or {}
-    for owner in metadata.get("ownerReferences") or ():
+    owners = metadata.get("ownerReferences")
+    for owner in owners if isinstance(owners, list) else ():
         if not isinstance(owner, Mapping) or not owner.get("controller"):
             continue
-        name = str(owner.get("name") or "")
+        name = owner.get("name")
+        name = name if isinstance(name, str) else ""
         template_hash = labels.get("pod-template-hash")
         if owner.get("kind") == "ReplicaSet" and template_hash and name.endswith(
             "-" + template_hash
@@ -369,13 +372,20 @@ def workload_name(pod: Mapping[str, Any]) -> str:
             return name[: -len(template_hash) - 1]
         if name:
             return name
-    name = metadata.get("name") or metadata.get("generateName") or ""
-    return str(name).rstrip("-") or "unknown"
+    for key in ("name", "generateName"):
+        name = metadata.get(key)
+        if isinstance(name, str) and name.rstrip("-"):
+            return name.rstrip("-")
+    return "unknown"
 
 
 def _label_value(text: str) -> str:
-    """A label value Kubernetes accepts: at most 63 characters, alphanumeric at both ends."""
-    return text[:63].strip("-_.") or "unknown"
+    """A label value Kubernetes accepts: at most 63 of `[A-Za-z0-9._-]`, alphanumeric at both
+    ends (a name from a malformed object may hold anything)."""
+    return _NOT_IN_LABEL_VALUE.sub("-", text)[:63].strip("-_.") or "unknown"
+
+
+_NOT_IN_LABEL_VALUE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def _labels_to_add(labels: Mapping[str, Any], name: str) -> dict[str, str]:

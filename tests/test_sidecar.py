@@ -231,3 +231,27 @@ def test_a_malformed_override_is_refused_by_name(annotation: str, value: str) ->
 def test_a_pod_using_the_sidecars_names_is_refused(conflicting: dict) -> None:
     with pytest.raises(NameConflict):
         build(conflicting, MESH)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "name"),
+    [
+        ({"name": "web-1", "ownerReferences": True}, "web-1"),
+        ({"name": "web-1", "ownerReferences": [{"controller": True, "name": 7}]}, "web-1"),
+        ({"name": {"not": "a name"}, "generateName": "batch-"}, "batch"),
+        ({"name": 12}, "unknown"),
+    ],
+)
+def test_a_malformed_owner_or_name_never_breaks_injection(metadata: dict, name: str) -> None:
+    malformed = pod()
+    malformed["metadata"] = metadata
+    assert workload_name(malformed) == name
+    assert build(malformed, MESH).labels["service.istio.io/canonical-name"] == name
+
+
+def test_canonical_names_are_valid_label_values() -> None:
+    long_pod = pod(name="a" * 70 + "-0")
+    assert build(long_pod, MESH).labels["service.istio.io/canonical-name"] == "a" * 63
+    dotted = pod()
+    dotted["metadata"] = {"name": "odd name/with:chars-"}
+    assert build(dotted, MESH).labels["service.istio.io/canonical-name"] == "odd-name-with-chars"
