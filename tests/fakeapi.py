@@ -500,13 +500,6 @@ def write_kubeconfig(path: Path, server_url: str, ca_pem: bytes,
     return path
 
 
-def unused_port() -> int:
-    """A loopback port nothing listens on: an API server that is down."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @dataclass
 class RunningFakeKube:
     api: FakeKubeAPI

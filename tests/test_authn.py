@@ -21,12 +21,12 @@ from injector.authn import (
     jwt_expiry,
     parse_service_account_username,
 )
+from tests.conftest import free_port
 from tests.fakeapi import (
     RunningFakeKube,
     TokenInfo,
     fake_kube,
     https_material,
-    unused_port,
     write_kubeconfig,
 )
 
@@ -129,7 +129,7 @@ def test_tokenreview_api_down_is_unavailable_not_unauthenticated(tmp_path: Path,
                                                                  fake_kube: RunningFakeKube
                                                                  ) -> None:
     down = write_kubeconfig(tmp_path / "down.kubeconfig",
-                            f"https://127.0.0.1:{unused_port()}", fake_kube.ca_pem)
+                            f"https://127.0.0.1:{free_port()}", fake_kube.ca_pem)
     client = kube.api_client(str(down))
     assert client is not None
     with pytest.raises(AuthenticationUnavailable):

@@ -16,13 +16,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from injector import ca, cadir
-from tests.conftest import Server, start_server
+from tests.conftest import Server, free_port, start_server
 from tests.fakeapi import (
     RunningFakeKube,
     TokenInfo,
     fake_kube,
     https_material,
-    unused_port,
     write_kubeconfig,
 )
 from tests.test_ca import _tampered_signature, make_csr, mutual_tls, p256
@@ -402,7 +401,7 @@ def test_tokenreview_end_to_end(kube_ca_server: Server, fake_kube: RunningFakeKu
 
 def test_tokenreview_api_unreachable_from_the_start(tmp_path: Path) -> None:
     material = https_material(tmp_path / "tls")
-    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"https://127.0.0.1:{unused_port()}",
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", f"https://127.0.0.1:{free_port()}",
                                   material.ca_pem)
     server = start_server(tmp_path, "--kubeconfig", str(kubeconfig))
     try:
