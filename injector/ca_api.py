@@ -101,15 +101,33 @@ class CAService:
 
     def authenticate(self, authorization: str | None) -> Caller:
         """Blocking (TokenReview): call from a worker thread."""
-        scheme, _, token = (authorization or "").strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise Refusal(401, "no_token", "missing bearer token")
+        token = _bearer_token(authorization)
         try:
             caller = self.authenticator.authenticate(token)
         except AuthenticationUnavailable as error:
             raise Refusal(503, "auth_unavailable", f"cannot authenticate now: {error}",
                           error.retry_after_seconds) from None
+        return self._admit(caller)
+
+    def authenticate_without_io(self, authorization: str | None) -> Caller | None:
+        """What `authenticate` answers, when that needs no I/O: the token is a static one (the
+        static authenticators leading the chain know it), or no authenticator does I/O. Safe
+        on the event loop; None means: call `authenticate` from a worker thread.
+
+        The thread hop costs about a sixth of the CA's throughput over HTTPS (bench_ca).
+        """
+        token = _bearer_token(authorization)
+        authenticators = self.authenticator.authenticators
+        for index, authenticator in enumerate(authenticators):
+            if not isinstance(authenticator, StaticTokens):
+                return None  # the rest of the chain may block
+            caller = authenticator.authenticate(token)
+            if caller is not None or index == len(authenticators) - 1:
+                return self._admit(caller)
+        return self._admit(None)
+
+    def _admit(self, caller: Caller | None) -> Caller:
+        """The authenticated caller, unless unknown (401) or over its rate (429)."""
         if caller is None:
             raise Refusal(401, "bad_token", "the token is not valid for this CA")
         if self._rate_limiter is not None:
@@ -147,6 +165,14 @@ class CAService:
             "trust_bundle": list(svid.trust_bundle_pems),
             "expires_at": ca.rfc3339(svid.expires_at),
         }
+
+
+def _bearer_token(authorization: str | None) -> str:
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise Refusal(401, "no_token", "missing bearer token")
+    return token
 
 
 def _parse_request(body: bytes) -> tuple[str, int | None]:
@@ -198,8 +224,10 @@ def router(service: CAService) -> APIRouter:
         CSRS_RECEIVED.inc()
         try:
             body = await _read_limited(request, MAX_CSR_REQUEST_BYTES)
-            caller = await run_in_threadpool(service.authenticate,
-                                             request.headers.get("authorization"))
+            authorization = request.headers.get("authorization")
+            caller = service.authenticate_without_io(authorization)
+            if caller is None:
+                caller = await run_in_threadpool(service.authenticate, authorization)
             document = service.issue(caller, body)
         except Refusal as refusal:
             REFUSALS.labels(refusal.reason).inc()
