@@ -4,7 +4,9 @@
 AdmissionReview; two baselines on the same uvicorn settings and TLS context (bench.echo_server)
 read a body of the same size: a raw ASGI echo (the limit for Python on this stack) and a FastAPI
 echo route that parses it with orjson (the framework's floor). wrk drives each at concurrency 1,
-16 and 64, the three interleaved round after round; each figure is the best round's.
+16 and 64, the three interleaved round after round. Throughput and latency are the best round's
+(the least disturbed by whatever else runs on the machine); ratios are the median over rounds of
+the ratio within a round.
 
 Idle RSS is read once `serve` answers; loaded RSS (now and peak) after the last round.
 Run alone with `python -m bench.bench_http`.
@@ -13,6 +15,7 @@ Run alone with `python -m bench.bench_http`.
 from __future__ import annotations
 
 import base64
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +48,14 @@ def _check_answers(servers: dict[str, harness.Server], body: bytes, certs: Path)
                 raise RuntimeError(f"serve did not inject: {reply.text[:300]}")
 
 
+def _median_ratio(runs: dict[tuple[str, int], list[harness.Load]], name: str, baseline: str,
+                  connections: int) -> float:
+    return statistics.median(
+        ours.per_second / theirs.per_second
+        for ours, theirs in zip(runs[(name, connections)], runs[(baseline, connections)],
+                                strict=True))
+
+
 def main() -> dict[str, Any]:
     if not harness.have_wrk():
         print("wrk is not installed (Debian package wrk): skipped")
@@ -70,9 +81,12 @@ def main() -> dict[str, Any]:
             _check_answers(servers, body, certs)
             script = harness.wrk_script(body, {"Content-Type": "application/json"}, workdir)
             runs: dict[tuple[str, int], list[harness.Load]] = {}
-            for _ in range(harness.ROUNDS):
+            for round_number in range(harness.ROUNDS):
+                order = ("raw", "fastapi", "inject")
                 for connections in harness.CONCURRENCY:
-                    for name in ("raw", "fastapi", "inject"):
+                    # Reversed every other round, so that a drift in the machine's load
+                    # favours no server.
+                    for name in order if round_number % 2 == 0 else order[::-1]:
                         load = harness.wrk(f"{servers[name].url}/inject", script, connections)
                         runs.setdefault((name, connections), []).append(load)
             loaded = servers["inject"].rss_kib()
@@ -81,17 +95,18 @@ def main() -> dict[str, Any]:
                 server.stop()
 
     print(f"typical AdmissionReview: {len(body)} bytes; server and wrk pinned to their own "
-          f"cores: {harness.PINNED}; {harness.ROUNDS} rounds of {harness.SECONDS:g} s, best")
+          f"cores: {harness.PINNED}; {harness.ROUNDS} rounds of {harness.SECONDS} s: best "
+          "round's req/s and latency, median ratio within rounds")
     print(f"{'conc':>4} {'server':8} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>7} "
           f"{'vs fastapi':>10} {'vs raw':>7}")
     table: dict[str, Any] = {}
     for connections in harness.CONCURRENCY:
-        raw = harness.best(runs[("raw", connections)])
-        fastapi = harness.best(runs[("fastapi", connections)])
         for name in ("raw", "fastapi", "inject"):
             load = harness.best(runs[(name, connections)])
-            vs_fastapi = load.per_second / fastapi.per_second
-            vs_raw = load.per_second / raw.per_second
+            # Ratios within a round (runs seconds apart), the median of the rounds: steadier
+            # on a shared machine than a ratio of two bests taken minutes apart.
+            vs_fastapi = _median_ratio(runs, name, "fastapi", connections)
+            vs_raw = _median_ratio(runs, name, "raw", connections)
             table[f"{name}_c{connections}"] = {
                 "requests_per_second": load.per_second, "p50_ms": load.p50_ms,
                 "p90_ms": load.p90_ms, "p99_ms": load.p99_ms, "max_ms": load.max_ms,
