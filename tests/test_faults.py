@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,15 +93,29 @@ def test_no_token_appears_in_the_logs(server: Server) -> None:
     assert "PRIVATE KEY" not in log
 
 
-def test_certs_dir_that_cannot_be_written_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a directory")
-    import subprocess
-    import sys
-
+def serve_fails(certs_dir: Path) -> str:
+    """serve's stderr, after checking it refused to start in one line with exit code 2."""
     done = subprocess.run(
-        [sys.executable, "-m", "injector", "serve", "--certs-dir", str(blocker / "certs")],
+        [sys.executable, "-m", "injector", "serve", "--certs-dir", str(certs_dir)],
         capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
     assert len(done.stderr.strip().splitlines()) == 1
     assert "Traceback" not in done.stderr
+    return done.stderr
+
+
+def test_certs_dir_that_cannot_be_written_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert str(blocker) in serve_fails(blocker / "certs")
+
+
+@pytest.mark.parametrize("key", ["ca-key.pem", "tls.key"])
+def test_a_corrupted_key_at_start_is_one_line_and_exit_2(tmp_path: Path, key: str) -> None:
+    certs = tmp_path / "certs"
+    subprocess.run([sys.executable, "-m", "injector", "certs", "init", "--certs-dir",
+                    str(certs)], check=True, timeout=60)
+    (certs / key).write_text(
+        "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    message = serve_fails(certs)
+    assert "PRIVATE KEY" not in message and "bm90IGEga2V5" not in message

@@ -78,6 +78,18 @@ def tls12_handshake(server: Server, ciphers: str) -> str:
     return cipher[0]
 
 
+def test_weak_tls_1_2_suites_are_refused_to_openssl(server: Server) -> None:
+    def handshake(cipher: str) -> str:
+        return subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{server.port}", "-tls1_2",
+             "-cipher", cipher, "-CAfile", str(server.root_cert)],
+            input="", capture_output=True, text=True, timeout=20, check=False).stdout
+
+    assert "Cipher is ECDHE-ECDSA-AES128-GCM-SHA256" in handshake("ECDHE-ECDSA-AES128-GCM-SHA256")
+    for weak in ("ECDHE-ECDSA-AES128-SHA256", "ECDHE-ECDSA-AES256-SHA"):  # CBC, no AEAD
+        assert "Cipher is (NONE)" in handshake(weak)
+
+
 def test_weak_tls_1_2_suites_are_refused(server: Server) -> None:
     assert tls12_handshake(server, "ECDHE-ECDSA-AES128-GCM-SHA256") == (
         "ECDHE-ECDSA-AES128-GCM-SHA256")

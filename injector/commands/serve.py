@@ -82,14 +82,16 @@ def run(args: argparse.Namespace) -> int:
             dns_names=args.dns_name,
             namespace=mesh.injector_namespace,
         )
+        try:
+            tls = server_tls_context(cert_path, key_path)
+        except (OSError, ssl.SSLError) as error:
+            raise UsageError(f"serving certificate {cert_path} with key {key_path}: they do not "
+                             f"load, or do not match ({error.__class__.__name__})") from None
         ca_service = ca_api.build_ca_service(
             certs_dir=certs_dir, mesh=mesh, token_file=args.token_file, api_client=api
         )
-        tls = server_tls_context(cert_path, key_path)
     except (cadir.CertsError, ca_api.ConfigurationError) as error:
         raise UsageError(str(error)) from None
-    except (OSError, ssl.SSLError) as error:
-        raise UsageError(f"serving certificate {cert_path}: {error}") from None
     serving = ServingCertificate(tls, cert_path, key_path)
     sync = None
     if api is not None:
