@@ -11,15 +11,21 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from injector import webhook
 from injector.config import MeshConfig
+from injector.httpio import (
+    TOO_LARGE,
+    error_response,
+    json_error,
+    json_responses,
+    receive_body,
+)
 from injector.metrics import ADMISSIONS, INJECTION_SECONDS
 
 MAX_ADMISSION_BYTES = 8 * 1024 * 1024
@@ -30,36 +36,43 @@ log = logging.getLogger("injector.webhook")
 ReadinessCheck = Callable[[], str | None]
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused as soon as it is known to exceed `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        orjson.dumps({"error": message}),
-        status_code=status,
-        media_type="application/json",
-        headers=headers,
-    )
-
-
-def _json_error(message: str) -> bytes:
-    return orjson.dumps({"error": message})
+# What /inject documents: enough for a client (and a schema-driven fuzzer) to know the shape;
+# the handler checks only what injection reads (a full model costs more than the injection).
+ADMISSION_REVIEW_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "request"],
+    "properties": {
+        "apiVersion": {"type": "string",
+                       "enum": ["admission.k8s.io/v1", "admission.k8s.io/v1beta1"]},
+        "kind": {"type": "string", "enum": ["AdmissionReview"]},
+        "request": {"type": "object", "required": ["uid"], "properties": {
+            "uid": {"type": "string", "minLength": 1},
+            "namespace": {"type": "string"},
+            "operation": {"type": "string"},
+            "kind": {"type": "object"},
+            "object": {"type": "object"},
+        }},
+    },
+}
+ADMISSION_RESPONSE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "response"],
+    "properties": {
+        "apiVersion": ADMISSION_REVIEW_SCHEMA["properties"]["apiVersion"],
+        "kind": ADMISSION_REVIEW_SCHEMA["properties"]["kind"],
+        "response": {"type": "object", "required": ["uid", "allowed"], "properties": {
+            "uid": {"type": "string"},
+            "allowed": {"type": "boolean"},
+            "patchType": {"type": "string", "enum": ["JSONPatch"]},
+            "patch": {"type": "string", "format": "byte"},
+            "status": {"type": "object"},
+        }},
+    },
+}
+INJECT_OPENAPI: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": ADMISSION_REVIEW_SCHEMA}}},
+}
 
 
 class Admission:
@@ -79,7 +92,7 @@ class Admission:
 
     def too_large(self) -> tuple[int, bytes]:
         self._count("rejected", "too-large")
-        return 413, _json_error(f"the body exceeds {MAX_ADMISSION_BYTES} bytes")
+        return 413, json_error(f"the body exceeds {MAX_ADMISSION_BYTES} bytes")
 
     def answer(self, body: bytes, started: float) -> tuple[int, bytes]:
         """HTTP status and JSON body; `started` is when the request arrived (perf_counter)."""
@@ -87,7 +100,7 @@ class Admission:
             review = webhook.parse(body)
         except webhook.BadReview as error:
             self._count("rejected", "bad-review")
-            return 400, _json_error(str(error))
+            return 400, json_error(str(error))
         outcome = webhook.admit(review, self.mesh, self.namespace_labels)
         elapsed = time.perf_counter() - started
         INJECTION_SECONDS.observe(elapsed)
@@ -126,47 +139,20 @@ class FastInject:
             return
         started = time.perf_counter()
         try:
-            body = await self._body(scope, receive)
+            body = await receive_body(scope, receive, MAX_ADMISSION_BYTES)
             if body is None:
                 return  # the client went away: nobody to answer
-            if body is BodyTooLarge:
+            if body is TOO_LARGE:
                 status, answer = self.admission.too_large()
             else:
                 status, answer = self.admission.answer(body, started)
         except Exception:
             # A bug must not leak a traceback to the caller; the log keeps it.
             logging.getLogger("injector").exception("internal error")
-            status, answer = 500, _json_error("internal error")
+            status, answer = 500, json_error("internal error")
         await send({"type": "http.response.start", "status": status,
                     "headers": [_JSON, (b"content-length", b"%d" % len(answer))]})
         await send({"type": "http.response.body", "body": answer})
-
-    @staticmethod
-    async def _body(scope: Any, receive: Any) -> Any:
-        """The body; BodyTooLarge (the class) past the limit; None if the client left."""
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                if value.isdigit() and int(value) > MAX_ADMISSION_BYTES:
-                    return BodyTooLarge
-                break
-        message = await receive()
-        if message["type"] != "http.request":
-            return None
-        body = message.get("body", b"")
-        if not message.get("more_body", False):
-            return body if len(body) <= MAX_ADMISSION_BYTES else BodyTooLarge
-        chunks = [body]
-        size = len(body)
-        while message.get("more_body", False):
-            message = await receive()
-            if message["type"] != "http.request":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > MAX_ADMISSION_BYTES:
-                return BodyTooLarge
-            chunks.append(chunk)
-        return b"".join(chunks)
 
 
 def create_app(
@@ -216,14 +202,18 @@ def create_app(
         logging.getLogger("injector").exception("internal error")
         return error_response(500, "internal error")
 
-    @app.post("/inject", response_class=Response)
+    @app.post("/inject", response_class=Response, openapi_extra=INJECT_OPENAPI,
+              summary="The mutating admission webhook",
+              responses=json_responses({400: "Not an AdmissionReview",
+                                        413: "Over 8 MiB"}, ok=ADMISSION_RESPONSE_SCHEMA))
     async def inject(request: Request) -> Response:
         # Reached only past FastInject (which answers POST /inject itself), e.g. in a test
         # that mounts the FastAPI app alone; the same answer either way.
         started = time.perf_counter()
-        try:
-            body = await read_body(request, MAX_ADMISSION_BYTES)
-        except BodyTooLarge:
+        body = await receive_body(request.scope, request.receive, MAX_ADMISSION_BYTES)
+        if body is None:
+            return Response(status_code=400)  # the client went away: nobody reads this
+        if body is TOO_LARGE:
             status, answer = admission.too_large()
         else:
             status, answer = admission.answer(body, started)
@@ -233,7 +223,7 @@ def create_app(
     async def healthz() -> JSONResponse:
         return JSONResponse({"status": "ok"})
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={503: {"description": "Not ready, with the reasons"}})
     async def readyz() -> JSONResponse:
         problems = [problem for check in readiness_checks if (problem := check()) is not None]
         if problems:
@@ -243,7 +233,8 @@ def create_app(
             return JSONResponse({"status": "degraded", "degraded": degraded_parts})
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text format"}})
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 

@@ -32,6 +32,7 @@ from injector.authn import (
     TokenReviewAuthenticator,
 )
 from injector.config import MeshConfig
+from injector.httpio import TOO_LARGE, error_response, json_responses, receive_body
 from injector.ratelimit import RateLimiter
 from injector.spiffe import SpiffeId, SpiffeIdError
 
@@ -191,39 +192,56 @@ def _parse_request(body: bytes) -> tuple[str, int | None]:
     return csr, ttl
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
-    """The body, refused (413) as soon as it is known to exceed `limit`, before any parsing."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise Refusal(413, "too_large", f"the body exceeds {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Refusal(413, "too_large", f"the body exceeds {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _error(refusal: Refusal) -> Response:
     headers: dict[str, str] = {}
     if refusal.retry_after_seconds is not None:
         headers["Retry-After"] = str(refusal.retry_after_seconds)
     if refusal.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return Response(orjson.dumps({"error": refusal.message}), status_code=refusal.status,
-                    media_type="application/json", headers=headers)
+    return error_response(refusal.status, refusal.message, headers)
+
+
+CERTIFICATE_REQUEST_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["csr"],
+    "properties": {"csr": {"type": "string", "description": "PEM PKCS#10"},
+                   "ttl_seconds": {"type": "integer", "minimum": 1}},
+}
+CERTIFICATE_RESPONSE_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["spiffe_id", "certificate_chain", "trust_bundle", "expires_at"],
+    "properties": {
+        "spiffe_id": {"type": "string"},
+        "certificate_chain": {"type": "array", "items": {"type": "string"}},
+        "trust_bundle": {"type": "array", "items": {"type": "string"}},
+        "expires_at": {"type": "string", "format": "date-time"},
+    },
+}
+CERTIFICATES_OPENAPI: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": CERTIFICATE_REQUEST_SCHEMA}}},
+    "security": [{"bearer": []}],
+}
 
 
 def router(service: CAService) -> APIRouter:
     routes = APIRouter()
 
-    @routes.post("/v1/certificates", response_class=Response)
+    @routes.post(
+        "/v1/certificates", response_class=Response, openapi_extra=CERTIFICATES_OPENAPI,
+        summary="Sign a workload's CSR as an X509-SVID",
+        responses=json_responses({
+            400: "A CSR or ttl the CA refuses", 401: "No token, or a bad one",
+            403: "The CSR names another identity", 413: "Over 64 KiB",
+            429: "Too many requests for this identity", 503: "Cannot sign now; retry",
+        }, ok=CERTIFICATE_RESPONSE_SCHEMA))
     async def certificates(request: Request) -> Response:
         CSRS_RECEIVED.inc()
         try:
-            body = await _read_limited(request, MAX_CSR_REQUEST_BYTES)
+            body = await receive_body(request.scope, request.receive, MAX_CSR_REQUEST_BYTES)
+            if body is None:
+                return Response(status_code=400)  # the client went away: nobody reads this
+            if body is TOO_LARGE:
+                raise Refusal(413, "too_large",
+                              f"the body exceeds {MAX_CSR_REQUEST_BYTES} bytes")
             authorization = request.headers.get("authorization")
             caller = service.authenticate_without_io(authorization)
             if caller is None:
@@ -243,7 +261,9 @@ def router(service: CAService) -> APIRouter:
                                   RETRY_AFTER_SECONDS))
         return Response(orjson.dumps(document), media_type="application/json")
 
-    @routes.get("/v1/trust-bundle", response_class=Response)
+    @routes.get("/v1/trust-bundle", response_class=Response, responses={
+        200: {"description": "The root certificate(s)",
+              "content": {"application/x-pem-file": {"schema": {"type": "string"}}}}})
     async def trust_bundle() -> Response:
         return Response(service.trust_bundle_pem(), media_type="application/x-pem-file")
 

@@ -68,9 +68,9 @@ csr_texts = st.one_of(
 )
 bodies: st.SearchStrategy[Any] = st.one_of(
     st.fixed_dictionaries({"csr": csr_texts}),
-    st.fixed_dictionaries({"csr": st.just(_VALID.decode()),
-                           "ttl_seconds": st.one_of(st.integers(-(2**70), 2**70), st.text(),
-                                                    st.floats(), st.none(), st.booleans())}),
+    st.fixed_dictionaries({"csr": st.just(_VALID.decode()), "ttl_seconds": st.one_of(
+        st.integers(-(2**70), 2**70), st.text(), st.none(), st.booleans(),
+        st.floats(allow_nan=False, allow_infinity=False))}),
     st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3),
     st.lists(st.integers(), max_size=3),
 )
