@@ -7,17 +7,12 @@ import tempfile
 from pathlib import Path
 
 from tests import load
-from tests.conftest import start_server
-from tests.test_ca_api import WEB_TOKEN, write_tokens
+from tests.conftest import WEB_TOKEN, start_ca_server
 
 
 def main() -> dict[str, float | int]:
     with tempfile.TemporaryDirectory() as scratch:
-        workdir = Path(scratch)
-        config = workdir / "mesh.yaml"
-        config.write_text("csrBurst: 1000000\n")
-        server = start_server(workdir, "--config", str(config),
-                              "--token-file", str(write_tokens(workdir / "tokens.yaml")))
+        server = start_ca_server(Path(scratch))
         try:
             pid = server.process.pid
             load.admissions(server, 1000, 64)

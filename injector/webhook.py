@@ -156,22 +156,11 @@ def admit(
         )
     try:
         injection = sidecar.build(pod, mesh, as_json=True)
-    except sidecar.InvalidAnnotation as error:
-        return Outcome(
-            _denied(review, f"sidecar injection refused: {error}"),
-            "denied",
-            "invalid-annotation",
-            namespace,
-            name,
-        )
-    except sidecar.NameConflict as error:
-        return Outcome(
-            _denied(review, f"sidecar injection refused: {error}"),
-            "denied",
-            "name-conflict",
-            namespace,
-            name,
-        )
+    except (sidecar.InvalidAnnotation, sidecar.NameConflict) as error:
+        reason = ("invalid-annotation" if isinstance(error, sidecar.InvalidAnnotation)
+                  else "name-conflict")
+        return Outcome(_denied(review, f"sidecar injection refused: {error}"), "denied", reason,
+                       namespace, name)
     ops = patch.build(pod, injection)
     answer = {
         "allowed": True,

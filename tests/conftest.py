@@ -100,6 +100,27 @@ def wait_until_serving(server: Server, timeout: float = 30) -> None:
     raise AssertionError(f"injector serve did not answer within {timeout}s:\n{server.log()}")
 
 
+# Static CA tokens for the tests' servers (`--token-file`).
+WEB_TOKEN = "static-token-shop-web-0123456789"
+API_TOKEN = "static-token-shop-api-9876543210"
+
+
+def write_tokens(path: Path) -> Path:
+    path.write_text(f"- {{token: {WEB_TOKEN}, namespace: shop, serviceAccount: web}}\n"
+                    f"- {{token: {API_TOKEN}, namespace: shop, serviceAccount: api}}\n")
+    return path
+
+
+def start_ca_server(workdir: Path, mesh_config: str = "csrBurst: 100000\n") -> Server:
+    """A server whose CA knows the static tokens above; by default with no practical rate
+    limit, for tests that make many requests as one identity."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "mesh.yaml"
+    config.write_text(mesh_config)
+    return start_server(workdir, "--config", str(config),
+                        "--token-file", str(write_tokens(workdir / "tokens.yaml")))
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server for a test module: certificates made at start, default mesh config."""

@@ -16,7 +16,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from injector import ca, cadir
-from tests.conftest import Server, free_port, start_server
+from tests.conftest import (
+    API_TOKEN,
+    WEB_TOKEN,
+    Server,
+    free_port,
+    start_ca_server,
+    start_server,
+    write_tokens,
+)
 from tests.fakeapi import (
     RunningFakeKube,
     TokenInfo,
@@ -28,22 +36,13 @@ from tests.test_ca import _tampered_signature, make_csr, mutual_tls, p256
 
 __all__ = ["fake_kube"]  # the fixture, imported for pytest
 
-WEB_TOKEN = "static-token-shop-web-0123456789"
-API_TOKEN = "static-token-shop-api-9876543210"
 WEB_ID = "spiffe://cluster.local/ns/shop/sa/web"
 API_ID = "spiffe://cluster.local/ns/shop/sa/api"
 
 
-def write_tokens(path: Path) -> Path:
-    path.write_text(f"- {{token: {WEB_TOKEN}, namespace: shop, serviceAccount: web}}\n"
-                    f"- {{token: {API_TOKEN}, namespace: shop, serviceAccount: api}}\n")
-    return path
-
-
 @pytest.fixture(scope="module")
 def ca_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    workdir = tmp_path_factory.mktemp("ca-serve")
-    running = start_server(workdir, "--token-file", str(write_tokens(workdir / "tokens.yaml")))
+    running = start_ca_server(tmp_path_factory.mktemp("ca-serve"), mesh_config="")
     yield running
     running.stop()
 

@@ -14,18 +14,14 @@ from cryptography.x509.oid import ObjectIdentifier
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import Server, start_server
+from tests.conftest import WEB_TOKEN, Server, start_ca_server
 from tests.test_ca import make_csr, p256
-from tests.test_ca_api import WEB_TOKEN, request_svid, write_tokens
+from tests.test_ca_api import request_svid
 
 
 @pytest.fixture(scope="module")
 def ca_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    workdir = tmp_path_factory.mktemp("ca-fuzz")
-    config = workdir / "mesh.yaml"
-    config.write_text("csrBurst: 100000\n")  # the fuzzer is one identity, many requests
-    running = start_server(workdir, "--config", str(config),
-                           "--token-file", str(write_tokens(workdir / "tokens.yaml")))
+    running = start_ca_server(tmp_path_factory.mktemp("ca-fuzz"))
     yield running
     running.stop()
 

@@ -6,15 +6,11 @@ import time
 from pathlib import Path
 
 from tests import load
-from tests.conftest import start_server
-from tests.test_ca_api import WEB_TOKEN, write_tokens
+from tests.conftest import WEB_TOKEN, start_ca_server
 
 
 def test_sustained_load_has_no_errors_and_no_leaks(tmp_path: Path) -> None:
-    config = tmp_path / "mesh.yaml"
-    config.write_text("csrBurst: 100000\n")  # the load is one identity on purpose
-    server = start_server(tmp_path, "--config", str(config),
-                          "--token-file", str(write_tokens(tmp_path / "tokens.yaml")))
+    server = start_ca_server(tmp_path)  # the load is one identity on purpose
     try:
         pid = server.process.pid
         files_idle = load.open_files(pid)

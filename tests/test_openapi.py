@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
@@ -11,17 +10,12 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.conftest import Server, start_server
-from tests.test_ca_api import WEB_TOKEN, write_tokens
+from tests.conftest import WEB_TOKEN, Server, start_ca_server
 
 
 @pytest.fixture(scope="module")
 def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    workdir: Path = tmp_path_factory.mktemp("openapi")
-    config = workdir / "mesh.yaml"
-    config.write_text("csrBurst: 100000\n")
-    running = start_server(workdir, "--config", str(config),
-                           "--token-file", str(write_tokens(workdir / "tokens.yaml")))
+    running = start_ca_server(tmp_path_factory.mktemp("openapi"))
     yield running
     running.stop()
 

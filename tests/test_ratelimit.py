@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from injector.ratelimit import RateLimiter
-from tests.conftest import start_server
+from tests.conftest import API_TOKEN, WEB_TOKEN, start_ca_server
 from tests.test_ca import make_csr, p256
-from tests.test_ca_api import API_TOKEN, WEB_TOKEN, request_svid, write_tokens
+from tests.test_ca_api import request_svid
 
 
 class Clock:
@@ -48,10 +48,7 @@ def test_nonsense_limits_are_refused(rate: float, burst: int) -> None:
 
 
 def test_the_ca_answers_429_with_retry_after_per_identity(tmp_path: Path) -> None:
-    config = tmp_path / "mesh.yaml"
-    config.write_text("csrBurst: 2\ncsrRatePerSecond: 0.01\n")
-    server = start_server(tmp_path, "--config", str(config),
-                          "--token-file", str(write_tokens(tmp_path / "tokens.yaml")))
+    server = start_ca_server(tmp_path, "csrBurst: 2\ncsrRatePerSecond: 0.01\n")
     try:
         csr = make_csr(p256())
         with server.client() as client:
