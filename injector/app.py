@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from injector import webhook
+from injector import asgi, webhook
 from injector.config import MeshConfig
 from injector.httpio import (
     TOO_LARGE,
@@ -115,44 +115,17 @@ class Admission:
         )
         return 200, outcome.body
 
-
-_JSON = (b"content-type", b"application/json")
-
-
-class FastInject:
-    """ASGI: `POST /inject` answered here, everything else by the FastAPI app (`.app`).
-
-    The webhook is on the path of every pod creation. Starlette's routing, request object and
-    middleware cost about as much per request as the injection itself (bench/bench_http.py),
-    so the one hot route skips them; the answers are those of the FastAPI route, which stays
-    for what is not a plain POST (405 for other methods, the redirect of /inject/).
-    """
-
-    def __init__(self, app: FastAPI, admission: Admission) -> None:
-        self.app = app
-        self.admission = admission
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if (scope["type"] != "http" or scope["path"] != "/inject"
-                or scope["method"] != "POST" or scope.get("root_path")):
-            await self.app(scope, receive, send)
-            return
+    async def route(self, scope: Any, receive: Any) -> asgi.Answer:
+        """`POST /inject` as a fast route (injector.asgi)."""
         started = time.perf_counter()
-        try:
-            body = await receive_body(scope, receive, MAX_ADMISSION_BYTES)
-            if body is None:
-                return  # the client went away: nobody to answer
-            if body is TOO_LARGE:
-                status, answer = self.admission.too_large()
-            else:
-                status, answer = self.admission.answer(body, started)
-        except Exception:
-            # A bug must not leak a traceback to the caller; the log keeps it.
-            logging.getLogger("injector").exception("internal error")
-            status, answer = 500, json_error("internal error")
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [_JSON, (b"content-length", b"%d" % len(answer))]})
-        await send({"type": "http.response.body", "body": answer})
+        body = await receive_body(scope, receive, MAX_ADMISSION_BYTES)
+        if body is None:
+            return None  # the client went away: nobody to answer
+        if body is TOO_LARGE:
+            status, answer = self.too_large()
+        else:
+            status, answer = self.answer(body, started)  # type: ignore[arg-type]
+        return status, [], answer
 
 
 def create_app(
@@ -162,10 +135,12 @@ def create_app(
     readiness_checks: Sequence[ReadinessCheck] = (),
     degraded: Callable[[], list[str]] = list,
     routers: Sequence[APIRouter] = (),
+    fast_routes: Mapping[tuple[str, str], asgi.FastRoute] | None = None,
     background: Sequence[Callable[[], Awaitable[None]]] = (),
-) -> FastInject:
+) -> asgi.FastRoutes:
     """The ASGI app; `background` tasks (watchers) run while it serves and never block a
-    request. `.app` is the FastAPI app behind the webhook's fast path.
+    request. `POST /inject` and the `fast_routes` (the CA's) skip FastAPI (injector.asgi);
+    `.app` is the FastAPI app, which serves the rest.
 
     `readiness_checks` failing make /readyz 503; `degraded` parts (the Kubernetes API out of
     reach, say) are reported there but keep it 200: the webhook and the CA still work, and a
@@ -207,7 +182,7 @@ def create_app(
               responses=json_responses({400: "Not an AdmissionReview",
                                         413: "Over 8 MiB"}, ok=ADMISSION_RESPONSE_SCHEMA))
     async def inject(request: Request) -> Response:
-        # Reached only past FastInject (which answers POST /inject itself), e.g. in a test
+        # Reached only past FastRoutes (which answers POST /inject itself), e.g. in a test
         # that mounts the FastAPI app alone; the same answer either way.
         started = time.perf_counter()
         body = await receive_body(request.scope, request.receive, MAX_ADMISSION_BYTES)
@@ -240,4 +215,4 @@ def create_app(
 
     for router in routers:
         app.include_router(router)
-    return FastInject(app, admission)
+    return asgi.FastRoutes(app, {("POST", "/inject"): admission.route, **(fast_routes or {})})

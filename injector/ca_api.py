@@ -21,7 +21,7 @@ from fastapi.responses import Response
 from prometheus_client import Counter, Gauge, Histogram
 from starlette.concurrency import run_in_threadpool
 
-from injector import ca, cadir
+from injector import asgi, ca, cadir
 from injector.authn import (
     AuthenticationUnavailable,
     Authenticator,
@@ -32,7 +32,7 @@ from injector.authn import (
     TokenReviewAuthenticator,
 )
 from injector.config import MeshConfig
-from injector.httpio import TOO_LARGE, error_response, json_responses, receive_body
+from injector.httpio import TOO_LARGE, json_error, json_responses, receive_body
 from injector.ratelimit import RateLimiter
 from injector.spiffe import SpiffeId, SpiffeIdError
 
@@ -192,13 +192,55 @@ def _parse_request(body: bytes) -> tuple[str, int | None]:
     return csr, ttl
 
 
-def _error(refusal: Refusal) -> Response:
-    headers: dict[str, str] = {}
+def _error(refusal: Refusal) -> asgi.Answer:
+    headers: asgi.Headers = []
     if refusal.retry_after_seconds is not None:
-        headers["Retry-After"] = str(refusal.retry_after_seconds)
+        headers.append((b"retry-after", b"%d" % refusal.retry_after_seconds))
     if refusal.status == 401:
-        headers["WWW-Authenticate"] = "Bearer"
-    return error_response(refusal.status, refusal.message, headers)
+        headers.append((b"www-authenticate", b"Bearer"))
+    return refusal.status, headers, json_error(refusal.message)
+
+
+async def answer_certificate_request(service: CAService, scope: Any, receive: Any
+                                     ) -> asgi.Answer:
+    """`POST /v1/certificates`, from the ASGI scope and receive: the status, extra headers
+    and JSON body (None if the client went away). Behind both the fast route and the FastAPI
+    route (which only documents it, and answers for methods other than POST)."""
+    CSRS_RECEIVED.inc()
+    try:
+        body = await receive_body(scope, receive, MAX_CSR_REQUEST_BYTES)
+        if body is None:
+            return None  # the client went away: nobody to answer
+        if body is TOO_LARGE:
+            raise Refusal(413, "too_large",
+                          f"the body exceeds {MAX_CSR_REQUEST_BYTES} bytes")
+        authorization = asgi.header(scope, b"authorization")
+        caller = service.authenticate_without_io(authorization)
+        if caller is None:
+            caller = await run_in_threadpool(service.authenticate, authorization)
+        document = service.issue(caller, body)  # type: ignore[arg-type]
+    except Refusal as refusal:
+        REFUSALS.labels(refusal.reason).inc()
+        if refusal.status != 401:
+            log.info("refused certificate request: %s (%s)", refusal.reason,
+                     refusal.message[:200])
+        return _error(refusal)
+    except Exception:
+        # A bug is not the caller's fault and is worth retrying; never a 500 or traceback.
+        log.exception("certificate request failed unexpectedly")
+        REFUSALS.labels("internal").inc()
+        return _error(Refusal(503, "internal", "internal error, retry later",
+                              RETRY_AFTER_SECONDS))
+    return 200, [], orjson.dumps(document)
+
+
+def fast_routes(service: CAService) -> dict[tuple[str, str], asgi.FastRoute]:
+    """The CA's hot route for injector.asgi.FastRoutes (create_app's `fast_routes`)."""
+
+    async def certificates(scope: Any, receive: Any) -> asgi.Answer:
+        return await answer_certificate_request(service, scope, receive)
+
+    return {("POST", "/v1/certificates"): certificates}
 
 
 CERTIFICATE_REQUEST_SCHEMA: dict[str, Any] = {
@@ -234,32 +276,12 @@ def router(service: CAService) -> APIRouter:
             429: "Too many requests for this identity", 503: "Cannot sign now; retry",
         }, ok=CERTIFICATE_RESPONSE_SCHEMA))
     async def certificates(request: Request) -> Response:
-        CSRS_RECEIVED.inc()
-        try:
-            body = await receive_body(request.scope, request.receive, MAX_CSR_REQUEST_BYTES)
-            if body is None:
-                return Response(status_code=400)  # the client went away: nobody reads this
-            if body is TOO_LARGE:
-                raise Refusal(413, "too_large",
-                              f"the body exceeds {MAX_CSR_REQUEST_BYTES} bytes")
-            authorization = request.headers.get("authorization")
-            caller = service.authenticate_without_io(authorization)
-            if caller is None:
-                caller = await run_in_threadpool(service.authenticate, authorization)
-            document = service.issue(caller, body)
-        except Refusal as refusal:
-            REFUSALS.labels(refusal.reason).inc()
-            if refusal.status != 401:
-                log.info("refused certificate request: %s (%s)", refusal.reason,
-                         refusal.message[:200])
-            return _error(refusal)
-        except Exception:
-            # A bug is not the caller's fault and is worth retrying; never a 500 or traceback.
-            log.exception("certificate request failed unexpectedly")
-            REFUSALS.labels("internal").inc()
-            return _error(Refusal(503, "internal", "internal error, retry later",
-                                  RETRY_AFTER_SECONDS))
-        return Response(orjson.dumps(document), media_type="application/json")
+        answer = await answer_certificate_request(service, request.scope, request.receive)
+        if answer is None:
+            return Response(status_code=400)  # the client went away: nobody reads this
+        status, headers, body = answer
+        return Response(body, status_code=status, media_type="application/json",
+                        headers={name.decode(): value.decode() for name, value in headers})
 
     @routes.get("/v1/trust-bundle", response_class=Response, responses={
         200: {"description": "The root certificate(s)",

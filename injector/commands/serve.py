@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         readiness_checks=[ca_service.readiness, serving.readiness],
         degraded=sync.degraded if sync else list,
         routers=[ca_api.router(ca_service)],
+        fast_routes=ca_api.fast_routes(ca_service),
         background=[serving.watch],
     )
     config = uvicorn_config(app, host=args.host, port=args.port, tls=tls,
