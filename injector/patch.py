@@ -6,8 +6,11 @@ pod's size, and it cannot touch anything the pod already has.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
 from typing import Any
+
+import orjson
 
 from injector.sidecar import Injection
 
@@ -76,3 +79,45 @@ def build(pod: Mapping[str, Any], injection: Injection) -> list[Operation]:
             _append(ops, spec, "containers", [injection.proxy_container])
     _append(ops, spec, "volumes", injection.volumes)
     return ops
+
+
+def _shape(pod: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What `build` reads of the pod, besides the injection: which fields exist."""
+    metadata = pod.get("metadata")
+    if isinstance(metadata, Mapping):
+        meta = (isinstance(metadata.get("labels"), Mapping),
+                isinstance(metadata.get("annotations"), Mapping))
+    else:
+        meta = None
+    spec = pod.get("spec") or {}
+    init, containers, volumes = (spec.get("initContainers"), spec.get("containers"),
+                                 spec.get("volumes"))
+    return (meta, isinstance(init, list) and bool(init), isinstance(init, list),
+            isinstance(containers, list) and bool(containers), isinstance(containers, list),
+            isinstance(volumes, list))
+
+
+_ENCODED: dict[tuple[Any, ...], str] = {}
+_MAX_ENCODED = 1024
+
+
+def encoded(pod: Mapping[str, Any], injection: Injection) -> str:
+    """`build`'s patch as base64 of its JSON, as an AdmissionReview carries it.
+
+    For an injection in JSON form (`sidecar.build(..., as_json=True)`) the answer is cached
+    by everything `build` reads: the pod's shape, the labels and annotations to add, and the
+    template the containers, volumes, `native` and `hold` came from. The pods of one ReplicaSet
+    all get the same patch: it is built once.
+    """
+    # Dicts may have been changed since the template made them; Fragments cannot be.
+    if injection.template is None or type(injection.proxy_container) is not orjson.Fragment:
+        return base64.b64encode(orjson.dumps(build(pod, injection))).decode()
+    key = (_shape(pod), injection.template, tuple(injection.labels.items()),
+           tuple(injection.annotations.items()))
+    cached = _ENCODED.get(key)
+    if cached is None:
+        cached = base64.b64encode(orjson.dumps(build(pod, injection))).decode()
+        if len(_ENCODED) >= _MAX_ENCODED:
+            _ENCODED.clear()  # bounded, whatever labels pods carry
+        _ENCODED[key] = cached
+    return cached

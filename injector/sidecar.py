@@ -99,6 +99,8 @@ class Injection:
     annotations: dict[str, str] = field(default_factory=dict)
     native: bool = False
     hold: bool = False
+    # The template the containers and volumes came from (their JSON; see `template`).
+    template: Template | None = None
 
 
 def _annotation(annotations: Mapping[str, Any], key: str, default: str) -> str:
@@ -518,4 +520,5 @@ def build(
         annotations=_annotations_to_add(annotations, spec, mesh, parts.status),
         native=parts.native,
         hold=parts.hold,
+        template=parts,
     )

@@ -6,7 +6,6 @@ costs more than the whole injection); everything else passes through untouched.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -161,10 +160,5 @@ def admit(
                   else "name-conflict")
         return Outcome(_denied(review, f"sidecar injection refused: {error}"), "denied", reason,
                        namespace, name)
-    ops = patch.build(pod, injection)
-    answer = {
-        "allowed": True,
-        "patchType": "JSONPatch",
-        "patch": base64.b64encode(orjson.dumps(ops)).decode(),
-    }
+    answer = {"allowed": True, "patchType": "JSONPatch", "patch": patch.encoded(pod, injection)}
     return Outcome(_response(review, answer), "injected", decision.reason, namespace, name)

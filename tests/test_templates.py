@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+
 import orjson
 import pytest
 
-from injector import sidecar
+from injector import patch, sidecar
 from injector.config import MeshConfig
 from tests.pods import pod
 
@@ -56,3 +58,29 @@ def test_a_bad_override_is_refused_every_time(attempt: int) -> None:
     bad = pod(annotations={"sidecar.istio.io/proxyCPU": "lots"})
     with pytest.raises(sidecar.InvalidAnnotation, match="proxyCPU"):
         sidecar.build(bad, MESH)
+
+
+PATCH_VARIANTS = {
+    "minimal": pod(),
+    "labels": pod(labels={"app": "shop", "version": "v2"}),
+    "other labels": pod(labels={"app": "cart", "version": "v2"}),
+    "annotations": pod(annotations={"example.com/team": "payments"}),
+    "prometheus": pod(annotations={"prometheus.io/scrape": "false"}),
+    "init and volumes": pod(init_containers=[{"name": "migrate", "image": "flyway:10"}],
+                            volumes=[{"name": "config", "configMap": {"name": "shop"}}]),
+    "empty init list": pod(init_containers=[]),
+    "native": pod(annotations={"sidecar.istio.io/nativeSidecar": "true"},
+                  init_containers=[{"name": "migrate", "image": "flyway:10"}]),
+    "hold": pod(annotations={"proxy.istio.io/config": "holdApplicationUntilProxyStarts: true"}),
+    "no metadata": {"apiVersion": "v1", "kind": "Pod",
+                    "spec": {"containers": [{"name": "app", "image": "nginx"}]}},
+}
+
+
+def test_the_cached_patch_is_the_patch_built_afresh() -> None:
+    # Twice over: the second pass answers from the cache.
+    for _ in range(2):
+        for name, manifest in PATCH_VARIANTS.items():
+            fresh = patch.build(manifest, sidecar.build(manifest, MESH))
+            cached = patch.encoded(manifest, sidecar.build(manifest, MESH, as_json=True))
+            assert orjson.loads(base64.b64decode(cached)) == fresh, name
