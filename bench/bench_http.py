@@ -4,9 +4,10 @@
 AdmissionReview; two baselines on the same uvicorn settings and TLS context (bench.echo_server)
 read a body of the same size: a raw ASGI echo (the limit for Python on this stack) and a FastAPI
 echo route that parses it with orjson (the framework's floor). wrk drives each at concurrency 1,
-16 and 64, the three interleaved round after round. Throughput and latency are the best round's
-(the least disturbed by whatever else runs on the machine); ratios are the median over rounds of
-the ratio within a round.
+16 and 64, the three interleaved round after round. Throughput and latency are the median
+round's (the best round's throughput is shown too); ratios are the median over rounds of the
+ratio within a round (runs seconds apart), steadier on a shared machine than a ratio of two
+figures taken minutes apart.
 
 Idle RSS is read once `serve` answers; loaded RSS (now and peak) after the last round.
 Run alone with `python -m bench.bench_http`.
@@ -95,16 +96,15 @@ def main() -> dict[str, Any]:
                 server.stop()
 
     print(f"typical AdmissionReview: {len(body)} bytes; server and wrk pinned to their own "
-          f"cores: {harness.PINNED}; {harness.ROUNDS} rounds of {harness.SECONDS} s: best "
+          f"cores: {harness.PINNED}; {harness.ROUNDS} rounds of {harness.SECONDS} s: median "
           "round's req/s and latency, median ratio within rounds")
     print(f"{'conc':>4} {'server':8} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'non-2xx':>7} "
-          f"{'vs fastapi':>10} {'vs raw':>7}")
+          f"{'vs fastapi':>10} {'vs raw':>7} {'best req/s':>10} {'its p99':>7}")
     table: dict[str, Any] = {}
     for connections in harness.CONCURRENCY:
         for name in ("raw", "fastapi", "inject"):
-            load = harness.best(runs[(name, connections)])
-            # Ratios within a round (runs seconds apart), the median of the rounds: steadier
-            # on a shared machine than a ratio of two bests taken minutes apart.
+            load = harness.median(runs[(name, connections)])
+            best = harness.best(runs[(name, connections)])
             vs_fastapi = _median_ratio(runs, name, "fastapi", connections)
             vs_raw = _median_ratio(runs, name, "raw", connections)
             table[f"{name}_c{connections}"] = {
@@ -114,10 +114,13 @@ def main() -> dict[str, Any]:
                 "socket_errors": sum(run.socket_errors for run in runs[(name, connections)]),
                 "ratio_to_fastapi_echo": vs_fastapi, "ratio_to_raw_echo": vs_raw,
                 "all_rounds_per_second": [run.per_second for run in runs[(name, connections)]],
+                "best_round": {"requests_per_second": best.per_second, "p50_ms": best.p50_ms,
+                               "p99_ms": best.p99_ms},
             }
             row = table[f"{name}_c{connections}"]
             print(f"{connections:4} {name:8} {load.per_second:8.0f} {load.p50_ms:7.2f} "
-                  f"{load.p99_ms:7.2f} {row['non_2xx']:7} {vs_fastapi:10.2f} {vs_raw:7.2f}")
+                  f"{load.p99_ms:7.2f} {row['non_2xx']:7} {vs_fastapi:10.2f} {vs_raw:7.2f} "
+                  f"{best.per_second:10.0f} {best.p99_ms:7.2f}")
     results["runs"] = table
     at16 = table["inject_c16"]
     rss = {"idle_rss_mib": idle["VmRSS"] / 1024, "loaded_rss_mib": loaded["VmRSS"] / 1024,

@@ -214,3 +214,9 @@ def best(loads: Sequence[Load]) -> Load:
 
 def have_wrk() -> bool:
     return shutil.which("wrk") is not None
+
+
+def median(loads: Sequence[Load]) -> Load:
+    """The run of median throughput (the upper one of an even count): a typical run."""
+    ordered = sorted(loads, key=lambda load: load.per_second)
+    return ordered[len(ordered) // 2]
