@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from kubernetes import client, watch
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from kubernetes.watch.watch import iter_resp_lines
 from urllib3.exceptions import HTTPError
 
 from injector import cadir
 from injector.config import MeshConfig
+from injector.kube import REQUEST_TIMEOUT, Rest
 from injector.policy import NAMESPACE_LABEL
 
 ROOT_CONFIGMAP = "istio-ca-root-cert"
@@ -39,7 +41,6 @@ WEBHOOK_CONFIGURATION = "injector"
 SHARED_CA_SECRET = "istio-ca-secret"
 NAMESPACE_LABEL_VALUES = frozenset({"enabled", "disabled"})
 
-REQUEST_TIMEOUT = (3.05, 10.0)
 WATCH_SECONDS = 240
 MAX_BACKOFF_SECONDS = 30.0
 
@@ -47,14 +48,6 @@ log = logging.getLogger("injector.cluster")
 
 # What a failing API call raises through the client: its HTTP errors, and the transport's.
 API_ERRORS = (ApiException, HTTPError, OSError, ValueError)
-
-
-def _json(response: Any) -> dict[str, Any]:
-    """The body of a `_preload_content=False` response: dicts, not the client's models."""
-    try:
-        return orjson.loads(response.data)
-    finally:
-        response.release_conn()
 
 
 def _describe(error: BaseException) -> str:
@@ -73,12 +66,11 @@ def gets_root_configmap(namespace: str, labels: Mapping[str, str], mesh: MeshCon
     )
 
 
-def _shared_ca_files(core: client.CoreV1Api, namespace: str,
-                     trust_domain: str) -> dict[str, bytes]:
+def _shared_ca_files(rest: Rest, namespace: str, trust_domain: str) -> dict[str, bytes]:
     """The CA every replica signs with: from the Secret, or made now and stored there."""
+    secrets = f"/api/v1/namespaces/{namespace}/secrets"
     try:
-        secret = _json(core.read_namespaced_secret(
-            SHARED_CA_SECRET, namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT))
+        secret = rest.json("GET", f"{secrets}/{SHARED_CA_SECRET}")
     except ApiException as error:
         if error.status != 404:
             raise
@@ -89,17 +81,14 @@ def _shared_ca_files(core: client.CoreV1Api, namespace: str,
             "data": {name: base64.b64encode(data).decode() for name, data in files.items()},
         }
         try:
-            core.create_namespaced_secret(namespace, body, _preload_content=False,
-                                          _request_timeout=REQUEST_TIMEOUT)
+            rest.json("POST", secrets, body=body)
             log.info("created the shared CA Secret %s/%s", namespace, SHARED_CA_SECRET)
             return files
         except ApiException as create_error:
             if create_error.status != 409:
                 raise
             # Another replica stored its CA first: sign with that one, as every replica must.
-            secret = _json(core.read_namespaced_secret(
-                SHARED_CA_SECRET, namespace, _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT))
+            secret = rest.json("GET", f"{secrets}/{SHARED_CA_SECRET}")
     data = secret.get("data") or {}
     try:
         return {name: base64.b64decode(data[name], validate=True) for name in cadir.CA_FILES}
@@ -120,10 +109,10 @@ def adopt_shared_ca(api: client.ApiClient, *, namespace: str, certs_dir: Path,
     """
     if any((certs_dir / name).exists() for name in cadir.CA_FILES):
         return None
-    core = client.CoreV1Api(api)
+    rest = Rest(api)
     for attempt in range(attempts):
         try:
-            cadir.adopt_ca_files(certs_dir, _shared_ca_files(core, namespace, trust_domain))
+            cadir.adopt_ca_files(certs_dir, _shared_ca_files(rest, namespace, trust_domain))
             return None
         except API_ERRORS as error:
             problem = f"shared CA Secret {namespace}/{SHARED_CA_SECRET}: {_describe(error)}"
@@ -136,8 +125,7 @@ class ClusterSync:
     def __init__(self, api: client.ApiClient, *, root_pem: str, mesh: MeshConfig,
                  resync_seconds: float = 60.0, problems: Mapping[str, str] | None = None
                  ) -> None:
-        self._core = client.CoreV1Api(api)
-        self._admission = client.AdmissionregistrationV1Api(api)
+        self._rest = Rest(api)
         self._root_pem = root_pem
         self._mesh = mesh
         self._resync_seconds = resync_seconds
@@ -202,35 +190,40 @@ class ClusterSync:
             try:
                 step()
                 backoff = 0.5
-            except API_ERRORS as error:
+            except Exception as error:
+                if not isinstance(error, API_ERRORS):
+                    # A bug, or an answer we did not expect: keep the duty alive regardless.
+                    log.exception("%s: unexpected failure", part)
                 self._failed(part, what, error)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
     def _list_then_watch(
-        self, list_call: Callable[..., Any], on_list: Callable[[list[dict[str, Any]]], None],
-        on_event: Callable[[str, dict[str, Any]], None], **selector: str,
+        self, path: str, on_list: Callable[[list[dict[str, Any]]], None],
+        on_event: Callable[[str, dict[str, Any]], None], selector: dict[str, str] | None = None,
     ) -> Iterator[None]:
         """List, then watch from the list's resourceVersion until the watch ends or fails."""
-        listing = _json(list_call(_preload_content=False, _request_timeout=REQUEST_TIMEOUT,
-                                  **selector))
+        listing = self._rest.json("GET", path, query=selector)
         on_list(listing.get("items") or [])
         yield
-        version = listing.get("metadata", {}).get("resourceVersion")
-        stream = watch.Watch().stream(
-            list_call, resource_version=version, timeout_seconds=WATCH_SECONDS,
-            allow_watch_bookmarks=True, _request_timeout=(REQUEST_TIMEOUT[0], WATCH_SECONDS + 10),
-            **selector,
-        )
-        for event in stream:
-            if self._stop.is_set():
-                return
-            kind, obj = event["type"], event["raw_object"]
-            if kind == "ERROR":
-                # Usually 410 Gone: our resourceVersion is too old; list again.
-                raise ApiException(status=obj.get("code", 500), reason=obj.get("reason"))
-            if kind != "BOOKMARK":
-                on_event(kind, obj)
+        query = {**(selector or {}), "watch": "true", "allowWatchBookmarks": "true",
+                 "timeoutSeconds": str(WATCH_SECONDS),
+                 "resourceVersion": listing.get("metadata", {}).get("resourceVersion") or ""}
+        response = self._rest.call("GET", path, query=query,
+                                   timeout=(REQUEST_TIMEOUT[0], WATCH_SECONDS + 10))
+        try:
+            for line in iter_resp_lines(response):
+                if self._stop.is_set():
+                    return
+                event = orjson.loads(line)
+                kind, obj = event["type"], event["object"]
+                if kind == "ERROR":
+                    # Usually 410 Gone: our resourceVersion is too old; list again.
+                    raise ApiException(status=obj.get("code", 500), reason=obj.get("reason"))
+                if kind != "BOOKMARK":
+                    on_event(kind, obj)
+        finally:
+            response.release_conn()
 
     # --- namespaces ---------------------------------------------------------------------------
 
@@ -265,10 +258,10 @@ class ClusterSync:
     def _watch_namespaces(self) -> None:
         def step() -> None:
             try:
-                for _ in self._list_then_watch(self._core.list_namespace, self._namespace_listed,
+                for _ in self._list_then_watch("/api/v1/namespaces", self._namespace_listed,
                                                self._namespace_changed):
                     self._ok("namespaces")
-            except API_ERRORS:
+            except Exception:
                 # Until we have listed again the cache may be stale: trust the selector.
                 self._namespaces_synced.clear()
                 raise
@@ -285,10 +278,10 @@ class ClusterSync:
     def _watch_configmaps(self) -> None:
         def step() -> None:
             for _ in self._list_then_watch(
-                self._core.list_config_map_for_all_namespaces,
+                "/api/v1/configmaps",
                 lambda items: [self._configmap_changed("LISTED", item) for item in items],
                 self._configmap_changed,
-                field_selector=f"metadata.name={ROOT_CONFIGMAP}",
+                {"fieldSelector": f"metadata.name={ROOT_CONFIGMAP}"},
             ):
                 self._ok("configmap-watch")
 
@@ -296,10 +289,9 @@ class ClusterSync:
 
     def _ensure_configmap(self, namespace: str) -> None:
         wanted = {ROOT_CONFIGMAP_KEY: self._root_pem}
+        configmaps = f"/api/v1/namespaces/{namespace}/configmaps"
         try:
-            current = _json(self._core.read_namespaced_config_map(
-                ROOT_CONFIGMAP, namespace, _preload_content=False,
-                _request_timeout=REQUEST_TIMEOUT))
+            current = self._rest.json("GET", f"{configmaps}/{ROOT_CONFIGMAP}")
         except ApiException as error:
             if error.status != 404:
                 raise
@@ -310,17 +302,15 @@ class ClusterSync:
                 "data": wanted,
             }
             try:
-                self._core.create_namespaced_config_map(
-                    namespace, body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT)
+                self._rest.json("POST", configmaps, body=body)
                 log.info("created ConfigMap %s/%s", namespace, ROOT_CONFIGMAP)
             except ApiException as create_error:
                 if create_error.status != 409:  # another replica was first
                     raise
             return
         if (current.get("data") or {}).get(ROOT_CONFIGMAP_KEY) != self._root_pem:
-            self._core.patch_namespaced_config_map(
-                ROOT_CONFIGMAP, namespace, {"data": wanted}, _preload_content=False,
-                _content_type="application/merge-patch+json", _request_timeout=REQUEST_TIMEOUT)
+            self._rest.json("PATCH", f"{configmaps}/{ROOT_CONFIGMAP}", body={"data": wanted},
+                            content_type="application/merge-patch+json")
             log.info("updated ConfigMap %s/%s", namespace, ROOT_CONFIGMAP)
 
     def _write_configmaps(self) -> None:
@@ -342,9 +332,11 @@ class ClusterSync:
             try:
                 self._ensure_configmap(namespace)
                 self._ok("configmaps")
-            except API_ERRORS as error:
+            except Exception as error:
                 if isinstance(error, ApiException) and error.status == 404:
                     continue  # the namespace went away
+                if not isinstance(error, API_ERRORS):
+                    log.exception("configmaps: unexpected failure")
                 self._failed("configmaps", f"writing {namespace}/{ROOT_CONFIGMAP}", error)
                 self._stop.wait(1.0)
                 self._pending.put(namespace)
@@ -353,8 +345,9 @@ class ClusterSync:
 
     def _sync_ca_bundle(self) -> None:
         bundle = base64.b64encode(self._root_pem.encode()).decode()
-        configuration = _json(self._admission.read_mutating_webhook_configuration(
-            WEBHOOK_CONFIGURATION, _preload_content=False, _request_timeout=REQUEST_TIMEOUT))
+        path = ("/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/"
+                + WEBHOOK_CONFIGURATION)
+        configuration = self._rest.json("GET", path)
         ops: list[dict[str, Any]] = []
         for index, webhook in enumerate(configuration.get("webhooks") or []):
             if (webhook.get("clientConfig") or {}).get("caBundle") != bundle:
@@ -364,9 +357,7 @@ class ClusterSync:
                 ops.append({"op": "add", "path": f"/webhooks/{index}/clientConfig/caBundle",
                             "value": bundle})
         if ops:
-            self._admission.patch_mutating_webhook_configuration(
-                WEBHOOK_CONFIGURATION, ops, _preload_content=False,
-                _content_type="application/json-patch+json", _request_timeout=REQUEST_TIMEOUT)
+            self._rest.json("PATCH", path, body=ops, content_type="application/json-patch+json")
             log.info("patched the caBundle of MutatingWebhookConfiguration %s",
                      WEBHOOK_CONFIGURATION)
 
