@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography import x509
 
@@ -97,29 +100,59 @@ def test_weak_tls_1_2_suites_are_refused(server: Server) -> None:
         tls12_handshake(server, "ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES128-SHA")  # CBC only
 
 
-def test_sigterm_lets_an_in_flight_admission_finish(tmp_path: Path) -> None:
+def _read_reply(tls: ssl.SSLSocket) -> tuple[bytes, dict[str, object]]:
+    """The status line and JSON body of one HTTP/1.1 reply with a Content-Length."""
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        chunk = tls.recv(65536)
+        assert chunk, f"connection closed mid-reply: {reply!r}"
+        reply += chunk
+    head, body = reply.split(b"\r\n\r\n", 1)
+    length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+    while len(body) < length:
+        chunk = tls.recv(65536)
+        assert chunk, f"connection closed mid-body: {reply!r}"
+        body += chunk
+    return head.split(b"\r\n", 1)[0], json.loads(body)
+
+
+def test_sigterm_under_load_loses_no_in_flight_admission(tmp_path: Path) -> None:
     server = start_server(tmp_path)
-    body = json.dumps(review(pod(name="late-1"))).encode()
-    head = (f"POST /inject HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    in_flight = 24
+    bodies = [json.dumps(review(pod(name=f"late-{index}"))).encode() for index in range(in_flight)]
+    stop_load = threading.Event()
+
+    def background_load() -> None:
+        # Whole requests all along, so the signal lands on a busy server; those begun after
+        # it may be refused (the listener is closed), which is not a loss.
+        with contextlib.suppress(httpx.HTTPError), server.client() as client:
+            while not stop_load.is_set():
+                client.post("/inject", json=review(pod()))
+
+    load = threading.Thread(target=background_load, daemon=True)
     try:
-        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw, \
-                server.ssl_context().wrap_socket(raw, server_hostname="localhost") as tls:
-            tls.sendall(head + body[:200])
-            time.sleep(0.3)  # the server is reading this request's body
-            server.process.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
+        load.start()
+        connections = []
+        for body in bodies:
+            raw = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+            tls = server.ssl_context().wrap_socket(raw, server_hostname="localhost")
+            tls.sendall(f"POST /inject HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                        f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                        + body[:200])
+            connections.append(tls)
+        time.sleep(0.3)  # the server is reading every one of these bodies
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        for tls, body in zip(connections, bodies, strict=True):
             tls.sendall(body[200:])
-            reply = b""
-            while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < int(
-                    reply.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0]):
-                chunk = tls.recv(65536)
-                assert chunk, f"connection closed mid-reply: {reply!r}"
-                reply += chunk.replace(b"Content-Length", b"content-length")
-        status_line, rest = reply.split(b"\r\n", 1)
-        assert b" 200 " in status_line
-        answer = json.loads(rest.split(b"\r\n\r\n", 1)[1])
-        assert "patch" in answer["response"]
+        for index, tls in enumerate(connections):
+            status_line, answer = _read_reply(tls)
+            tls.close()
+            assert b" 200 " in status_line
+            assert answer["response"]["uid"] == json.loads(bodies[index])["request"]["uid"]
+            assert "patch" in answer["response"]
         assert server.process.wait(timeout=25) == 0
     finally:
+        stop_load.set()
+        load.join(timeout=10)
         server.stop()
