@@ -151,9 +151,6 @@ class ClusterSync:
         """What is not working right now; the webhook and the CA keep serving regardless."""
         return sorted(self._problems.values())
 
-    def wait_synced(self, timeout: float) -> bool:
-        return self._namespaces_synced.wait(timeout)
-
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:

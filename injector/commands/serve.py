@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import ssl
@@ -57,13 +56,6 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         raise UsageError(str(error)) from None
     logs.configure(args.log_level)
-    # One log line per admission and per SVID: skip what the JSON lines never show (the
-    # caller's file and line, thread, process), a fifth of each line's cost (Python's logging
-    # HOWTO, "Optimization").
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
     certs_dir = Path(args.certs_dir)
     cert_path, key_path = certs_dir / "tls.crt", certs_dir / "tls.key"
     problems: dict[str, str] = {}
