@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from injector import asgi, webhook
+from injector import asgi, logs, webhook
 from injector.config import MeshConfig
 from injector.httpio import (
     TOO_LARGE,
@@ -105,14 +105,11 @@ class Admission:
         elapsed = time.perf_counter() - started
         INJECTION_SECONDS.observe(elapsed)
         self._count(outcome.result, outcome.reason)
-        log.info(
-            "admission %s/%s %s (%s)", outcome.namespace, outcome.pod, outcome.result,
-            outcome.reason,
-            extra={"fields": {
-                "namespace": outcome.namespace, "pod": outcome.pod, "result": outcome.result,
-                "reason": outcome.reason, "duration_ms": round(elapsed * 1000, 3),
-            }},
-        )
+        logs.line(log, logging.INFO,
+                  f"admission {outcome.namespace}/{outcome.pod} {outcome.result} "
+                  f"({outcome.reason})",
+                  {"namespace": outcome.namespace, "pod": outcome.pod, "result": outcome.result,
+                   "reason": outcome.reason, "duration_ms": round(elapsed * 1000, 3)})
         return 200, outcome.body
 
     async def route(self, scope: Any, receive: Any) -> asgi.Answer:
