@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import orjson
 import yaml
@@ -84,21 +84,22 @@ class NameConflict(ValueError):
     """The pod already uses a name the sidecar needs; injecting would make an invalid pod."""
 
 
-@dataclass(frozen=True, slots=True)
-class Injection:
+class Injection(NamedTuple):
     """The additions for one pod. `native` and `hold` say where the proxy goes.
 
     The containers and volumes are dicts, or `orjson.Fragment`s of their JSON when built with
-    `build(..., as_json=True)` for a caller that only serialises them.
+    `build(..., as_json=True)` for a caller that only serialises them. A NamedTuple, not a
+    frozen dataclass: one is built per admission, and a frozen dataclass sets each field
+    through object.__setattr__ (ten times slower).
     """
 
     init_container: dict[str, Any]
     proxy_container: dict[str, Any]
     volumes: list[dict[str, Any]]
-    labels: dict[str, str] = field(default_factory=dict)
-    annotations: dict[str, str] = field(default_factory=dict)
-    native: bool = False
-    hold: bool = False
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    native: bool
+    hold: bool
     # The template the containers and volumes came from (their JSON; see `template`).
     template: Template | None = None
 

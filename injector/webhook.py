@@ -7,8 +7,7 @@ costs more than the whole injection); everything else passes through untouched.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -26,9 +25,9 @@ class BadReview(ValueError):
     """The body is not an AdmissionReview we can answer: HTTP 400."""
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What the webhook answered, and why, for the log line and the metrics."""
+class Outcome(NamedTuple):
+    """What the webhook answered, and why, for the log line and the metrics (a NamedTuple:
+    built per admission, and cheaper than a frozen dataclass)."""
 
     body: bytes
     result: str  # injected | skipped | denied | ignored
