@@ -137,6 +137,9 @@ def uvicorn_config(app: Any, *, host: str, port: int, tls: ssl.SSLContext, cert_
         log_config=None,
         access_log=False,
         server_header=False,
+        # The callers (the API server, sidecars) connect directly; X-Forwarded-For from them
+        # means nothing, and its middleware is a layer on every request.
+        proxy_headers=False,
         timeout_graceful_shutdown=20,
     )
     config.load()
