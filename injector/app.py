@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from injector import asgi, logs, webhook
@@ -26,7 +26,7 @@ from injector.httpio import (
     json_responses,
     receive_body,
 )
-from injector.metrics import ADMISSIONS, INJECTION_SECONDS
+from injector.metrics import ADMISSIONS, INJECTION_SECONDS, exposition
 
 MAX_ADMISSION_BYTES = 8 * 1024 * 1024
 
@@ -208,7 +208,7 @@ def create_app(
     @app.get("/metrics", response_class=PlainTextResponse,
              responses={200: {"description": "Prometheus text format"}})
     async def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(), media_type=CONTENT_TYPE_LATEST)
 
     for router in routers:
         app.include_router(router)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,10 +51,13 @@ SIGNING_SECONDS = Histogram(
     "Time to check a CSR and sign its SVID (authentication excluded)",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
 )
+# Every worker of `serve --workers` sets the same value: /metrics shows one.
 ROOT_EXPIRY = Gauge("injector_ca_root_expiry_timestamp_seconds",
-                    "When the root certificate the signing CA chains to expires (Unix time)")
+                    "When the root certificate the signing CA chains to expires (Unix time)",
+                    multiprocess_mode="max")
 SIGNING_CA_EXPIRY = Gauge("injector_ca_signing_ca_expiry_timestamp_seconds",
-                          "When the signing CA certificate expires (Unix time)")
+                          "When the signing CA certificate expires (Unix time)",
+                          multiprocess_mode="max")
 
 
 class ConfigurationError(Exception):
@@ -293,8 +297,9 @@ def router(service: CAService) -> APIRouter:
 
 
 def build_ca_service(*, certs_dir: Path, mesh: MeshConfig, token_file: str | None,
-                     api_client: Any) -> CAService:
-    """Load the CA from `certs_dir` and the authenticators from the settings.
+                     api_client: Any, workers: int = 1) -> CAService:
+    """Load the CA from `certs_dir` and the authenticators from the settings; for one of
+    `workers` processes (serve --workers), each of which limits a share of the CSR rate.
 
     Raises cadir.CertsError (a CA that does not load: key mismatch, chain that does not verify)
     or ConfigurationError (a bad token file, an impossible TTL policy), both one line.
@@ -319,5 +324,8 @@ def build_ca_service(*, certs_dir: Path, mesh: MeshConfig, token_file: str | Non
         authority, AuthenticatorChain(authenticators),
         policy=ca.SigningPolicy(default_ttl_seconds=mesh.default_ttl_seconds,
                                 max_ttl_seconds=mesh.max_ttl_seconds),
-        rate_limiter=RateLimiter(mesh.csr_rate_per_second, mesh.csr_burst),
+        # Each worker limits its share, so that together they allow no more than the mesh
+        # config says, wherever a caller's connections land.
+        rate_limiter=RateLimiter(mesh.csr_rate_per_second / workers,
+                                 math.ceil(mesh.csr_burst / workers)),
     )

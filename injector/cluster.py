@@ -123,9 +123,12 @@ def adopt_shared_ca(api: client.ApiClient, *, namespace: str, certs_dir: Path,
 
 class ClusterSync:
     def __init__(self, api: client.ApiClient, *, root_pem: str, mesh: MeshConfig,
-                 resync_seconds: float = 60.0, problems: Mapping[str, str] | None = None
-                 ) -> None:
+                 resync_seconds: float = 60.0, problems: Mapping[str, str] | None = None,
+                 writer: bool = True) -> None:
+        """`writer`: also keep the root ConfigMaps and the webhook's caBundle; with several
+        workers (serve --workers) one of them does, all of them watch namespaces."""
         self._rest = Rest(api)
+        self._writer = writer
         self._root_pem = root_pem
         self._mesh = mesh
         self._resync_seconds = resync_seconds
@@ -154,12 +157,12 @@ class ClusterSync:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:
-        for name, target in (
-            ("namespaces", self._watch_namespaces),
-            ("configmaps", self._watch_configmaps),
-            ("configmap-writer", self._write_configmaps),
-            ("webhook-ca-bundle", self._keep_ca_bundle),
-        ):
+        duties = [("namespaces", self._watch_namespaces)]
+        if self._writer:
+            duties += [("configmaps", self._watch_configmaps),
+                       ("configmap-writer", self._write_configmaps),
+                       ("webhook-ca-bundle", self._keep_ca_bundle)]
+        for name, target in duties:
             thread = threading.Thread(target=target, name=f"cluster-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 ADMISSIONS = Counter(
     "injector_admission_requests",
@@ -15,3 +18,13 @@ INJECTION_SECONDS = Histogram(
     "Time to decide and build the answer to one AdmissionReview, parsing included",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0),
 )
+
+
+def exposition() -> bytes:
+    """The text for /metrics: this process's metrics, or with `serve --workers N` (Prometheus
+    multiprocess mode) the sum over every worker, whichever worker answers."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return generate_latest()
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return generate_latest(registry)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -55,6 +57,41 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def workers(self, count: int, timeout: float = 15) -> list[int]:
+        """The pids of `serve --workers`'s worker processes, once there are `count`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            children = _children(self.process.pid)
+            if len(children) == count:
+                return children
+            assert time.monotonic() < deadline, f"{len(children)} workers, not {count}"
+            time.sleep(0.05)
+
+
+def _children(parent: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if int(fields[1]) == parent and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return sorted(pids)
+
+
+@contextlib.contextmanager
+def stopped(pids: list[int]) -> Iterator[None]:
+    """These processes frozen (SIGSTOP): with `serve --workers`, the others take every new
+    connection."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
 
 
 def start_server(

@@ -76,8 +76,10 @@ def test_main_reports_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) ->
     assert main(["no-such-command"]) == 2
     assert main(["serve", "--port"]) == 2
     assert main(["serve", "--port", "99999"]) == 2
+    assert main(["serve", "--workers", "0"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 3
+    assert len(lines) == 4
+    assert "--workers 0: must be 1 to 64" in lines[3]
     assert all(line.startswith("injector") for line in lines)
 
 

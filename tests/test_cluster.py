@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import Server, start_server
+from tests.conftest import Server, start_server, stopped
 from tests.fakeapi import ApiCall, RunningFakeKube, start_fake_kube
 from tests.pods import pod, review
 
@@ -237,3 +237,31 @@ def test_rbac_allows_every_call_the_server_makes(
     granted = {(resource, verb) for _, _, rule in rules for resource in rule["resources"]
                for verb in rule["verbs"]} - {("tokenreviews", "create")}
     assert granted <= verbs
+
+
+def test_with_workers_each_watches_namespaces_and_one_writes(
+    tmp_path: Path, cluster: RunningFakeKube
+) -> None:
+    config = tmp_path / "mesh.yaml"
+    config.write_text("policy: disabled\nworkers: 2\n")
+    server = start_server(tmp_path, "--kubeconfig", str(cluster.kubeconfig),
+                          "--config", str(config))
+    try:
+        pids = server.workers(2)
+        eventually(lambda: configmap(cluster, "shop"), what="root ConfigMap written")
+
+        def lists(resource: str) -> int:
+            return sum(1 for call in cluster.api.calls
+                       if call.verb == "list" and call.resource == resource)
+
+        eventually(lambda: lists("namespaces") == 2, what="both workers list namespaces")
+        time.sleep(1)
+        assert lists("configmaps") == 1
+        # Each worker decides from its own namespace cache.
+        for answering in pids:
+            with stopped([pid for pid in pids if pid != answering]):
+                eventually(lambda: decision(server, pod(), "plain") == "skipped",
+                           what=f"worker {answering} synced")
+                assert decision(server, pod(), "shop") == "injected"
+    finally:
+        server.stop()

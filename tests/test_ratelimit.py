@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from injector.ratelimit import RateLimiter
-from tests.conftest import API_TOKEN, WEB_TOKEN, start_ca_server
+from tests.conftest import API_TOKEN, WEB_TOKEN, start_ca_server, stopped
 from tests.test_ca import make_csr, p256
 from tests.test_ca_api import request_svid
 
@@ -61,5 +61,21 @@ def test_the_ca_answers_429_with_retry_after_per_identity(tmp_path: Path) -> Non
             assert request_svid(client, API_TOKEN, csr).status_code == 200
             metrics = client.get("/metrics").text
             assert 'injector_ca_refusals_total{reason="rate_limited"} 1.0' in metrics
+    finally:
+        server.stop()
+
+
+def test_workers_share_the_limit_rather_than_multiply_it(tmp_path: Path) -> None:
+    server = start_ca_server(tmp_path, "csrBurst: 4\ncsrRatePerSecond: 0.01\nworkers: 2\n")
+    try:
+        csr = make_csr(p256())
+        _, idle = server.workers(2)
+        # All of one identity's requests reach one worker: it allows half the burst.
+        with stopped([idle]):
+            statuses = []
+            for _ in range(4):
+                with server.client() as client:
+                    statuses.append(request_svid(client, WEB_TOKEN, csr).status_code)
+        assert statuses == [200, 200, 429, 429]
     finally:
         server.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import ssl
@@ -17,7 +18,7 @@ import httpx
 import pytest
 from cryptography import x509
 
-from tests.conftest import Server, start_server
+from tests.conftest import Server, start_server, stopped
 from tests.pods import pod, review
 
 
@@ -116,8 +117,9 @@ def _read_reply(tls: ssl.SSLSocket) -> tuple[bytes, dict[str, object]]:
     return head.split(b"\r\n", 1)[0], json.loads(body)
 
 
-def test_sigterm_under_load_loses_no_in_flight_admission(tmp_path: Path) -> None:
-    server = start_server(tmp_path)
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_under_load_loses_no_in_flight_admission(tmp_path: Path, workers: str) -> None:
+    server = start_server(tmp_path, "--workers", workers)
     in_flight = 24
     bodies = [json.dumps(review(pod(name=f"late-{index}"))).encode() for index in range(in_flight)]
     stop_load = threading.Event()
@@ -156,3 +158,46 @@ def test_sigterm_under_load_loses_no_in_flight_admission(tmp_path: Path) -> None
         stop_load.set()
         load.join(timeout=10)
         server.stop()
+
+
+INJECTED = 'injector_admission_requests_total{reason="namespace-enabled",result="injected"}'
+
+
+def inject_on_a_new_connection(server: Server, name: str) -> httpx.Response:
+    with server.client() as client:
+        return client.post("/inject", json=review(pod(name=name)))
+
+
+def test_every_worker_answers_and_metrics_count_them_all(tmp_path: Path) -> None:
+    server = start_server(tmp_path, "--workers", "2")
+    try:
+        pids = server.workers(2)
+        for answering in pids:
+            with stopped([pid for pid in pids if pid != answering]):
+                for index in range(3):
+                    answer = inject_on_a_new_connection(server, f"by-{answering}-{index}")
+                    assert answer.status_code == 200 and "patch" in answer.json()["response"]
+        # Whichever worker answers /metrics counts the other's admissions too.
+        for answering in pids:
+            with stopped([pid for pid in pids if pid != answering]), server.client() as client:
+                assert f"{INJECTED} 6.0" in client.get("/metrics").text
+    finally:
+        server.stop()
+
+
+def test_a_killed_worker_is_replaced_while_the_other_serves(tmp_path: Path) -> None:
+    server = start_server(tmp_path, "--workers", "2")
+    try:
+        victim, survivor = server.workers(2)
+        os.kill(victim, signal.SIGKILL)
+        assert inject_on_a_new_connection(server, "during").status_code == 200
+        deadline = time.monotonic() + 15
+        while victim in (replaced := server.workers(2)) or len(replaced) != 2:
+            assert time.monotonic() < deadline, "the killed worker was not replaced"
+            time.sleep(0.1)
+        with stopped([survivor]):
+            assert inject_on_a_new_connection(server, "by-the-new-one").status_code == 200
+        assert "was killed by SIGKILL" in server.log()
+    finally:
+        server.stop()
+    assert server.process.returncode == 0

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import shutil
 import signal
+import socket
 import ssl
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from injector.cli import CommandParser, UsageError
-from injector.config import ConfigError, load_mesh_config
+from injector.config import ConfigError, MeshConfig, load_mesh_config
 
 # Forward-secret AEAD suites only for TLS 1.2 (TLS 1.3's are all of that kind already).
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -28,6 +32,8 @@ def add_arguments(parser: CommandParser) -> None:
                   help="static CA tokens: YAML list of {token, namespace, serviceAccount}")
     parser.option("--kubeconfig", default=None,
                   help="kubeconfig for the Kubernetes API (default: in-cluster when available)")
+    parser.option("--workers", default=1, type=int,
+                  help="worker processes sharing the port (one core each); default 1")
     parser.option("--log-level", default="info", type=str.lower,
                   choices=["debug", "info", "warning", "error"], help="log level")
 
@@ -41,36 +47,43 @@ def server_tls_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
     return context
 
 
+MAX_WORKERS = 64
+
+
 def run(args: argparse.Namespace) -> int:
-    # Imported here so that the other commands (the init container's among them) start fast.
-    import uvicorn
-
-    from injector import ca_api, cadir, logs
-    from injector.app import create_app
-    from injector.serving_cert import ServingCertificate
-
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port}: not a port")
+    if not 1 <= args.workers <= MAX_WORKERS:
+        raise UsageError(f"--workers {args.workers}: must be 1 to {MAX_WORKERS}")
     try:
         mesh = load_mesh_config(args.config_data, source=f"config file {args.config}")
     except ConfigError as error:
         raise UsageError(str(error)) from None
+    metrics_dir = None
+    if args.workers > 1:
+        # Each worker counts in its own files, /metrics adds them up (prometheus_client's
+        # multiprocess mode); it must be chosen before prometheus_client is imported.
+        metrics_dir = tempfile.mkdtemp(prefix="injector-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        return _run(args, mesh)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, mesh: MeshConfig) -> int:
+    # Imported here so that the other commands (the init container's among them) start fast.
+    from injector import cadir, logs, workers
+
     logs.configure(args.log_level)
     certs_dir = Path(args.certs_dir)
-    cert_path, key_path = certs_dir / "tls.crt", certs_dir / "tls.key"
     problems: dict[str, str] = {}
-    api = None
     try:
-        if args.kubeconfig or os.environ.get("KUBERNETES_SERVICE_HOST"):
-            # The kubernetes client (12 MiB of RSS) only when there is an API to talk to, the
-            # two cases where kube.api_client gives one.
-            from injector import cluster, kube
-
-            try:
-                api = kube.api_client(args.kubeconfig)
-            except kube.KubeConfigError as error:
-                raise UsageError(str(error)) from None
+        api = _api_client(args)
         if api is not None:
+            from injector import cluster
+
             shared_ca_problem = cluster.adopt_shared_ca(
                 api, namespace=mesh.injector_namespace, certs_dir=certs_dir,
                 trust_domain=mesh.trust_domain)
@@ -82,40 +95,113 @@ def run(args: argparse.Namespace) -> int:
             dns_names=args.dns_name,
             namespace=mesh.injector_namespace,
         )
-        try:
-            tls = server_tls_context(cert_path, key_path)
-        except (OSError, ssl.SSLError) as error:
-            raise UsageError(f"serving certificate {cert_path} with key {key_path}: they do not "
-                             f"load, or do not match ({error.__class__.__name__})") from None
-        ca_service = ca_api.build_ca_service(
-            certs_dir=certs_dir, mesh=mesh, token_file=args.token_file, api_client=api
-        )
-    except (cadir.CertsError, ca_api.ConfigurationError) as error:
+        # Everything a worker loads, loaded once here: a bad setting stops serve with one line
+        # before anything listens, and forked workers share the loaded code.
+        worker = _Worker(args, mesh, certs_dir, problems, api)
+    except cadir.CertsError as error:
         raise UsageError(str(error)) from None
-    serving = ServingCertificate(tls, cert_path, key_path)
-    sync = None
+    listener = _listen(args.host, args.port)
+    logging.getLogger("injector").info(
+        "serving the webhook and the CA on https://%s:%d with %d worker%s",
+        args.host, args.port, args.workers, "s" if args.workers > 1 else "")
+    if args.workers == 1:
+        return worker.serve(listener, index=0)
     if api is not None:
-        root_pem = (certs_dir / cadir.ROOT_CERT).read_text()
-        sync = cluster.ClusterSync(api, root_pem=root_pem, mesh=mesh, problems=problems)
-        sync.start()
+        api.close()  # its pooled connections must not be shared by the workers
 
-    app = create_app(
-        mesh=mesh,
-        namespace_labels=sync.namespace_labels if sync else lambda namespace: None,
-        readiness_checks=[ca_service.readiness, serving.readiness],
-        degraded=sync.degraded if sync else list,
-        routers=[ca_api.router(ca_service)],
-        fast_routes=ca_api.fast_routes(ca_service),
-        background=[serving.watch],
-    )
-    config = uvicorn_config(app, host=args.host, port=args.port, tls=tls,
-                            cert_path=cert_path, key_path=key_path)
-    # uvicorn drains on SIGTERM, then raises the signal again for the handler it found. SIGTERM
-    # is how Kubernetes stops a pod: once drained, that is a clean exit (0), not a death by
-    # signal.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.Server(config).run()
-    return 0
+    def work(index: int) -> int:
+        return _Worker(args, mesh, certs_dir, problems, _api_client(args)).serve(
+            listener, index=index)
+
+    from prometheus_client import multiprocess
+
+    return workers.Supervisor(args.workers, work,
+                              on_exit=multiprocess.mark_process_dead).run()
+
+
+def _api_client(args: argparse.Namespace) -> Any:
+    if not (args.kubeconfig or os.environ.get("KUBERNETES_SERVICE_HOST")):
+        return None
+    # The kubernetes client (12 MiB of RSS) only when there is an API to talk to, the two
+    # cases where kube.api_client gives one.
+    from injector import kube
+
+    try:
+        return kube.api_client(args.kubeconfig)
+    except kube.KubeConfigError as error:
+        raise UsageError(str(error)) from None
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as error:
+        raise UsageError(f"cannot listen on {host}:{port}: "
+                         f"{error.strerror or error}") from None
+
+
+class _Worker:
+    """One process's server: TLS context, CA, cluster duties and app, ready to serve."""
+
+    def __init__(self, args: argparse.Namespace, mesh: MeshConfig, certs_dir: Path,
+                 problems: dict[str, str], api: Any) -> None:
+        from injector import ca_api
+        from injector.serving_cert import ServingCertificate
+
+        self.args = args
+        self.mesh = mesh
+        self.certs_dir = certs_dir
+        self.problems = problems
+        self.api = api
+        self.cert_path, self.key_path = certs_dir / "tls.crt", certs_dir / "tls.key"
+        try:
+            self.tls = server_tls_context(self.cert_path, self.key_path)
+        except (OSError, ssl.SSLError) as error:
+            raise UsageError(
+                f"serving certificate {self.cert_path} with key {self.key_path}: they do not "
+                f"load, or do not match ({error.__class__.__name__})") from None
+        try:
+            self.ca_service = ca_api.build_ca_service(
+                certs_dir=certs_dir, mesh=mesh, token_file=args.token_file, api_client=api,
+                workers=args.workers)
+        except ca_api.ConfigurationError as error:
+            raise UsageError(str(error)) from None
+        self.serving = ServingCertificate(self.tls, self.cert_path, self.key_path)
+
+    def serve(self, listener: socket.socket, *, index: int) -> int:
+        """Serve on `listener` until SIGTERM, then drain; 0. Worker 0 alone writes to the
+        cluster (root ConfigMaps, the webhook's caBundle): one writer, N readers."""
+        import uvicorn
+
+        from injector import ca_api
+        from injector.app import create_app
+
+        sync = None
+        if self.api is not None:
+            from injector import cadir, cluster
+
+            root_pem = (self.certs_dir / cadir.ROOT_CERT).read_text()
+            sync = cluster.ClusterSync(self.api, root_pem=root_pem, mesh=self.mesh,
+                                       problems=self.problems, writer=index == 0)
+            sync.start()
+        app = create_app(
+            mesh=self.mesh,
+            namespace_labels=sync.namespace_labels if sync else lambda namespace: None,
+            readiness_checks=[self.ca_service.readiness, self.serving.readiness],
+            degraded=sync.degraded if sync else list,
+            routers=[ca_api.router(self.ca_service)],
+            fast_routes=ca_api.fast_routes(self.ca_service),
+            background=[self.serving.watch],
+        )
+        config = uvicorn_config(app, host=self.args.host, port=self.args.port, tls=self.tls,
+                                cert_path=self.cert_path, key_path=self.key_path)
+        # uvicorn drains on SIGTERM, then raises the signal again for the handler it found.
+        # SIGTERM is how Kubernetes stops a pod: once drained, that is a clean exit (0), not a
+        # death by signal.
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        uvicorn.Server(config).run(sockets=[listener])
+        return 0
 
 
 def uvicorn_config(app: Any, *, host: str, port: int, tls: ssl.SSLContext, cert_path: Path,
