@@ -70,6 +70,44 @@ def _idle_rss_with_api(workdir: Path) -> dict[str, int]:
         kube.stop()
 
 
+def _workers_scaling(workdir: Path, certs: Path, script: Path) -> dict[str, Any]:
+    """`serve` with one worker and with one per core, nothing pinned (wrk takes its share of
+    the same cores), interleaved round by round: what `--workers` buys on this machine."""
+    counts = {"1": 1, "all": max(2, len(harness.CPUS))}
+    servers = {
+        name: harness.start(f"inject-{count}w",
+                            ["-m", "injector", "serve", "--certs-dir", str(certs),
+                             "--workers", str(count)], workdir, certs, pin=False)
+        for name, count in counts.items()
+    }
+    runs: dict[tuple[str, int], list[harness.Load]] = {}
+    try:
+        for round_number in range(harness.ROUNDS):
+            for connections in (16, 64):
+                order = ("1", "all") if round_number % 2 == 0 else ("all", "1")
+                for name in order:
+                    load = harness.wrk(f"{servers[name].url}/inject", script, connections,
+                                       pin=False)
+                    runs.setdefault((name, connections), []).append(load)
+    finally:
+        for server in servers.values():
+            server.stop()
+    scaling: dict[str, Any] = {"workers": counts["all"]}
+    print(f"--workers {counts['all']} against 1 worker, nothing pinned (wrk shares the cores):")
+    for connections in (16, 64):
+        for name in ("1", "all"):
+            load = harness.median(runs[(name, connections)])
+            ratio = _median_ratio(runs, name, "1", connections)
+            scaling[f"workers_{name}_c{connections}"] = {
+                "requests_per_second": load.per_second, "p50_ms": load.p50_ms,
+                "p99_ms": load.p99_ms, "ratio_to_one_worker": ratio,
+                "non_2xx": sum(run.non_2xx for run in runs[(name, connections)]),
+            }
+            print(f"{connections:4} {counts[name]} worker(s) {load.per_second:8.0f} req/s "
+                  f"p50 {load.p50_ms:6.2f} ms p99 {load.p99_ms:6.2f} ms  x{ratio:.2f}")
+    return scaling
+
+
 def _median_ratio(runs: dict[tuple[str, int], list[harness.Load]], name: str, baseline: str,
                   connections: int) -> float:
     return statistics.median(
@@ -115,6 +153,7 @@ def main() -> dict[str, Any]:
         finally:
             for server in servers.values():
                 server.stop()
+        scaling = _workers_scaling(workdir, certs, script)
         idle_with_api = _idle_rss_with_api(workdir / "with-api")
 
     print(f"typical AdmissionReview: {len(body)} bytes; server and wrk pinned to their own "
@@ -144,6 +183,7 @@ def main() -> dict[str, Any]:
                   f"{load.p99_ms:7.2f} {row['non_2xx']:7} {vs_fastapi:10.2f} {vs_raw:7.2f} "
                   f"{best.per_second:10.0f} {best.p99_ms:7.2f}")
     results["runs"] = table
+    results["workers"] = scaling
     at16 = table["inject_c16"]
     rss = {"idle_rss_mib": idle["VmRSS"] / 1024, "loaded_rss_mib": loaded["VmRSS"] / 1024,
            "peak_rss_mib": loaded["VmHWM"] / 1024,

@@ -32,10 +32,10 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "3"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
 CONCURRENCY = (1, 16, 64)
 
-_CPUS = sorted(os.sched_getaffinity(0))
-PINNED = len(_CPUS) >= 2 and shutil.which("taskset") is not None
-SERVER_CPU = _CPUS[-1]
-CLIENT_CPU = _CPUS[0]
+CPUS = sorted(os.sched_getaffinity(0))
+PINNED = len(CPUS) >= 2 and shutil.which("taskset") is not None
+SERVER_CPU = CPUS[-1]
+CLIENT_CPU = CPUS[0]
 
 
 def _pinned(cpu: int, command: Sequence[str]) -> list[str]:
@@ -89,12 +89,13 @@ def certs_dir(workdir: Path) -> Path:
 
 
 def start(name: str, args: Sequence[str], workdir: Path, certs: Path,
-          env: Mapping[str, str] | None = None) -> Server:
-    """Start a server (`python <args>` with `--port`) on the server core; wait for /healthz.
-    Tried three times: on a busy machine another process may take the free port first."""
+          env: Mapping[str, str] | None = None, pin: bool = True) -> Server:
+    """Start a server (`python <args>` with `--port`) on the server core (on any with
+    `pin=False`); wait for /healthz. Tried three times: on a busy machine another process may
+    take the free port first."""
     for attempt in range(3):
         try:
-            return _start(name, args, workdir, certs, env)
+            return _start(name, args, workdir, certs, env, pin)
         except RuntimeError:
             if attempt == 2:
                 raise
@@ -102,10 +103,11 @@ def start(name: str, args: Sequence[str], workdir: Path, certs: Path,
 
 
 def _start(name: str, args: Sequence[str], workdir: Path, certs: Path,
-           env: Mapping[str, str] | None) -> Server:
+           env: Mapping[str, str] | None, pin: bool) -> Server:
     port = free_port()
     log_path = workdir / f"{name}.log"
-    command = _pinned(SERVER_CPU, [sys.executable, *args, "--port", str(port)])
+    command = [sys.executable, *args, "--port", str(port)]
+    command = _pinned(SERVER_CPU, command) if pin else command
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                    env={**os.environ, **(env or {})})
@@ -185,10 +187,13 @@ def wrk_script(body: bytes, headers: Mapping[str, str], directory: Path,
     return path
 
 
-def wrk(url: str, script: Path, connections: int, seconds: int = SECONDS) -> Load:
-    """wrk, one thread, `connections` keep-alive connections, pinned to the client core."""
-    command = _pinned(CLIENT_CPU, ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
-                                   "--timeout", "10s", "-s", str(script), url])
+def wrk(url: str, script: Path, connections: int, seconds: int = SECONDS,
+        pin: bool = True) -> Load:
+    """wrk, one thread, `connections` keep-alive connections, pinned to the client core
+    (unless `pin=False`)."""
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
+               "-s", str(script), url]
+    command = _pinned(CLIENT_CPU, command) if pin else command
     done = subprocess.run(command, capture_output=True, text=True, check=False,
                           timeout=seconds + 60)
     if done.returncode != 0:
