@@ -1,7 +1,9 @@
+import asyncio
 import datetime as dt
 import io
 import json
 import logging
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -99,3 +101,47 @@ def test_timestamps_are_utc_to_the_millisecond(seconds: float) -> None:
     assert parsed.utcoffset() == dt.timedelta(0)
     assert len(stamp) == len("2026-11-27T20:02:21.627+00:00")
     assert 0 <= seconds - parsed.timestamp() < 0.001
+
+
+class CountingWrites(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_lines_on_the_event_loop_go_out_together_after_the_pass_in_order(
+        output: io.StringIO) -> None:
+    as_in_serve()
+    stream = CountingWrites()
+    logging.getLogger().handlers[0].setStream(stream)  # type: ignore[attr-defined]
+    log = logging.getLogger("injector.webhook")
+    seen_during_the_pass: list[str] = []
+
+    async def admissions() -> None:
+        logs.line(log, logging.INFO, "one", FIELDS)
+        logs.line(log, logging.INFO, "two", FIELDS)
+        seen_during_the_pass.append(stream.getvalue())
+        await asyncio.sleep(0)  # the end of this pass of the loop
+        assert stream.writes == 1
+        logs.line(log, logging.INFO, "three", FIELDS)
+        log.warning("four")  # through logging: the pending line goes first
+        logs.line(log, logging.INFO, "five", FIELDS)
+
+    asyncio.run(admissions())
+    logging.getLogger().handlers[0].flush()  # as logging.shutdown() does at exit
+    assert seen_during_the_pass == [""]
+    assert [entry["msg"] for entry in lines(stream.getvalue())] == [
+        "one", "two", "three", "four", "five"]
+
+
+def test_a_line_from_another_thread_is_written_at_once(output: io.StringIO) -> None:
+    as_in_serve()
+    thread = threading.Thread(target=logs.line, args=(
+        logging.getLogger("injector.cluster"), logging.INFO, "from a thread", FIELDS))
+    thread.start()
+    thread.join()
+    assert lines(output.getvalue())[0]["msg"] == "from a thread"
