@@ -7,6 +7,7 @@ producing wrong pods.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -108,9 +109,10 @@ class MeshConfig(_Model):
         parse_ports(value)
         return value
 
-    @property
+    @functools.cached_property
     def all_ignored_namespaces(self) -> frozenset[str]:
-        """The ignore list plus the injector's own namespace: it must never wait on itself."""
+        """The ignore list plus the injector's own namespace: it must never wait on itself.
+        (Computed once: the decision asks for every pod.)"""
         return frozenset((*self.ignored_namespaces, self.injector_namespace))
 
 

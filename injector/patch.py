@@ -28,7 +28,7 @@ def _add_entries(
     if not entries:
         return
     path = f"/metadata/{field}"
-    if not isinstance(metadata.get(field), Mapping):
+    if not isinstance(metadata.get(field), dict):
         ops.append({"op": "add", "path": path, "value": dict(entries)})
         return
     for key, value in entries.items():
@@ -60,7 +60,7 @@ def build(pod: Mapping[str, Any], injection: Injection) -> list[Operation]:
     """The patch operations; applied to `pod` they give the injected pod."""
     ops: list[Operation] = []
     metadata = pod.get("metadata")
-    if not isinstance(metadata, Mapping):
+    if not isinstance(metadata, dict):
         ops.append({"op": "add", "path": "/metadata", "value": {}})
         metadata = {}
     _add_entries(ops, metadata, "labels", injection.labels)
@@ -82,11 +82,12 @@ def build(pod: Mapping[str, Any], injection: Injection) -> list[Operation]:
 
 
 def _shape(pod: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What `build` reads of the pod, besides the injection: which fields exist."""
+    """What `build` reads of the pod, besides the injection: which fields exist. (Pods are
+    decoded JSON or YAML: their objects are dicts, cheaper to check for than Mapping.)"""
     metadata = pod.get("metadata")
-    if isinstance(metadata, Mapping):
-        meta = (isinstance(metadata.get("labels"), Mapping),
-                isinstance(metadata.get("annotations"), Mapping))
+    if isinstance(metadata, dict):
+        meta = (isinstance(metadata.get("labels"), dict),
+                isinstance(metadata.get("annotations"), dict))
     else:
         meta = None
     spec = pod.get("spec") or {}

@@ -36,7 +36,7 @@ POLICY_DISABLED = Decision(False, "policy-disabled")
 def _has_proxy_container(spec: Mapping[str, Any]) -> bool:
     for field in ("containers", "initContainers"):
         for container in spec.get(field) or ():
-            if isinstance(container, Mapping) and container.get("name") == PROXY_CONTAINER:
+            if isinstance(container, dict) and container.get("name") == PROXY_CONTAINER:
                 return True
     return False
 

@@ -343,7 +343,7 @@ def _volumes() -> list[dict[str, Any]]:
 
 
 def _names(items: Any) -> set[str]:
-    return {item.get("name") for item in items or () if isinstance(item, Mapping)}
+    return {item.get("name") for item in items or () if isinstance(item, dict)}
 
 
 def _check_names(spec: Mapping[str, Any]) -> None:
@@ -364,7 +364,7 @@ def workload_name(pod: Mapping[str, Any]) -> str:
     labels = metadata.get("labels") or {}
     owners = metadata.get("ownerReferences")
     for owner in owners if isinstance(owners, list) else ():
-        if not isinstance(owner, Mapping) or not owner.get("controller"):
+        if not isinstance(owner, dict) or not owner.get("controller"):
             continue
         name = owner.get("name")
         name = name if isinstance(name, str) else ""
@@ -414,7 +414,7 @@ def _annotations_to_add(
     added = {STATUS_ANNOTATION: status}
     containers = spec.get("containers") or ()
     if DEFAULT_CONTAINER not in annotations and containers:
-        first = containers[0].get("name") if isinstance(containers[0], Mapping) else None
+        first = containers[0].get("name") if isinstance(containers[0], dict) else None
         if isinstance(first, str) and first:
             added[DEFAULT_CONTAINER] = first
     if not any(key.startswith("prometheus.io/") for key in annotations):
