@@ -210,6 +210,8 @@ def uvicorn_config(app: Any, *, host: str, port: int, tls: ssl.SSLContext, cert_
     too, so that they measure the same server stack."""
     import uvicorn
 
+    from injector.coalesce import CoalescingHttpToolsProtocol
+
     config = uvicorn.Config(
         app,
         host=host,
@@ -217,9 +219,10 @@ def uvicorn_config(app: Any, *, host: str, port: int, tls: ssl.SSLContext, cert_
         ssl_certfile=str(cert_path),
         ssl_keyfile=str(key_path),
         # The fast implementations, by name: "auto" would fall back silently to asyncio and
-        # h11, several times slower, if they were missing.
+        # h11, several times slower, if they were missing. httptools' protocol, writing each
+        # response in one piece (injector.coalesce).
         loop="uvloop",
-        http="httptools",
+        http=CoalescingHttpToolsProtocol,
         log_config=None,
         access_log=False,
         server_header=False,
