@@ -25,7 +25,8 @@ captured):
 - 15021 `/healthz/ready` and 15090 `/stats/prometheus`: routes to Envoy's own admin `/ready` and
   `/stats/prometheus`; the admin interface itself listens on 127.0.0.1 only. Envoy opens its
   listeners only once its initial configuration, the SDS secrets included, is loaded, so 15021
-  answers 200 only once Envoy holds its certificate.
+  answers 200 only once Envoy holds its certificate; the agent makes it 503 again while that
+  certificate has expired unrenewed (admin `/healthcheck/fail`, which `/ready` reports).
 
 Certificates reach Envoy through file-based SDS: each secret is one JSON file in a directory that
 Envoy watches (`watched_directory`); the agent writes a new file beside it and renames it over the

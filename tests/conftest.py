@@ -100,11 +100,13 @@ def start_server(
     certs_dir: Path | None = None,
     env: dict[str, str] | None = None,
     wait_ready: bool = True,
+    port: int | None = None,
 ) -> Server:
-    """Start `injector serve` on a free loopback port and wait until it answers over HTTPS."""
+    """Start `injector serve` on a free loopback port (or `port`) and wait until it answers
+    over HTTPS."""
     workdir.mkdir(parents=True, exist_ok=True)
     certs_dir = certs_dir or workdir / "certs"
-    port = free_port()
+    port = port or free_port()
     log_path = workdir / f"serve-{port}.log"
     command = [sys.executable, "-m", "injector", "serve", "--port", str(port),
                "--certs-dir", str(certs_dir), *args]

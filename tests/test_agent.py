@@ -357,7 +357,7 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def start_agent(tmp_path: Path, ca: Server) -> Iterator:
     started: list[Agent] = []
 
-    def start(token: str = "token-of-demo-default", *extra: str) -> Agent:
+    def start(token: str = "token-of-demo-default", *extra: str, ca: Server = ca) -> Agent:
         (tmp_path / "token").write_text(token)
         certs, envoy_dir = tmp_path / "certs", tmp_path / "envoy"
         certs.mkdir(exist_ok=True)
@@ -443,6 +443,34 @@ def test_short_lived_certificates_are_renewed(start_agent) -> None:
         time.sleep(0.2)
     assert serial() != first, agent.log()
     assert agent.ready()
+
+
+@needs_envoy
+def test_readiness_fails_while_the_certificate_has_expired_unrenewed(
+        start_agent, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text(yaml.safe_dump([
+        {"token": "token-of-demo-default", "namespace": "demo", "serviceAccount": "default"}]))
+    own_ca = start_server(tmp_path / "ca", "--token-file", str(tokens))
+    try:
+        agent = start_agent("token-of-demo-default", "--ttl-seconds", "4", ca=own_ca)
+        agent.wait_ready()
+        own_ca.stop()  # the CA goes away: the SVID cannot be renewed
+        deadline = time.monotonic() + 20
+        while agent.ready():
+            assert time.monotonic() < deadline, agent.log()
+            time.sleep(0.2)
+        leaf = x509.load_pem_x509_certificate((agent.certs / "cert-chain.pem").read_bytes())
+        assert dt.datetime.now(dt.UTC) >= leaf.not_valid_after_utc  # not ready: expired
+        assert agent.process.poll() is None
+        assert "could not be renewed: not ready" in agent.log()
+        # The CA is back (same root, same address): a new SVID, ready again.
+        own_ca = start_server(tmp_path / "ca", "--token-file", str(tokens),
+                              port=own_ca.port)
+        agent.wait_ready(timeout=40)
+        assert "a valid certificate again" in agent.log()
+    finally:
+        own_ca.stop()
 
 
 @needs_envoy

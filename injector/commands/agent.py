@@ -448,6 +448,29 @@ def drain_and_stop(settings: Settings, process: subprocess.Popen[bytes]) -> None
             process.wait()
 
 
+def _report_expiry(settings: Settings, *, expired: bool, not_after: float) -> bool:
+    """Tell Envoy to fail readiness (its /ready answers 503 DRAINING after
+    /healthcheck/fail) while the SVID has expired: the proxy can no longer open or accept mTLS,
+    and the pod must leave its Services until a new SVID arrives. Returns the state Envoy is
+    now in (unchanged if it could not be told: the next poll tries again)."""
+    import httpx
+
+    url = (f"http://127.0.0.1:{settings.ports.admin}/healthcheck/"
+           f"{'fail' if expired else 'ok'}")
+    try:
+        httpx.post(url, timeout=2.0).raise_for_status()
+    except httpx.HTTPError as error:
+        log.warning("could not set Envoy's readiness (%s)", error)
+        return not expired
+    if expired:
+        expiry = dt.datetime.fromtimestamp(not_after, dt.UTC).isoformat(timespec="seconds")
+        log.error("the certificate expired at %s and could not be renewed: not ready until a "
+                  "new one arrives", expiry)
+    else:
+        log.info("a valid certificate again: ready")
+    return expired
+
+
 def _describe(issued: Issued, renew_in: float) -> str:
     expiry = dt.datetime.fromtimestamp(issued.not_after, dt.UTC).isoformat(timespec="seconds")
     return (f"got certificate for {issued.spiffe_id} (serial {issued.serial:x}, expires "
@@ -488,6 +511,8 @@ def run_agent(settings: Settings, stop: threading.Event) -> int:
         log.error("cannot write the Envoy bootstrap: %s (%s)", error.strerror, error.filename)
         return 1
     process = start_envoy(settings, bootstrap)
+    not_after = attempt.issued.not_after
+    expired = False  # readiness failed in Envoy because the SVID expired unrenewed
     try:
         while True:
             returncode = process.poll()
@@ -506,9 +531,12 @@ def run_agent(settings: Settings, stop: threading.Event) -> int:
                 elif not _installed(settings, attempt):
                     renew_at = received + backoff.next_delay(REFUSAL_MIN_DELAY)
                 else:
+                    not_after = attempt.issued.not_after
                     renew_at = received + renewal_delay(received, attempt.issued.not_after,
                                                         random.random())
                     log.info(_describe(attempt.issued, renew_at - received))
+            if expired != (time.time() >= not_after):
+                expired = _report_expiry(settings, expired=not expired, not_after=not_after)
             stop.wait(max(0.0, min(POLL_INTERVAL, renew_at - time.time())))
     finally:
         if process.poll() is None:  # an unexpected error: leave no Envoy behind
