@@ -73,48 +73,86 @@ def _check_segment(what: str, value: object, where: str) -> str:
     return value
 
 
+def _stamp(path: Path) -> tuple[int, int, int]:
+    status = path.stat()  # through the symlinks a mounted Secret swaps
+    return (status.st_mtime_ns, status.st_ino, status.st_size)
+
+
+def _read_token_file(path: Path) -> dict[bytes, Caller]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise TokenFileError(f"token file {path}: cannot read ({error.strerror})") from None
+    try:
+        entries = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise TokenFileError(f"token file {path}: not valid YAML") from None
+    if entries is None:
+        entries = []
+    if not isinstance(entries, list):
+        raise TokenFileError(
+            f"token file {path}: expected a list of {{token, namespace, serviceAccount}}")
+    identities: dict[bytes, Caller] = {}
+    for index, entry in enumerate(entries):
+        where = f"token file {path} entry {index + 1}"
+        if not isinstance(entry, dict):
+            raise TokenFileError(f"{where}: expected a mapping")
+        unknown = set(entry) - {"token", "namespace", "serviceAccount"}
+        if unknown:
+            raise TokenFileError(f"{where}: unknown key {sorted(map(str, unknown))[0]!r}")
+        token = entry.get("token")
+        if not isinstance(token, str) or not token.strip():
+            raise TokenFileError(f"{where}: token must be a non-empty string")
+        caller = Caller(_check_segment("namespace", entry.get("namespace"), where),
+                        _check_segment("serviceAccount", entry.get("serviceAccount"), where),
+                        StaticTokens.name)
+        digest = token_digest(token.strip())
+        if identities.get(digest, caller) != caller:
+            raise TokenFileError(f"{where}: the same token is given two identities")
+        identities[digest] = caller
+    return identities
+
+
 class StaticTokens:
-    """Tokens from a YAML file (`--token-file`): a list of {token, namespace, serviceAccount}."""
+    """Tokens from a YAML file (`--token-file`): a list of {token, namespace, serviceAccount}.
+
+    `reload_if_changed` reads the file again when it changed on disk (a Secret update), so
+    tokens are added and revoked without a restart.
+    """
 
     name = "static"
 
-    def __init__(self, identities: dict[bytes, Caller]) -> None:
+    def __init__(self, identities: dict[bytes, Caller], source: Path | None = None) -> None:
         self._by_digest = identities
+        self._source = source
+        self._stamp: tuple[int, int, int] | None = (
+            _stamp(source) if source is not None else None)
 
     @classmethod
     def from_file(cls, path: str | Path) -> StaticTokens:
+        return cls(_read_token_file(Path(path)), Path(path))
+
+    def reload_if_changed(self) -> bool:
+        """Read the file again if it changed; a file that does not load leaves the tokens
+        loaded before in force (often a Secret update caught half-written)."""
+        if self._source is None:
+            return False
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as error:
-            raise TokenFileError(f"token file {path}: cannot read ({error.strerror})") from None
+            stamp: tuple[int, int, int] | None = _stamp(self._source)
+        except OSError:
+            stamp = None
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp  # a problem is said once per change of the file, not every poll
         try:
-            entries = yaml.safe_load(text)
-        except yaml.YAMLError:
-            raise TokenFileError(f"token file {path}: not valid YAML") from None
-        if entries is None:
-            entries = []
-        if not isinstance(entries, list):
-            raise TokenFileError(
-                f"token file {path}: expected a list of {{token, namespace, serviceAccount}}")
-        identities: dict[bytes, Caller] = {}
-        for index, entry in enumerate(entries):
-            where = f"token file {path} entry {index + 1}"
-            if not isinstance(entry, dict):
-                raise TokenFileError(f"{where}: expected a mapping")
-            unknown = set(entry) - {"token", "namespace", "serviceAccount"}
-            if unknown:
-                raise TokenFileError(f"{where}: unknown key {sorted(map(str, unknown))[0]!r}")
-            token = entry.get("token")
-            if not isinstance(token, str) or not token.strip():
-                raise TokenFileError(f"{where}: token must be a non-empty string")
-            caller = Caller(_check_segment("namespace", entry.get("namespace"), where),
-                            _check_segment("serviceAccount", entry.get("serviceAccount"), where),
-                            cls.name)
-            digest = token_digest(token.strip())
-            if identities.get(digest, caller) != caller:
-                raise TokenFileError(f"{where}: the same token is given two identities")
-            identities[digest] = caller
-        return cls(identities)
+            identities = _read_token_file(self._source)
+        except TokenFileError as error:
+            log.warning("static tokens not reloaded: %s", error)
+            return False
+        self._by_digest = identities  # one assignment: readers see the old set or the new
+        log.info("static tokens reloaded from %s: %d identities", self._source,
+                 len(set(identities.values())))
+        return True
 
     def authenticate(self, token: str) -> Caller | None:
         return self._by_digest.get(token_digest(token))
@@ -229,6 +267,11 @@ class AuthenticatorChain:
 
     def __init__(self, authenticators: Sequence[Authenticator]) -> None:
         self.authenticators = tuple(authenticators)
+
+    def reload_if_changed(self) -> None:
+        for authenticator in self.authenticators:
+            if isinstance(authenticator, StaticTokens):
+                authenticator.reload_if_changed()
 
     def authenticate(self, token: str) -> Caller | None:
         unavailable: AuthenticationUnavailable | None = None

@@ -8,6 +8,7 @@ log line with the SPIFFE ID and serial. Tokens, keys and CSR bodies are never lo
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import math
@@ -94,6 +95,12 @@ class CAService:
         self._clock = clock
         ROOT_EXPIRY.set(authority.root_not_after.timestamp())
         SIGNING_CA_EXPIRY.set(authority.signing_cert.not_valid_after_utc.timestamp())
+
+    async def watch_token_file(self, interval_seconds: float = 2.0) -> None:
+        """Reload the static token file when it changes (a background task of serve)."""
+        while True:
+            await asyncio.sleep(interval_seconds)
+            self.authenticator.reload_if_changed()
 
     def readiness(self) -> str | None:
         """None when the CA can sign; otherwise why it cannot (for /readyz)."""

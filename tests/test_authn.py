@@ -89,6 +89,37 @@ def test_a_missing_token_file_is_an_error(tmp_path: Path) -> None:
         StaticTokens.from_file(tmp_path / "absent.yaml")
 
 
+def test_a_changed_token_file_is_reloaded_and_a_broken_one_is_not(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "tokens.yaml"
+    path.write_text("- {token: t-old, namespace: shop, serviceAccount: web}\n")
+    tokens = StaticTokens.from_file(path)
+    assert tokens.reload_if_changed() is False  # unchanged
+    # A Secret update: the mounted file is replaced (a new inode), as the kubelet does.
+    replacement = tmp_path / "tokens.new"
+    replacement.write_text("- {token: t-new, namespace: shop, serviceAccount: api}\n")
+    replacement.replace(path)
+    assert tokens.reload_if_changed() is True
+    assert tokens.authenticate("t-new") == Caller("shop", "api", "static")
+    assert tokens.authenticate("t-old") is None  # revoked
+    caplog.set_level(logging.INFO)
+    path.write_text("- {token: t-half-writ")
+    assert tokens.reload_if_changed() is False
+    assert tokens.reload_if_changed() is False
+    assert tokens.authenticate("t-new") == Caller("shop", "api", "static")  # still in force
+    warnings = [record.getMessage() for record in caplog.records
+                if record.levelno == logging.WARNING]
+    assert warnings == [f"static tokens not reloaded: token file {path}: not valid YAML"]
+    path.unlink()
+    assert tokens.reload_if_changed() is False
+    assert tokens.reload_if_changed() is False
+    assert tokens.authenticate("t-new") == Caller("shop", "api", "static")
+    warnings = [record.getMessage() for record in caplog.records
+                if record.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "cannot read" in warnings[1]  # once, not every poll
+    assert "t-half-writ" not in caplog.text and "t-new" not in caplog.text
+
+
 # --- TokenReview --------------------------------------------------------------------------------
 
 def test_tokenreview_authenticates_a_service_account(fake_kube: RunningFakeKube) -> None:

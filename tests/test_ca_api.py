@@ -411,3 +411,23 @@ def test_tokenreview_api_unreachable_from_the_start(tmp_path: Path) -> None:
     assert reply.status_code == 503, reply.text
     assert reply.headers.get("retry-after")
 
+
+
+def test_tokens_added_to_the_token_file_work_without_a_restart(tmp_path: Path) -> None:
+    server = start_ca_server(tmp_path)
+    try:
+        csr = make_csr(p256())
+        tokens = tmp_path / "tokens.yaml"
+        with server.client() as client:
+            assert request_svid(client, "token-of-a-new-team", csr).status_code == 401
+            tokens.write_text(tokens.read_text() + "- {token: token-of-a-new-team, "
+                              "namespace: new-team, serviceAccount: app}\n")
+            deadline = time.monotonic() + 10
+            while (answer := request_svid(client, "token-of-a-new-team", csr)).status_code != 200:
+                assert time.monotonic() < deadline, "the new token was never accepted"
+                time.sleep(0.2)
+            assert answer.json()["spiffe_id"] == "spiffe://cluster.local/ns/new-team/sa/app"
+        assert "static tokens reloaded" in server.log()
+        assert "token-of-a-new-team" not in server.log()
+    finally:
+        server.stop()

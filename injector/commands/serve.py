@@ -192,7 +192,7 @@ class _Worker:
             degraded=sync.degraded if sync else list,
             routers=[ca_api.router(self.ca_service)],
             fast_routes=ca_api.fast_routes(self.ca_service),
-            background=[self.serving.watch],
+            background=[self.serving.watch, self.ca_service.watch_token_file],
         )
         config = uvicorn_config(app, host=self.args.host, port=self.args.port, tls=self.tls,
                                 cert_path=self.cert_path, key_path=self.key_path)
