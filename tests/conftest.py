@@ -103,10 +103,25 @@ def start_server(
     port: int | None = None,
 ) -> Server:
     """Start `injector serve` on a free loopback port (or `port`) and wait until it answers
-    over HTTPS."""
+    over HTTPS. A free port can be taken by another process before serve binds it (tests run
+    in parallel): then serve says so, and another port is tried."""
+    for attempt in range(3):
+        server = _start_server(workdir, args, certs_dir, env, port or free_port())
+        if not wait_ready:
+            return server
+        try:
+            wait_until_serving(server)
+            return server
+        except AssertionError:
+            if port or attempt == 2 or "cannot listen on" not in server.log():
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_server(workdir: Path, args: tuple[str, ...], certs_dir: Path | None,
+                  env: dict[str, str] | None, port: int) -> Server:
     workdir.mkdir(parents=True, exist_ok=True)
     certs_dir = certs_dir or workdir / "certs"
-    port = port or free_port()
     log_path = workdir / f"serve-{port}.log"
     command = [sys.executable, "-m", "injector", "serve", "--port", str(port),
                "--certs-dir", str(certs_dir), *args]
@@ -115,10 +130,7 @@ def start_server(
             command, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})}, cwd=workdir,
         )
-    server = Server(f"https://127.0.0.1:{port}", port, certs_dir, process, log_path)
-    if wait_ready:
-        wait_until_serving(server)
-    return server
+    return Server(f"https://127.0.0.1:{port}", port, certs_dir, process, log_path)
 
 
 def wait_until_serving(server: Server, timeout: float = 30) -> None:

@@ -201,3 +201,14 @@ def test_a_killed_worker_is_replaced_while_the_other_serves(tmp_path: Path) -> N
     finally:
         server.stop()
     assert server.process.returncode == 0
+
+
+def test_a_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "injector", "serve", "--port", str(port),
+                               "--certs-dir", str(tmp_path / "certs")],
+                              capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"injector: cannot listen on 127.0.0.1:{port}: Address already in use")

@@ -137,8 +137,8 @@ def _listen(host: str, port: int) -> socket.socket:
     try:
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as error:
-        raise UsageError(f"cannot listen on {host}:{port}: "
-                         f"{error.strerror or error}") from None
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise UsageError(f"cannot listen on {host}:{port}: {reason}") from None
 
 
 class _Worker:
