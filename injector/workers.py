@@ -24,6 +24,10 @@ log = logging.getLogger("injector.workers")
 # killed.
 STOP_TIMEOUT_SECONDS = 30.0
 RESTART_DELAY_SECONDS = 1.0
+# A worker that dies within this of its start is failing, not unlucky: each such death in a
+# row doubles its restart delay, up to the cap (a crash loop must not spin the node's CPU).
+QUICK_DEATH_SECONDS = 10.0
+MAX_RESTART_DELAY_SECONDS = 30.0
 _POLL_SECONDS = 0.05
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -49,6 +53,8 @@ class Supervisor:
         self._restart_delay = restart_delay_seconds
         self._stop_timeout = stop_timeout_seconds
         self._children: dict[int, int] = {}  # pid -> worker index
+        self._started_at: dict[int, float] = {}  # worker index -> monotonic time
+        self._quick_deaths: dict[int, int] = {}  # worker index -> in a row
         self._parent = os.getpid()
         self._stop_requested_at: float | None = None
 
@@ -62,6 +68,7 @@ class Supervisor:
         pid = os.fork()
         if pid:
             self._children[pid] = index
+            self._started_at[index] = time.monotonic()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             return
         code = 1
@@ -78,6 +85,12 @@ class Supervisor:
         finally:
             logging.shutdown()
             os._exit(code)
+
+    def _restart_delay_for(self, index: int) -> float:
+        lived = time.monotonic() - self._started_at[index]
+        deaths = self._quick_deaths.get(index, 0) + 1 if lived < QUICK_DEATH_SECONDS else 0
+        self._quick_deaths[index] = deaths
+        return min(self._restart_delay * 2 ** max(deaths - 1, 0), MAX_RESTART_DELAY_SECONDS)
 
     def _request_stop(self, signum: int, frame: object) -> None:
         if self._stop_requested_at is None:
@@ -105,9 +118,10 @@ class Supervisor:
                     if self._stop_requested_at is not None:
                         clean = clean and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
                         continue
-                    log.warning("worker %d (pid %d) %s; restarting it in %.0f s", index, pid,
-                                _describe(status), self._restart_delay)
-                    restart_at[index] = time.monotonic() + self._restart_delay
+                    delay = self._restart_delay_for(index)
+                    log.warning("worker %d (pid %d) %s; restarting it in %.1f s", index, pid,
+                                _describe(status), delay)
+                    restart_at[index] = time.monotonic() + delay
                 now = time.monotonic()
                 if self._stop_requested_at is None:
                     for index, when in list(restart_at.items()):

@@ -1,5 +1,6 @@
 """The supervisor of `serve --workers N`, with workers that only report and wait."""
 
+import itertools
 import os
 import signal
 import subprocess
@@ -22,6 +23,9 @@ SUPERVISOR = textwrap.dedent("""
     directory = Path(sys.argv[1])
 
     def work(index):
+        if os.environ.get("CRASH"):
+            (directory / f"{index}-{os.getpid()}").touch()
+            return 3
         if os.environ.get("IGNORE_TERM"):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         else:
@@ -128,3 +132,18 @@ def test_workers_stop_when_the_supervisor_is_killed(
     supervisor.kill()
     supervisor.wait()
     wait_for(lambda: not any(alive(pid) for pid in pids))
+
+
+def test_a_worker_that_keeps_dying_at_start_is_restarted_ever_more_slowly(
+        start: Callable[..., subprocess.Popen[bytes]], tmp_path: Path) -> None:
+    supervisor = start(1, env={"CRASH": "1"})
+    wait_for(lambda: len(workers(tmp_path)[0]) >= 4)
+    supervisor.send_signal(signal.SIGTERM)
+    supervisor.wait(timeout=10)
+    starts = sorted(path.stat().st_mtime for path in tmp_path.iterdir())[:4]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
+    # 0.2 s, then doubling: never sooner (later is possible on a busy machine).
+    assert all(round(gap, 1) >= minimum
+               for gap, minimum in zip(gaps, (0.2, 0.4, 0.8), strict=True)), gaps
+    output = supervisor.stdout.read().decode()  # type: ignore[union-attr]
+    assert "exited with status 3; restarting it in 0.4 s" in output
