@@ -80,15 +80,8 @@ def _workers_scaling(workdir: Path, certs: Path, script: Path) -> dict[str, Any]
                              "--workers", str(count)], workdir, certs, pin=False)
         for name, count in counts.items()
     }
-    runs: dict[tuple[str, int], list[harness.Load]] = {}
     try:
-        for round_number in range(harness.ROUNDS):
-            for connections in (16, 64):
-                order = ("1", "all") if round_number % 2 == 0 else ("all", "1")
-                for name in order:
-                    load = harness.wrk(f"{servers[name].url}/inject", script, connections,
-                                       pin=False)
-                    runs.setdefault((name, connections), []).append(load)
+        runs = harness.interleaved(servers, "/inject", script, (16, 64), pin=False)
     finally:
         for server in servers.values():
             server.stop()
@@ -140,15 +133,9 @@ def main() -> dict[str, Any]:
                 workdir, certs)
             _check_answers(servers, body, certs)
             script = harness.wrk_script(body, {"Content-Type": "application/json"}, workdir)
-            runs: dict[tuple[str, int], list[harness.Load]] = {}
-            for round_number in range(harness.ROUNDS):
-                order = ("raw", "fastapi", "inject")
-                for connections in harness.CONCURRENCY:
-                    # Reversed every other round, so that a drift in the machine's load
-                    # favours no server.
-                    for name in order if round_number % 2 == 0 else order[::-1]:
-                        load = harness.wrk(f"{servers[name].url}/inject", script, connections)
-                        runs.setdefault((name, connections), []).append(load)
+            runs = harness.interleaved(
+                {name: servers[name] for name in ("raw", "fastapi", "inject")}, "/inject",
+                script, harness.CONCURRENCY)
             loaded = servers["inject"].rss_kib()
         finally:
             for server in servers.values():

@@ -207,6 +207,22 @@ def wrk(url: str, script: Path, connections: int, seconds: int = SECONDS,
     )
 
 
+def interleaved(servers: Mapping[str, Server], path: str, script: Path,
+                concurrencies: Sequence[int], pin: bool = True) -> dict[tuple[str, int],
+                                                                        list[Load]]:
+    """wrk against each server at each concurrency, ROUNDS times: the servers of one
+    comparison run one after the other, in reverse order every other round, so that a drift
+    in the machine's load favours none. Runs by (server name, concurrency)."""
+    runs: dict[tuple[str, int], list[Load]] = {}
+    order = list(servers)
+    for round_number in range(ROUNDS):
+        for connections in concurrencies:
+            for name in order if round_number % 2 == 0 else order[::-1]:
+                load = wrk(f"{servers[name].url}{path}", script, connections, pin=pin)
+                runs.setdefault((name, connections), []).append(load)
+    return runs
+
+
 def best(loads: Sequence[Load]) -> Load:
     """The run with the highest throughput: on a shared machine, the least disturbed one."""
     return max(loads, key=lambda load: load.per_second)

@@ -62,23 +62,28 @@ class Server:
         """The pids of `serve --workers`'s worker processes, once there are `count`."""
         deadline = time.monotonic() + timeout
         while True:
-            children = _children(self.process.pid)
+            children = child_pids(self.process.pid)
             if len(children) == count:
                 return children
             assert time.monotonic() < deadline, f"{len(children)} workers, not {count}"
             time.sleep(0.05)
 
 
-def _children(parent: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        if int(fields[1]) == parent and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return sorted(pids)
+def process_state(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) from /proc, or None once the process is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return fields[0], int(fields[1])
+
+
+def child_pids(parent: int) -> list[int]:
+    """The living (not zombie) children of `parent`."""
+    pids = [int(path.name) for path in Path("/proc").glob("[0-9]*")]
+    return sorted(pid for pid in pids
+                  if (state := process_state(pid)) is not None and state[1] == parent
+                  and state[0] != "Z")
 
 
 @contextlib.contextmanager

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import child_pids, process_state
+
 # A supervisor whose workers write `<index>-<pid>` into the directory, then wait for SIGTERM
 # (exit 0), or ignore it with IGNORE_TERM.
 SUPERVISOR = textwrap.dedent("""
@@ -56,11 +58,8 @@ def workers(directory: Path) -> dict[int, list[int]]:
 
 
 def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
+    state = process_state(pid)
+    return state is not None and state[0] != "Z"
 
 
 @pytest.fixture
@@ -89,10 +88,7 @@ def test_every_worker_runs_in_its_own_process(
     running = workers(tmp_path)
     assert sorted(running) == [0, 1, 2]
     pids = [runs[0] for runs in running.values()]
-    assert len(set(pids)) == 3 and supervisor.pid not in pids
-    for pid in pids:
-        assert int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) == \
-            supervisor.pid
+    assert sorted(pids) == child_pids(supervisor.pid)  # three, and the supervisor's own
 
 
 def test_a_dead_worker_is_replaced(
