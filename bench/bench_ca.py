@@ -30,8 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from bench import harness
-from injector import ca
-from injector.spiffe import SpiffeId
+from injector.ca import authority as ca
+from injector.mesh.spiffe import SpiffeId
 
 TARGET_RATIO = 0.80
 TARGET_HTTPS_RATIO = 0.40

@@ -26,7 +26,7 @@ import httpx
 import orjson
 
 from bench import harness
-from tests.pods import replicaset_pod, review
+from tests.support.pods import replicaset_pod, review
 
 TARGETS = {"inject": 0.80, "inject_vs_raw": 0.35, "p99_ms": 10.0, "idle_rss_mib": 80.0}
 
@@ -52,7 +52,7 @@ def _check_answers(servers: dict[str, harness.Server], body: bytes, certs: Path)
 def _idle_rss_with_api(workdir: Path) -> dict[str, int]:
     """Idle RSS of `serve --kubeconfig` against the tests' fake API server, as in a cluster:
     the kubernetes client loaded, the namespace watch and the other cluster duties running."""
-    from tests.fakeapi import start_fake_kube
+    from tests.support.fakeapi import start_fake_kube
 
     workdir.mkdir()
     certs = harness.certs_dir(workdir)

@@ -22,9 +22,9 @@ from typing import Any
 import orjson
 
 from bench import harness
-from injector import webhook
-from injector.config import MeshConfig
-from tests.pods import pod, replicaset_pod, review
+from injector.injection import webhook
+from injector.mesh.config import MeshConfig
+from tests.support.pods import pod, replicaset_pod, review
 
 MESH = MeshConfig()
 ROUNDS = 5

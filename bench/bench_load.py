@@ -6,8 +6,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from tests import load
-from tests.conftest import WEB_TOKEN, start_ca_server
+from tests.support import load
+from tests.support.servers import WEB_TOKEN, start_ca_server
 
 
 def main() -> dict[str, float | int]:

@@ -1,5 +1,5 @@
 import sys
 
-from injector.cli import main
+from injector.commands.cli import main
 
 sys.exit(main())

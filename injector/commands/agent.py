@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from injector import envoy
-from injector.agent import (
+from injector.commands.cli import CommandParser, UsageError
+from injector.proxy import envoy
+from injector.proxy.agent import (
     REFUSAL_MIN_DELAY,
     AgentError,
     Backoff,
@@ -45,8 +46,7 @@ from injector.agent import (
     retry_after_seconds,
     usable_token,
 )
-from injector.cli import CommandParser, UsageError
-from injector.iptables import parse_cidrs
+from injector.traffic.iptables import parse_cidrs
 
 log = logging.getLogger("injector.agent")
 
@@ -154,7 +154,7 @@ class Settings:
     @property
     def spiffe_id(self) -> str | None:
         """The identity we expect, for the CSR; None when the pod's names are unknown."""
-        from injector.spiffe import SpiffeId, SpiffeIdError
+        from injector.mesh.spiffe import SpiffeId, SpiffeIdError
 
         if not (self.namespace and self.service_account):
             return None
@@ -226,7 +226,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ca = parse_ca_address(_layer(args.ca_addr, "CA_ADDR", DEFAULT_CA_ADDR))
     except AgentError as error:
         raise UsageError(f"--ca-addr: {error}") from None
-    from injector.spiffe import SpiffeIdError, validate_trust_domain
+    from injector.mesh.spiffe import SpiffeIdError, validate_trust_domain
 
     trust_domain = _layer(args.trust_domain, "TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN)
     try:

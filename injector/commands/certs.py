@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from injector.cadir import CertsError, ensure_certs_dir
-from injector.cli import CommandParser, UsageError
+from injector.ca.certsdir import CertsError, ensure_certs_dir
+from injector.commands.cli import CommandParser, UsageError
 
 DEFAULT_NAMESPACE = "mesh-system"
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from injector.cli import CommandParser, UsageError
-from injector.iptables import (
+from injector.commands.cli import CommandParser, UsageError
+from injector.traffic.iptables import (
     TrafficOptions,
     build_restore_input,
     find_installed_hooks,

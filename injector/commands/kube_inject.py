@@ -16,9 +16,9 @@ from typing import Any
 import jsonpatch
 import yaml
 
-from injector import patch, policy, sidecar
-from injector.cli import CommandParser, UsageError
-from injector.config import ConfigError, MeshConfig, load_mesh_config
+from injector.commands.cli import CommandParser, UsageError
+from injector.injection import patch, policy, sidecar
+from injector.mesh.config import ConfigError, MeshConfig, load_mesh_config
 
 WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"})
 

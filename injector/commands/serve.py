@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from injector.cli import CommandParser, UsageError
-from injector.config import ConfigError, MeshConfig, load_mesh_config
+from injector.commands.cli import CommandParser, UsageError
+from injector.mesh.config import ConfigError, MeshConfig, load_mesh_config
 
 # Forward-secret AEAD suites only for TLS 1.2 (TLS 1.3's are all of that kind already).
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, mesh: MeshConfig) -> int:
     # Imported here so that the other commands (the init container's among them) start fast.
-    from injector import cadir, logs, workers
+    from injector.ca import certsdir as cadir
+    from injector.server import logs, workers
 
     logs.configure(args.log_level)
     certs_dir = Path(args.certs_dir)
@@ -82,7 +83,7 @@ def _run(args: argparse.Namespace, mesh: MeshConfig) -> int:
     try:
         api = _api_client(args)
         if api is not None:
-            from injector import cluster
+            from injector.kube import cluster
 
             shared_ca_problem = cluster.adopt_shared_ca(
                 api, namespace=mesh.injector_namespace, certs_dir=certs_dir,
@@ -124,7 +125,7 @@ def _api_client(args: argparse.Namespace) -> Any:
         return None
     # The kubernetes client (12 MiB of RSS) only when there is an API to talk to, the two
     # cases where kube.api_client gives one.
-    from injector import kube
+    from injector.kube import client as kube
 
     try:
         return kube.api_client(args.kubeconfig)
@@ -146,8 +147,8 @@ class _Worker:
 
     def __init__(self, args: argparse.Namespace, mesh: MeshConfig, certs_dir: Path,
                  problems: dict[str, str], api: Any) -> None:
-        from injector import ca_api
-        from injector.serving_cert import ServingCertificate
+        from injector.server import ca_api
+        from injector.server.serving_cert import ServingCertificate
 
         self.args = args
         self.mesh = mesh
@@ -174,12 +175,13 @@ class _Worker:
         cluster (root ConfigMaps, the webhook's caBundle): one writer, N readers."""
         import uvicorn
 
-        from injector import ca_api
-        from injector.app import create_app
+        from injector.server import ca_api
+        from injector.server.app import create_app
 
         sync = None
         if self.api is not None:
-            from injector import cadir, cluster
+            from injector.ca import certsdir as cadir
+            from injector.kube import cluster
 
             root_pem = (self.certs_dir / cadir.ROOT_CERT).read_text()
             sync = cluster.ClusterSync(self.api, root_pem=root_pem, mesh=self.mesh,
@@ -210,7 +212,7 @@ def uvicorn_config(app: Any, *, host: str, port: int, tls: ssl.SSLContext, cert_
     too, so that they measure the same server stack."""
     import uvicorn
 
-    from injector.coalesce import CoalescingHttpToolsProtocol
+    from injector.server.coalesce import CoalescingHttpToolsProtocol
 
     config = uvicorn.Config(
         app,

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from injector.iptables import TrafficOptions, build_rules, parse_cidrs
+from injector.traffic.iptables import TrafficOptions, build_rules, parse_cidrs
 
 POD_IP = "10.200.0.2"
 PEER_IP = "10.200.0.1"

@@ -1,0 +1,1 @@
+"""The certificate authority: signing SVIDs, the certificates directory, who may ask."""

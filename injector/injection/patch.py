@@ -1,0 +1,124 @@
+"""The RFC 6902 JSON patch that adds an `Injection` to a pod.
+
+Built straight from the additions, never by diffing whole pods: its cost does not grow with the
+pod's size, and it cannot touch anything the pod already has.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from injector.injection.sidecar import Injection
+
+Operation = dict[str, Any]
+
+
+def escape(token: str) -> str:
+    """An RFC 6901 reference token: `~` becomes `~0`, then `/` becomes `~1`."""
+    return token.replace("~", "~0").replace("/", "~1")
+
+
+def _add_entries(
+    ops: list[Operation], metadata: Mapping[str, Any], field: str, entries: Mapping[str, str]
+) -> None:
+    if not entries:
+        return
+    path = f"/metadata/{field}"
+    if not isinstance(metadata.get(field), dict):
+        ops.append({"op": "add", "path": path, "value": dict(entries)})
+        return
+    for key, value in entries.items():
+        ops.append({"op": "add", "path": f"{path}/{escape(key)}", "value": value})
+
+
+def _append(
+    ops: list[Operation], spec: Mapping[str, Any], field: str, items: list[dict[str, Any]]
+) -> None:
+    path = f"/spec/{field}"
+    if not isinstance(spec.get(field), list):
+        ops.append({"op": "add", "path": path, "value": items})
+        return
+    ops.extend({"op": "add", "path": f"{path}/-", "value": item} for item in items)
+
+
+def _prepend(
+    ops: list[Operation], spec: Mapping[str, Any], field: str, items: list[dict[str, Any]]
+) -> None:
+    path = f"/spec/{field}"
+    if not isinstance(spec.get(field), list) or not spec[field]:
+        ops.append({"op": "add", "path": path, "value": items})
+        return
+    ops.extend({"op": "add", "path": f"{path}/{index}", "value": item}
+               for index, item in enumerate(items))
+
+
+def build(pod: Mapping[str, Any], injection: Injection) -> list[Operation]:
+    """The patch operations; applied to `pod` they give the injected pod."""
+    ops: list[Operation] = []
+    metadata = pod.get("metadata")
+    if not isinstance(metadata, dict):
+        ops.append({"op": "add", "path": "/metadata", "value": {}})
+        metadata = {}
+    _add_entries(ops, metadata, "labels", injection.labels)
+    _add_entries(ops, metadata, "annotations", injection.annotations)
+    spec = pod.get("spec") or {}
+    if injection.native:
+        # istio-init, then the proxy, before the pod's own init containers.
+        _prepend(ops, spec, "initContainers",
+                 [injection.init_container, injection.proxy_container])
+    else:
+        # After the pod's own init containers, which keep the network before redirection.
+        _append(ops, spec, "initContainers", [injection.init_container])
+        if injection.hold:
+            _prepend(ops, spec, "containers", [injection.proxy_container])
+        else:
+            _append(ops, spec, "containers", [injection.proxy_container])
+    _append(ops, spec, "volumes", injection.volumes)
+    return ops
+
+
+def _shape(pod: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What `build` reads of the pod, besides the injection: which fields exist. (Pods are
+    decoded JSON or YAML: their objects are dicts, cheaper to check for than Mapping.)"""
+    metadata = pod.get("metadata")
+    if isinstance(metadata, dict):
+        meta = (isinstance(metadata.get("labels"), dict),
+                isinstance(metadata.get("annotations"), dict))
+    else:
+        meta = None
+    spec = pod.get("spec") or {}
+    init, containers, volumes = (spec.get("initContainers"), spec.get("containers"),
+                                 spec.get("volumes"))
+    return (meta, isinstance(init, list) and bool(init), isinstance(init, list),
+            isinstance(containers, list) and bool(containers), isinstance(containers, list),
+            isinstance(volumes, list))
+
+
+_ENCODED: dict[tuple[Any, ...], str] = {}
+_MAX_ENCODED = 1024
+
+
+def encoded(pod: Mapping[str, Any], injection: Injection) -> str:
+    """`build`'s patch as base64 of its JSON, as an AdmissionReview carries it.
+
+    For an injection in JSON form (`sidecar.build(..., as_json=True)`) the answer is cached
+    by everything `build` reads: the pod's shape, the labels and annotations to add, and the
+    template the containers, volumes, `native` and `hold` came from. The pods of one ReplicaSet
+    all get the same patch: it is built once.
+    """
+    # Dicts may have been changed since the template made them; Fragments cannot be.
+    if injection.template is None or type(injection.proxy_container) is not orjson.Fragment:
+        return base64.b64encode(orjson.dumps(build(pod, injection))).decode()
+    key = (_shape(pod), injection.template, tuple(injection.labels.items()),
+           tuple(injection.annotations.items()))
+    cached = _ENCODED.get(key)
+    if cached is None:
+        cached = base64.b64encode(orjson.dumps(build(pod, injection))).decode()
+        if len(_ENCODED) >= _MAX_ENCODED:
+            _ENCODED.clear()  # bounded, whatever labels pods carry
+        _ENCODED[key] = cached
+    return cached

@@ -1,0 +1,1 @@
+"""The HTTPS server: routes, the ASGI fast path, TLS, workers, logs and metrics."""

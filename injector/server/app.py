@@ -1,0 +1,216 @@
+"""The HTTPS service's routes: the webhook, health, metrics, and whatever routers are mounted
+(the CA's). The FastAPI app is built from already-loaded parts; `injector.commands.serve`
+loads them and runs uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from injector.injection import webhook
+from injector.mesh.config import MeshConfig
+from injector.server import asgi, logs
+from injector.server.httpio import (
+    TOO_LARGE,
+    error_response,
+    json_error,
+    json_responses,
+    receive_body,
+)
+from injector.server.metrics import ADMISSIONS, INJECTION_SECONDS, exposition
+
+MAX_ADMISSION_BYTES = 8 * 1024 * 1024
+
+log = logging.getLogger("injector.webhook")
+
+# A readiness check returns None when ready, else why not.
+ReadinessCheck = Callable[[], str | None]
+
+
+# What /inject documents: enough for a client (and a schema-driven fuzzer) to know the shape;
+# the handler checks only what injection reads (a full model costs more than the injection).
+ADMISSION_REVIEW_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "request"],
+    "properties": {
+        "apiVersion": {"type": "string",
+                       "enum": ["admission.k8s.io/v1", "admission.k8s.io/v1beta1"]},
+        "kind": {"type": "string", "enum": ["AdmissionReview"]},
+        "request": {"type": "object", "required": ["uid"], "properties": {
+            "uid": {"type": "string", "minLength": 1},
+            "namespace": {"type": "string"},
+            "operation": {"type": "string"},
+            "kind": {"type": "object"},
+            "object": {"type": "object"},
+        }},
+    },
+}
+ADMISSION_RESPONSE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "response"],
+    "properties": {
+        "apiVersion": ADMISSION_REVIEW_SCHEMA["properties"]["apiVersion"],
+        "kind": ADMISSION_REVIEW_SCHEMA["properties"]["kind"],
+        "response": {"type": "object", "required": ["uid", "allowed"], "properties": {
+            "uid": {"type": "string"},
+            "allowed": {"type": "boolean"},
+            "patchType": {"type": "string", "enum": ["JSONPatch"]},
+            "patch": {"type": "string", "format": "byte"},
+            "status": {"type": "object"},
+        }},
+    },
+}
+INJECT_OPENAPI: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": ADMISSION_REVIEW_SCHEMA}}},
+}
+
+
+class Admission:
+    """The webhook's answer to one request body, with its metrics and log line: the one
+    implementation behind both the fast path and the FastAPI route."""
+
+    def __init__(self, mesh: MeshConfig, namespace_labels: webhook.NamespaceLabels) -> None:
+        self.mesh = mesh
+        self.namespace_labels = namespace_labels
+        self._counters: dict[tuple[str, str], Any] = {}
+
+    def _count(self, result: str, reason: str) -> None:
+        counter = self._counters.get((result, reason))
+        if counter is None:
+            counter = self._counters[(result, reason)] = ADMISSIONS.labels(result, reason)
+        counter.inc()
+
+    def too_large(self) -> tuple[int, bytes]:
+        self._count("rejected", "too-large")
+        return 413, json_error(f"the body exceeds {MAX_ADMISSION_BYTES} bytes")
+
+    def answer(self, body: bytes, started: float) -> tuple[int, bytes]:
+        """HTTP status and JSON body; `started` is when the request arrived (perf_counter)."""
+        try:
+            review = webhook.parse(body)
+        except webhook.BadReview as error:
+            self._count("rejected", "bad-review")
+            return 400, json_error(str(error))
+        outcome = webhook.admit(review, self.mesh, self.namespace_labels)
+        elapsed = time.perf_counter() - started
+        INJECTION_SECONDS.observe(elapsed)
+        self._count(outcome.result, outcome.reason)
+        logs.line(log, logging.INFO,
+                  f"admission {outcome.namespace}/{outcome.pod} {outcome.result} "
+                  f"({outcome.reason})",
+                  {"namespace": outcome.namespace, "pod": outcome.pod, "result": outcome.result,
+                   "reason": outcome.reason, "duration_ms": round(elapsed * 1000, 3)})
+        return 200, outcome.body
+
+    async def route(self, scope: Any, receive: Any) -> asgi.Answer:
+        """`POST /inject` as a fast route (injector.asgi)."""
+        started = time.perf_counter()
+        body = await receive_body(scope, receive, MAX_ADMISSION_BYTES)
+        if body is None:
+            return None  # the client went away: nobody to answer
+        if body is TOO_LARGE:
+            status, answer = self.too_large()
+        else:
+            status, answer = self.answer(body, started)  # type: ignore[arg-type]
+        return status, [], answer
+
+
+def create_app(
+    *,
+    mesh: MeshConfig,
+    namespace_labels: webhook.NamespaceLabels,
+    readiness_checks: Sequence[ReadinessCheck] = (),
+    degraded: Callable[[], list[str]] = list,
+    routers: Sequence[APIRouter] = (),
+    fast_routes: Mapping[tuple[str, str], asgi.FastRoute] | None = None,
+    background: Sequence[Callable[[], Awaitable[None]]] = (),
+) -> asgi.FastRoutes:
+    """The ASGI app; `background` tasks (watchers) run while it serves and never block a
+    request. `POST /inject` and the `fast_routes` (the CA's) skip FastAPI (injector.asgi);
+    `.app` is the FastAPI app, which serves the rest.
+
+    `readiness_checks` failing make /readyz 503; `degraded` parts (the Kubernetes API out of
+    reach, say) are reported there but keep it 200: the webhook and the CA still work, and a
+    replica taken out of its Service would stop every pod creation in the cluster.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(job()) for job in background]
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    app = FastAPI(title="injector", version="0.1.0", docs_url=None, redoc_url=None,
+                  lifespan=lifespan)
+    admission = Admission(mesh, namespace_labels)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> Response:
+        return error_response(error.status_code, str(error.detail), error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError) -> Response:
+        first = error.errors()[0] if error.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return error_response(400, f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, error: Exception) -> Response:
+        # A bug must not leak a traceback to the caller; the log keeps it.
+        logging.getLogger("injector").exception("internal error")
+        return error_response(500, "internal error")
+
+    @app.post("/inject", response_class=Response, openapi_extra=INJECT_OPENAPI,
+              summary="The mutating admission webhook",
+              responses=json_responses({400: "Not an AdmissionReview",
+                                        413: "Over 8 MiB"}, ok=ADMISSION_RESPONSE_SCHEMA))
+    async def inject(request: Request) -> Response:
+        # Reached only past FastRoutes (which answers POST /inject itself), e.g. in a test
+        # that mounts the FastAPI app alone; the same answer either way.
+        started = time.perf_counter()
+        body = await receive_body(request.scope, request.receive, MAX_ADMISSION_BYTES)
+        if body is None:
+            return Response(status_code=400)  # the client went away: nobody reads this
+        if body is TOO_LARGE:
+            status, answer = admission.too_large()
+        else:
+            status, answer = admission.answer(body, started)
+        return Response(answer, status_code=status, media_type="application/json")
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz", responses={503: {"description": "Not ready, with the reasons"}})
+    async def readyz() -> JSONResponse:
+        problems = [problem for check in readiness_checks if (problem := check()) is not None]
+        if problems:
+            return JSONResponse({"status": "not ready", "reasons": problems}, status_code=503)
+        degraded_parts = degraded()
+        if degraded_parts:
+            return JSONResponse({"status": "degraded", "degraded": degraded_parts})
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"description": "Prometheus text format"}})
+    async def metrics() -> Response:
+        return Response(exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    for router in routers:
+        app.include_router(router)
+    return asgi.FastRoutes(app, {("POST", "/inject"): admission.route, **(fast_routes or {})})

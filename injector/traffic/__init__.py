@@ -1,0 +1,1 @@
+"""Traffic redirection: the iptables rules of the init container."""

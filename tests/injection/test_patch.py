@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import jsonpatch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from injector.injection import patch, sidecar
+from injector.injection.patch import escape
+from injector.mesh.config import MeshConfig
+
+MESH = MeshConfig()
+
+# Keys with the characters RFC 6901 escapes, as real label and annotation keys have them.
+keys = st.text(alphabet="ab~/.-_z9", min_size=1, max_size=12)
+values = st.text(max_size=20)
+names = st.text(alphabet="abcdefghij-0123456789", min_size=1, max_size=10).map(
+    lambda name: "c" + name
+)
+absent_null_or_empty = st.sampled_from(["absent", "null", "empty"])
+
+
+@st.composite
+def pods(draw: st.DrawFn) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": draw(names)}
+    for field in ("labels", "annotations"):
+        shape = draw(st.sampled_from(["absent", "null", "empty", "some"]))
+        if shape == "null":
+            metadata[field] = None
+        elif shape == "empty":
+            metadata[field] = {}
+        elif shape == "some":
+            metadata[field] = draw(st.dictionaries(keys, values, max_size=5))
+    annotations = metadata.get("annotations") or {}
+    for control in ("sidecar.istio.io/nativeSidecar", "proxy.istio.io/config",
+                    "sidecar.istio.io/status"):
+        annotations.pop(control, None)
+    if draw(st.booleans()):
+        metadata.setdefault("annotations", {})
+        metadata["annotations"] = {**(metadata["annotations"] or {}),
+                                   "sidecar.istio.io/nativeSidecar": "true"}
+    elif draw(st.booleans()):
+        metadata["annotations"] = {**(metadata.get("annotations") or {}),
+                                   "proxy.istio.io/config": "holdApplicationUntilProxyStarts: true"}
+    spec: dict[str, Any] = {
+        "containers": [{"name": name, "image": "app:1"}
+                       for name in draw(st.lists(names, min_size=1, max_size=4, unique=True))]
+    }
+    for field in ("initContainers", "volumes"):
+        shape = draw(absent_null_or_empty | st.just("some"))
+        if shape == "null":
+            spec[field] = None
+        elif shape == "empty":
+            spec[field] = []
+        elif shape == "some":
+            items = draw(st.lists(names, min_size=1, max_size=3, unique=True))
+            spec[field] = [{"name": name, "image": "init:1"} if field == "initContainers"
+                           else {"name": name, "emptyDir": {}} for name in items]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+
+
+def expected_pod(pod: dict[str, Any], injection: sidecar.Injection) -> dict[str, Any]:
+    """What the builder means: the pod's own parts as they were, the additions in place."""
+    want = copy.deepcopy(pod)
+    metadata, spec = want["metadata"], want["spec"]
+    for field, added in (("labels", injection.labels), ("annotations", injection.annotations)):
+        if added:
+            metadata[field] = {**(metadata.get(field) or {}), **added}
+    own_init = spec.get("initContainers") or []
+    if injection.native:
+        spec["initContainers"] = [injection.init_container, injection.proxy_container, *own_init]
+    else:
+        spec["initContainers"] = [*own_init, injection.init_container]
+        if injection.hold:
+            spec["containers"] = [injection.proxy_container, *spec["containers"]]
+        else:
+            spec["containers"] = [*spec["containers"], injection.proxy_container]
+    spec["volumes"] = [*(spec.get("volumes") or []), *injection.volumes]
+    return want
+
+
+@settings(max_examples=300, deadline=None)
+@given(pods())
+def test_applying_the_patch_gives_exactly_the_meant_pod(pod: dict[str, Any]) -> None:
+    original = copy.deepcopy(pod)
+    injection = sidecar.build(pod, MESH)
+    ops = patch.build(pod, injection)
+    assert jsonpatch.apply_patch(pod, ops) == expected_pod(original, injection)
+    assert pod == original, "building the patch must not mutate the pod"
+
+
+@settings(max_examples=200, deadline=None)
+@given(pods())
+def test_the_patch_only_adds(pod: dict[str, Any]) -> None:
+    ops = patch.build(pod, sidecar.build(pod, MESH))
+    assert {op["op"] for op in ops} == {"add"}
+    # Whole-list or whole-map adds only where the pod had none to replace.
+    for op in ops:
+        parts = op["path"].split("/")[1:]
+        target: Any = pod
+        for part in parts[:-1]:
+            target = target[part.replace("~1", "/").replace("~0", "~")]
+        last = parts[-1].replace("~1", "/").replace("~0", "~")
+        if isinstance(target, dict):
+            assert target.get(last) in (None, {}, []) or last not in target, op["path"]
+
+
+def test_escaping_follows_rfc_6901() -> None:
+    assert escape("a/b") == "a~1b"
+    assert escape("a~b") == "a~0b"
+    assert escape("~1") == "~01"  # `~` first, or `~1` would turn into `/`
+    assert escape("/~") == "~1~0"
+
+
+def test_a_minimal_pod_gets_whole_maps_and_lists() -> None:
+    pod = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app"}]}}
+    ops = patch.build(pod, sidecar.build(pod, MESH))
+    paths = [op["path"] for op in ops]
+    assert paths == ["/metadata/labels", "/metadata/annotations", "/spec/initContainers",
+                     "/spec/containers/-", "/spec/volumes"]
