@@ -21,11 +21,12 @@ from typing import Any, Protocol
 
 import yaml
 
+from injector.errors import ConfigError, Unavailable
+from injector.mesh.names import TOKEN_AUDIENCE
 from injector.mesh.spiffe import SpiffeIdError, validate_path
 
 log = logging.getLogger("injector.ca.authn")
 
-ISTIO_CA_AUDIENCE = "istio-ca"
 SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
 
 
@@ -36,7 +37,7 @@ class Caller:
     authenticator: str  # which authenticator vouched for it, for logs and metrics
 
 
-class AuthenticationUnavailable(Exception):
+class AuthenticationUnavailable(Unavailable):
     """The authenticator cannot decide now (e.g. the Kubernetes API is unreachable): retry."""
 
     def __init__(self, message: str, retry_after_seconds: int = 5) -> None:
@@ -44,7 +45,7 @@ class AuthenticationUnavailable(Exception):
         self.retry_after_seconds = retry_after_seconds
 
 
-class TokenFileError(Exception):
+class TokenFileError(ConfigError):
     """The static token file cannot be used; the message is one line."""
 
 
@@ -187,7 +188,7 @@ class TokenReviewAuthenticator:
 
     name = "tokenreview"
 
-    def __init__(self, api_client: Any, *, audience: str = ISTIO_CA_AUDIENCE,
+    def __init__(self, api_client: Any, *, audience: str = TOKEN_AUDIENCE,
                  cache_seconds: float = 60.0, max_cache_entries: int = 4096,
                  request_timeout_seconds: float = 3.0,
                  clock: Callable[[], float] = time.time) -> None:

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from injector.errors import InvalidInput
 from injector.mesh.spiffe import SpiffeId
 
 ROOT_VALIDITY: Final = dt.timedelta(days=3650)
@@ -217,7 +218,7 @@ def is_ca(cert: x509.Certificate) -> bool:
 
 # --- the authority ------------------------------------------------------------------------------
 
-class ChainError(ValueError):
+class ChainError(InvalidInput):
     """The signing CA, its chain and the roots do not fit together; the message says why."""
 
 

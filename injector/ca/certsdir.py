@@ -27,6 +27,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from injector.ca import authority as ca
+from injector.errors import ConfigError
+from injector.mesh import names
 from injector.mesh.spiffe import SpiffeIdError, validate_trust_domain
 
 ROOT_CERT = "root-cert.pem"
@@ -43,7 +45,7 @@ KEY_MODE = 0o600
 CERT_MODE = 0o644
 
 
-class CertsError(Exception):
+class CertsError(ConfigError):
     """The certificates directory cannot be used or completed; the message is one line."""
 
 
@@ -196,8 +198,9 @@ def _warn_about_missing_names(cert_path: Path, namespace: str, dns_names: Sequen
                     "to issue a new one", cert_path, ", ".join(missing), TLS_CERT, TLS_KEY)
 
 
-def ensure_certs_dir(certs_dir: Path, *, trust_domain: str = "cluster.local",
-                     dns_names: Sequence[str] = (), namespace: str = "mesh-system") -> None:
+def ensure_certs_dir(certs_dir: Path, *, trust_domain: str = names.DEFAULT_TRUST_DOMAIN,
+                     dns_names: Sequence[str] = (),
+                     namespace: str = names.DEFAULT_NAMESPACE) -> None:
     """Create whatever is missing in `certs_dir` (SPEC section 2); never overwrite anything.
 
     Raises CertsError with a one-line message when the directory cannot be written or what is

@@ -31,6 +31,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from injector.commands.cli import CommandParser, UsageError
+from injector.mesh import names
+from injector.mesh.network import parse_cidrs
 from injector.proxy import envoy
 from injector.proxy.agent import (
     REFUSAL_MIN_DELAY,
@@ -46,14 +48,10 @@ from injector.proxy.agent import (
     retry_after_seconds,
     usable_token,
 )
-from injector.traffic.iptables import parse_cidrs
 
 log = logging.getLogger("injector.agent")
 
-DEFAULT_CA_ADDR = "injector.mesh-system.svc:443"
-DEFAULT_TRUST_DOMAIN = "cluster.local"
-DEFAULT_MESH_CIDRS = "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16"
-LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "critical", "off")
+DEFAULT_MESH_CIDRS = ",".join(names.DEFAULT_MESH_CIDRS)
 MAX_DRAIN_SECONDS = 29.0  # below the pod's default 30 s grace period
 CA_REQUEST_TIMEOUT = 5.0
 POLL_INTERVAL = 0.2
@@ -67,14 +65,14 @@ _PYTHON_LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": lo
 
 def add_arguments(parser: CommandParser) -> None:
     # Defaults of None: the webhook's env (CA_ADDR, ...) is the next layer, read in run().
-    parser.option("--log-level", default="warning", type=str.lower, choices=LOG_LEVELS,
+    parser.option("--log-level", default="warning", type=str.lower, choices=names.LOG_LEVELS,
                   help="the agent's and Envoy's log level")
     parser.option("--ca-addr", default=None,
                   help=f"the CA: host[:port] or https://host[:port] (env CA_ADDR; default "
-                       f"{DEFAULT_CA_ADDR})")
+                       f"{names.DEFAULT_CA_ADDR})")
     parser.option("--trust-domain", default=None,
                   help="the SPIFFE trust domain (env TRUST_DOMAIN; default "
-                       f"{DEFAULT_TRUST_DOMAIN})")
+                       f"{names.DEFAULT_TRUST_DOMAIN})")
     parser.option("--pod-name", default=None, help="env POD_NAME")
     parser.option("--pod-namespace", default=None, help="env POD_NAMESPACE")
     parser.option("--service-account", default=None, help="env SERVICE_ACCOUNT")
@@ -223,12 +221,12 @@ def _readable_file(path: Path, what: str) -> None:
 def settings_from(args: argparse.Namespace) -> Settings:
     """Check every setting before anything starts; a bad one is a one-line UsageError."""
     try:
-        ca = parse_ca_address(_layer(args.ca_addr, "CA_ADDR", DEFAULT_CA_ADDR))
+        ca = parse_ca_address(_layer(args.ca_addr, "CA_ADDR", names.DEFAULT_CA_ADDR))
     except AgentError as error:
         raise UsageError(f"--ca-addr: {error}") from None
     from injector.mesh.spiffe import SpiffeIdError, validate_trust_domain
 
-    trust_domain = _layer(args.trust_domain, "TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN)
+    trust_domain = _layer(args.trust_domain, "TRUST_DOMAIN", names.DEFAULT_TRUST_DOMAIN)
     try:
         validate_trust_domain(trust_domain)
     except SpiffeIdError as error:
@@ -239,7 +237,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     except ValueError as error:
         raise UsageError(f"--mesh-cidrs: {error}") from None
     mode = _layer(args.mtls_mode, "MTLS_MODE", "PERMISSIVE").upper()
-    if mode not in ("PERMISSIVE", "STRICT"):
+    if mode not in names.MTLS_MODES:
         raise UsageError(f"--mtls-mode: {mode!r}: expected PERMISSIVE or STRICT")
     if not 0 <= args.drain_seconds <= MAX_DRAIN_SECONDS:
         raise UsageError(f"--drain-seconds: {args.drain_seconds}: expected 0..{MAX_DRAIN_SECONDS}")

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from injector.ca.certsdir import CertsError, ensure_certs_dir
 from injector.commands.cli import CommandParser, UsageError
-
-DEFAULT_NAMESPACE = "mesh-system"
+from injector.mesh import names
 
 
 def add_arguments(parser: CommandParser) -> None:
@@ -22,10 +21,11 @@ def add_arguments(parser: CommandParser) -> None:
                     "Existing files are never overwritten.")
     init.option("--config", default=None, help="YAML settings file (camelCase keys)")
     init.option("--certs-dir", default="certs", help="the certificates directory")
-    init.option("--trust-domain", default="cluster.local", help="the SPIFFE trust domain")
+    init.option("--trust-domain", default=names.DEFAULT_TRUST_DOMAIN,
+                help="the SPIFFE trust domain")
     init.option("--dns-name", default=[], multiple=True,
                 help="an extra name (or IP address) for the serving certificate; repeatable")
-    init.option("--namespace", default=DEFAULT_NAMESPACE,
+    init.option("--namespace", default=names.DEFAULT_NAMESPACE,
                 help="the injector's namespace, for the serving certificate's service names")
     init.set_defaults(leaf_parser=init)
 
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     # The mesh config's injectorNamespace is the same fact as --namespace: the same file that
     # configures serve gives the same serving certificate names here.
     config_namespace = getattr(args, "config_data", {}).get("injectorNamespace")
-    if namespace == DEFAULT_NAMESPACE and isinstance(config_namespace, str):
+    if namespace == names.DEFAULT_NAMESPACE and isinstance(config_namespace, str):
         namespace = config_namespace
     try:
         ensure_certs_dir(Path(args.certs_dir), trust_domain=args.trust_domain,

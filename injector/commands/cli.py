@@ -18,6 +18,8 @@ from typing import Any, NoReturn
 
 import yaml
 
+from injector.errors import ConfigError, InvalidInput
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("injector.commands.serve", "serve the admission webhook and the CA over HTTPS"),
     "kube-inject": ("injector.commands.kube_inject", "inject sidecars into manifests offline"),
@@ -27,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class UsageError(Exception):
+class UsageError(InvalidInput):
     """A bad argument, setting or input: reported in one line, exit code 2."""
 
 
@@ -191,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         resolve_settings(leaf, args)
         module = importlib.import_module(COMMANDS[args.command][0])
         return int(module.run(args) or 0)
-    except UsageError as error:
+    except (InvalidInput, ConfigError) as error:  # UsageError among them
         message = str(error)
         prefix = "" if message.startswith("injector") else "injector: "
         print(f"{prefix}{message}", file=sys.stderr)

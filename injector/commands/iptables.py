@@ -21,18 +21,21 @@ from pathlib import Path
 from typing import Any
 
 from injector.commands.cli import CommandParser, UsageError
+from injector.errors import InjectorError
+from injector.mesh.network import (
+    parse_cidr_set,
+    parse_cidrs,
+    parse_port,
+    parse_port_set,
+    parse_ports,
+)
 from injector.traffic.iptables import (
     TrafficOptions,
     build_restore_input,
     find_installed_hooks,
     has_global_ipv6_address,
-    parse_cidr_set,
-    parse_cidrs,
     parse_id,
     parse_mode,
-    parse_port,
-    parse_port_set,
-    parse_ports,
 )
 
 # iptables talks to the kernel only; anything slower than this is stuck (e.g. on the xtables lock).
@@ -124,7 +127,7 @@ def _wants_ipv6(args: argparse.Namespace) -> bool:
         return False  # no IPv6 in this kernel or namespace
 
 
-class IptablesFailed(Exception):
+class IptablesFailed(InjectorError):
     """An iptables tool is missing or failed; the message says which and why."""
 
 

@@ -17,8 +17,9 @@ import jsonpatch
 import yaml
 
 from injector.commands.cli import CommandParser, UsageError
+from injector.errors import ConfigError, InvalidInput
 from injector.injection import patch, policy, sidecar
-from injector.mesh.config import ConfigError, MeshConfig, load_mesh_config
+from injector.mesh.config import MeshConfig, load_mesh_config
 
 WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"})
 
@@ -29,7 +30,7 @@ def add_arguments(parser: CommandParser) -> None:
     parser.option("--config", default=None, help="mesh config YAML file")
 
 
-class ManifestError(ValueError):
+class ManifestError(InvalidInput):
     """A document that cannot be injected; the message names it."""
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from injector.commands.cli import CommandParser, UsageError
-from injector.mesh.config import ConfigError, MeshConfig, load_mesh_config
+from injector.errors import ConfigError
+from injector.mesh.config import MeshConfig, load_mesh_config
 
 # Forward-secret AEAD suites only for TLS 1.2 (TLS 1.3's are all of that kind already).
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -166,7 +167,7 @@ class _Worker:
             self.ca_service = ca_api.build_ca_service(
                 certs_dir=certs_dir, mesh=mesh, token_file=args.token_file, api_client=api,
                 workers=args.workers)
-        except ca_api.ConfigurationError as error:
+        except ConfigError as error:
             raise UsageError(str(error)) from None
         self.serving = ServingCertificate(self.tls, self.cert_path, self.key_path)
 

@@ -7,11 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from injector.mesh.config import MeshConfig
-
-INJECT_LABEL = "sidecar.istio.io/inject"
-STATUS_ANNOTATION = "sidecar.istio.io/status"
-NAMESPACE_LABEL = "istio-injection"
-PROXY_CONTAINER = "istio-proxy"
+from injector.mesh.names import INJECT_LABEL, NAMESPACE_LABEL, PROXY_CONTAINER, STATUS_ANNOTATION
 
 
 @dataclass(frozen=True, slots=True)

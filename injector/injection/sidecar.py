@@ -19,60 +19,44 @@ from typing import Any, NamedTuple
 import orjson
 import yaml
 
-from injector.injection.policy import PROXY_CONTAINER, STATUS_ANNOTATION
+from injector.errors import InvalidInput
 from injector.mesh.config import MeshConfig
-from injector.mesh.quantity import parse_quantity
-from injector.traffic.iptables import (
-    TrafficOptions,
-    parse_cidr_set,
-    parse_cidrs,
-    parse_port_set,
-    parse_ports,
+from injector.mesh.names import (
+    CANONICAL_NAME_LABEL,
+    CANONICAL_REVISION_LABEL,
+    DEFAULT_CONTAINER_ANNOTATION,
+    EXCLUDE_INBOUND_PORTS,
+    EXCLUDE_OUTBOUND_IP_RANGES,
+    EXCLUDE_OUTBOUND_PORTS,
+    INCLUDE_INBOUND_PORTS,
+    INCLUDE_OUTBOUND_IP_RANGES,
+    INIT_CONTAINER,
+    LOG_LEVEL,
+    LOG_LEVELS,
+    MTLS_MODE,
+    MTLS_MODES,
+    NATIVE_SIDECAR,
+    PROXY_CONFIG,
+    PROXY_CONTAINER,
+    PROXY_CPU,
+    PROXY_CPU_LIMIT,
+    PROXY_IMAGE,
+    PROXY_MEMORY,
+    PROXY_MEMORY_LIMIT,
+    ROOT_CERT_CONFIGMAP,
+    STATUS_ANNOTATION,
+    TLS_MODE_LABEL,
+    TOKEN_AUDIENCE,
+    TOKEN_EXPIRATION_SECONDS,
+    VOLUME_MOUNTS,
+    VOLUME_NAMES,
 )
-
-INIT_CONTAINER = "istio-init"
-
-# Where istio-proxy mounts each volume; the agent's defaults read from these paths.
-VOLUME_MOUNTS: dict[str, str] = {
-    "workload-certs": "/var/run/secrets/workload-spiffe-credentials",
-    "istio-envoy": "/etc/istio/proxy",
-    "istio-data": "/var/lib/istio/data",
-    "istio-podinfo": "/etc/istio/pod",
-    "istio-token": "/var/run/secrets/tokens",
-    "istiod-ca-cert": "/var/run/secrets/istio",
-}
-VOLUME_NAMES: tuple[str, ...] = tuple(VOLUME_MOUNTS)
-
-TOKEN_AUDIENCE = "istio-ca"
-TOKEN_EXPIRATION_SECONDS = 43200
-ROOT_CERT_CONFIGMAP = "istio-ca-root-cert"
-
-# Per-pod overrides of the mesh config (SPEC section 3).
-PROXY_IMAGE = "sidecar.istio.io/proxyImage"
-PROXY_CPU = "sidecar.istio.io/proxyCPU"
-PROXY_MEMORY = "sidecar.istio.io/proxyMemory"
-PROXY_CPU_LIMIT = "sidecar.istio.io/proxyCPULimit"
-PROXY_MEMORY_LIMIT = "sidecar.istio.io/proxyMemoryLimit"
-LOG_LEVEL = "sidecar.istio.io/logLevel"
-MTLS_MODE = "sidecar.istio.io/mtlsMode"
-NATIVE_SIDECAR = "sidecar.istio.io/nativeSidecar"
-PROXY_CONFIG = "proxy.istio.io/config"
-INCLUDE_OUTBOUND_IP_RANGES = "traffic.sidecar.istio.io/includeOutboundIPRanges"
-EXCLUDE_OUTBOUND_IP_RANGES = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
-INCLUDE_INBOUND_PORTS = "traffic.sidecar.istio.io/includeInboundPorts"
-EXCLUDE_INBOUND_PORTS = "traffic.sidecar.istio.io/excludeInboundPorts"
-EXCLUDE_OUTBOUND_PORTS = "traffic.sidecar.istio.io/excludeOutboundPorts"
-
-DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
-TLS_MODE_LABEL = "security.istio.io/tlsMode"
-CANONICAL_NAME_LABEL = "service.istio.io/canonical-name"
-CANONICAL_REVISION_LABEL = "service.istio.io/canonical-revision"
-
-LOG_LEVELS = frozenset({"trace", "debug", "info", "warning", "error", "critical", "off"})
-MTLS_MODES = frozenset({"PERMISSIVE", "STRICT"})
+from injector.mesh.network import parse_cidr_set, parse_cidrs, parse_port_set, parse_ports
+from injector.mesh.quantity import parse_quantity
+from injector.traffic.iptables import TrafficOptions
 
 
-class InvalidAnnotation(ValueError):
+class InvalidAnnotation(InvalidInput):
     """A pod annotation that cannot be honoured; the pod is refused rather than injected wrong."""
 
     def __init__(self, annotation: str, value: object, problem: str) -> None:
@@ -80,7 +64,7 @@ class InvalidAnnotation(ValueError):
         self.annotation = annotation
 
 
-class NameConflict(ValueError):
+class NameConflict(InvalidInput):
     """The pod already uses a name the sidecar needs; injecting would make an invalid pod."""
 
 
@@ -413,10 +397,10 @@ def _annotations_to_add(
 ) -> dict[str, str]:
     added = {STATUS_ANNOTATION: status}
     containers = spec.get("containers") or ()
-    if DEFAULT_CONTAINER not in annotations and containers:
+    if DEFAULT_CONTAINER_ANNOTATION not in annotations and containers:
         first = containers[0].get("name") if isinstance(containers[0], dict) else None
         if isinstance(first, str) and first:
-            added[DEFAULT_CONTAINER] = first
+            added[DEFAULT_CONTAINER_ANNOTATION] = first
     if not any(key.startswith("prometheus.io/") for key in annotations):
         added["prometheus.io/scrape"] = "true"
         added["prometheus.io/port"] = str(mesh.prometheus_port)

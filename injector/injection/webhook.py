@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from injector.errors import InvalidInput
 from injector.injection import patch, policy, sidecar
 from injector.mesh.config import MeshConfig
 
@@ -21,7 +22,7 @@ API_VERSIONS = frozenset({"admission.k8s.io/v1", "admission.k8s.io/v1beta1"})
 NamespaceLabels = Callable[[str], Mapping[str, str] | None]
 
 
-class BadReview(ValueError):
+class BadReview(InvalidInput):
     """The body is not an AdmissionReview we can answer: HTTP 400."""
 
 

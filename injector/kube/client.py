@@ -17,8 +17,10 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
+from injector.errors import ConfigError
 
-class KubeConfigError(Exception):
+
+class KubeConfigError(ConfigError):
     """The kubeconfig (or in-cluster config) cannot be used; the message is one line."""
 
 

@@ -31,14 +31,16 @@ from kubernetes.watch.watch import iter_resp_lines
 from urllib3.exceptions import HTTPError
 
 from injector.ca import certsdir as cadir
-from injector.injection.policy import NAMESPACE_LABEL
 from injector.kube.client import REQUEST_TIMEOUT, Rest
 from injector.mesh.config import MeshConfig
+from injector.mesh.names import (
+    NAMESPACE_LABEL,
+    ROOT_CERT_CONFIGMAP,
+    ROOT_CERT_KEY,
+    SHARED_CA_SECRET,
+    WEBHOOK_CONFIGURATION,
+)
 
-ROOT_CONFIGMAP = "istio-ca-root-cert"
-ROOT_CONFIGMAP_KEY = "root-cert.pem"
-WEBHOOK_CONFIGURATION = "injector"
-SHARED_CA_SECRET = "istio-ca-secret"
 NAMESPACE_LABEL_VALUES = frozenset({"enabled", "disabled"})
 
 WATCH_SECONDS = 240
@@ -272,7 +274,7 @@ class ClusterSync:
 
     def _configmap_changed(self, kind: str, configmap: dict[str, Any]) -> None:
         if kind == "DELETED" or (configmap.get("data") or {}).get(
-                ROOT_CONFIGMAP_KEY) != self._root_pem:
+                ROOT_CERT_KEY) != self._root_pem:
             self._pending.put(configmap["metadata"]["namespace"])
 
     def _watch_configmaps(self) -> None:
@@ -281,37 +283,37 @@ class ClusterSync:
                 "/api/v1/configmaps",
                 lambda items: [self._configmap_changed("LISTED", item) for item in items],
                 self._configmap_changed,
-                {"fieldSelector": f"metadata.name={ROOT_CONFIGMAP}"},
+                {"fieldSelector": f"metadata.name={ROOT_CERT_CONFIGMAP}"},
             ):
                 self._ok("configmap-watch")
 
-        self._retry_forever("configmap-watch", f"watching {ROOT_CONFIGMAP} ConfigMaps", step)
+        self._retry_forever("configmap-watch", f"watching {ROOT_CERT_CONFIGMAP} ConfigMaps", step)
 
     def _ensure_configmap(self, namespace: str) -> None:
-        wanted = {ROOT_CONFIGMAP_KEY: self._root_pem}
+        wanted = {ROOT_CERT_KEY: self._root_pem}
         configmaps = f"/api/v1/namespaces/{namespace}/configmaps"
         try:
-            current = self._rest.json("GET", f"{configmaps}/{ROOT_CONFIGMAP}")
+            current = self._rest.json("GET", f"{configmaps}/{ROOT_CERT_CONFIGMAP}")
         except ApiException as error:
             if error.status != 404:
                 raise
             body = {
                 "apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {"name": ROOT_CONFIGMAP, "namespace": namespace,
+                "metadata": {"name": ROOT_CERT_CONFIGMAP, "namespace": namespace,
                              "labels": {"istio.io/config": "true"}},
                 "data": wanted,
             }
             try:
                 self._rest.json("POST", configmaps, body=body)
-                log.info("created ConfigMap %s/%s", namespace, ROOT_CONFIGMAP)
+                log.info("created ConfigMap %s/%s", namespace, ROOT_CERT_CONFIGMAP)
             except ApiException as create_error:
                 if create_error.status != 409:  # another replica was first
                     raise
             return
-        if (current.get("data") or {}).get(ROOT_CONFIGMAP_KEY) != self._root_pem:
-            self._rest.json("PATCH", f"{configmaps}/{ROOT_CONFIGMAP}", body={"data": wanted},
+        if (current.get("data") or {}).get(ROOT_CERT_KEY) != self._root_pem:
+            self._rest.json("PATCH", f"{configmaps}/{ROOT_CERT_CONFIGMAP}", body={"data": wanted},
                             content_type="application/merge-patch+json")
-            log.info("updated ConfigMap %s/%s", namespace, ROOT_CONFIGMAP)
+            log.info("updated ConfigMap %s/%s", namespace, ROOT_CERT_CONFIGMAP)
 
     def _write_configmaps(self) -> None:
         while not self._stop.is_set():
@@ -337,7 +339,7 @@ class ClusterSync:
                     continue  # the namespace went away
                 if not isinstance(error, API_ERRORS):
                     log.exception("configmaps: unexpected failure")
-                self._failed("configmaps", f"writing {namespace}/{ROOT_CONFIGMAP}", error)
+                self._failed("configmaps", f"writing {namespace}/{ROOT_CERT_CONFIGMAP}", error)
                 self._stop.wait(1.0)
                 self._pending.put(namespace)
 

@@ -13,11 +13,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
+from injector.errors import ConfigError
+from injector.mesh import names
+from injector.mesh.network import parse_cidrs, parse_port_set, parse_ports
 from injector.mesh.quantity import parse_quantity
-from injector.traffic.iptables import parse_cidrs, parse_port_set, parse_ports
-
-DEFAULT_IGNORED_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
-DEFAULT_MESH_CIDRS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
 
 
 class _Model(BaseModel):
@@ -45,24 +44,24 @@ class MeshConfig(_Model):
     proxy_image: str = "injector:0.1.0"
     init_image: str | None = None  # None: the proxy image, as Istio's proxyv2 serves both
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    proxy_port: int = Field(15001, ge=1, le=65535)
-    inbound_capture_port: int = Field(15006, ge=1, le=65535)
-    status_port: int = Field(15021, ge=1, le=65535)
-    agent_port: int = Field(15020, ge=1, le=65535)
-    prometheus_port: int = Field(15090, ge=1, le=65535)
-    proxy_uid: int = Field(1337, ge=1, alias="proxyUID")
-    proxy_gid: int = Field(1337, ge=1, alias="proxyGID")
+    proxy_port: int = Field(names.PROXY_OUTBOUND_PORT, ge=1, le=65535)
+    inbound_capture_port: int = Field(names.INBOUND_CAPTURE_PORT, ge=1, le=65535)
+    status_port: int = Field(names.STATUS_PORT, ge=1, le=65535)
+    agent_port: int = Field(names.AGENT_PORT, ge=1, le=65535)
+    prometheus_port: int = Field(names.PROMETHEUS_PORT, ge=1, le=65535)
+    proxy_uid: int = Field(names.PROXY_UID, ge=1, alias="proxyUID")
+    proxy_gid: int = Field(names.PROXY_UID, ge=1, alias="proxyGID")
     resources: ProxyResources = ProxyResources()
     # The sidecar's log level; not `logLevel`, which in a config file is serve's own option.
     proxy_log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = (
         "warning"
     )
-    trust_domain: str = "cluster.local"
-    ca_address: str = "injector.mesh-system.svc:443"
-    mesh_cidrs: tuple[str, ...] = Field(DEFAULT_MESH_CIDRS, alias="meshCIDRs")
+    trust_domain: str = names.DEFAULT_TRUST_DOMAIN
+    ca_address: str = names.DEFAULT_CA_ADDR
+    mesh_cidrs: tuple[str, ...] = Field(names.DEFAULT_MESH_CIDRS, alias="meshCIDRs")
     mtls_mode: Literal["PERMISSIVE", "STRICT"] = "PERMISSIVE"
-    injector_namespace: str = "mesh-system"
-    ignored_namespaces: tuple[str, ...] = DEFAULT_IGNORED_NAMESPACES
+    injector_namespace: str = names.DEFAULT_NAMESPACE
+    ignored_namespaces: tuple[str, ...] = names.DEFAULT_IGNORED_NAMESPACES
     policy: Literal["enabled", "disabled"] = "enabled"
     native_sidecars: bool = False
     revision: str = "default"
@@ -114,10 +113,6 @@ class MeshConfig(_Model):
         """The ignore list plus the injector's own namespace: it must never wait on itself.
         (Computed once: the decision asks for every pod.)"""
         return frozenset((*self.ignored_namespaces, self.injector_namespace))
-
-
-class ConfigError(ValueError):
-    """A mesh config that does not validate; the message is one line."""
 
 
 def load_mesh_config(data: dict[str, Any], source: str = "config") -> MeshConfig:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from injector.errors import InvalidInput
+
 SCHEME_PREFIX = "spiffe://"
 MAX_ID_LENGTH = 2048
 MAX_TRUST_DOMAIN_LENGTH = 255
@@ -20,7 +22,7 @@ _TRUST_DOMAIN_CHARS = re.compile(r"[a-z0-9._-]+")
 _SEGMENT_CHARS = re.compile(r"[A-Za-z0-9._-]+")
 
 
-class SpiffeIdError(ValueError):
+class SpiffeIdError(InvalidInput):
     """Text that is not a valid SPIFFE ID (or trust domain, or path); the message says why."""
 
 

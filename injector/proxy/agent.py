@@ -17,10 +17,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from injector.errors import InvalidInput
+
 DEFAULT_CA_PORT = 443
 
 
-class AgentError(ValueError):
+class AgentError(InvalidInput):
     """A setting or an answer the agent cannot work with; the message is one line."""
 
 

@@ -35,13 +35,14 @@ old one, the move makes Envoy reload the secret, and a renewal needs no restart.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
-IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from injector.mesh import names
+from injector.mesh.network import IpNetwork
+
 MtlsMode = Literal["PERMISSIVE", "STRICT"]
 
 CERTIFICATE_SECRET = "default"  # Istio's names for the workload certificate and the roots
@@ -68,10 +69,10 @@ class Ports:
     """The proxy's ports; Istio's defaults."""
 
     admin: int = 15000
-    outbound: int = 15001
-    inbound: int = 15006
-    status: int = 15021
-    prometheus: int = 15090
+    outbound: int = names.PROXY_OUTBOUND_PORT
+    inbound: int = names.INBOUND_CAPTURE_PORT
+    status: int = names.STATUS_PORT
+    prometheus: int = names.PROMETHEUS_PORT
 
 
 @dataclass(frozen=True, slots=True)

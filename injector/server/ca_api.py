@@ -35,6 +35,7 @@ from injector.ca.authn import (
     TokenReviewAuthenticator,
 )
 from injector.ca.ratelimit import RateLimiter
+from injector.errors import ConfigError
 from injector.mesh.config import MeshConfig
 from injector.mesh.spiffe import SpiffeId, SpiffeIdError
 from injector.server import asgi
@@ -61,10 +62,6 @@ ROOT_EXPIRY = Gauge("injector_ca_root_expiry_timestamp_seconds",
 SIGNING_CA_EXPIRY = Gauge("injector_ca_signing_ca_expiry_timestamp_seconds",
                           "When the signing CA certificate expires (Unix time)",
                           multiprocess_mode="max")
-
-
-class ConfigurationError(Exception):
-    """The CA cannot be set up from the given settings; the message is one line."""
 
 
 class Refusal(Exception):
@@ -311,11 +308,11 @@ def build_ca_service(*, certs_dir: Path, mesh: MeshConfig, token_file: str | Non
     `workers` processes (serve --workers), each of which limits a share of the CSR rate.
 
     Raises cadir.CertsError (a CA that does not load: key mismatch, chain that does not verify)
-    or ConfigurationError (a bad token file, an impossible TTL policy), both one line.
+    or ConfigError (a bad token file, an impossible TTL policy), both one line.
     """
     authority = cadir.load_authority(Path(certs_dir), mesh.trust_domain)
     if mesh.default_ttl_seconds > mesh.max_ttl_seconds:
-        raise ConfigurationError(
+        raise ConfigError(
             f"defaultTtlSeconds {mesh.default_ttl_seconds} exceeds maxTtlSeconds "
             f"{mesh.max_ttl_seconds}")
     authenticators: list[Authenticator] = []
@@ -323,7 +320,7 @@ def build_ca_service(*, certs_dir: Path, mesh: MeshConfig, token_file: str | Non
         try:
             authenticators.append(StaticTokens.from_file(token_file))
         except TokenFileError as error:
-            raise ConfigurationError(str(error)) from None
+            raise ConfigError(str(error)) from None
     if api_client is not None:
         authenticators.append(TokenReviewAuthenticator(api_client))
     if not authenticators:

@@ -11,49 +11,10 @@ input for the nat table out, with Istio's `istio-iptables` rules in REDIRECT mod
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 
-IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-DEFAULT_EXCLUDED_INBOUND_PORTS: tuple[int, ...] = (15090, 15021, 15020)
-
-
-def parse_port(text: str) -> int:
-    """A TCP port, 1..65535."""
-    stripped = text.strip()
-    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
-    if not (stripped.isascii() and stripped.isdigit()) or not 0 < int(stripped) < 65536:
-        raise ValueError(f"not a port: {text!r}")
-    return int(stripped)
-
-
-def parse_ports(text: str) -> tuple[int, ...]:
-    """A comma-separated port list; empty means none. `*` is not a port list: see parse_port_set."""
-    return tuple(parse_port(item) for item in text.split(",") if item.strip())
-
-
-def parse_port_set(text: str) -> tuple[int, ...] | None:
-    """`*` (None: every port) or a comma-separated port list."""
-    return None if text.strip() == "*" else parse_ports(text)
-
-
-def parse_cidr(text: str) -> IpNetwork:
-    """An IPv4 or IPv6 CIDR; a bare address means a host route."""
-    try:
-        return ipaddress.ip_network(text.strip(), strict=False)
-    except ValueError:
-        raise ValueError(f"not a CIDR: {text!r}") from None
-
-
-def parse_cidrs(text: str) -> tuple[IpNetwork, ...]:
-    """A comma-separated CIDR list; empty means none."""
-    return tuple(parse_cidr(item) for item in text.split(",") if item.strip())
-
-
-def parse_cidr_set(text: str) -> tuple[IpNetwork, ...] | None:
-    """`*` (None: every destination) or a comma-separated CIDR list."""
-    return None if text.strip() == "*" else parse_cidrs(text)
+from injector.mesh import names
+from injector.mesh.network import IpNetwork
 
 
 def parse_id(text: str) -> int:
@@ -81,15 +42,15 @@ class TrafficOptions:
     `None` for an include list means `*` (everything).
     """
 
-    proxy_port: int = 15001
-    inbound_capture_port: int = 15006
-    proxy_uid: int = 1337
-    proxy_gid: int = 1337
+    proxy_port: int = names.PROXY_OUTBOUND_PORT
+    inbound_capture_port: int = names.INBOUND_CAPTURE_PORT
+    proxy_uid: int = names.PROXY_UID
+    proxy_gid: int = names.PROXY_UID
     mode: str = "REDIRECT"
     include_outbound_cidrs: tuple[IpNetwork, ...] | None = None
     exclude_outbound_cidrs: tuple[IpNetwork, ...] = ()
     include_inbound_ports: tuple[int, ...] | None = None
-    exclude_inbound_ports: tuple[int, ...] = field(default=DEFAULT_EXCLUDED_INBOUND_PORTS)
+    exclude_inbound_ports: tuple[int, ...] = field(default=names.DEFAULT_EXCLUDED_INBOUND_PORTS)
     exclude_outbound_ports: tuple[int, ...] = ()
     include_outbound_ports: tuple[int, ...] = ()
 

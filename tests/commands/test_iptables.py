@@ -15,7 +15,8 @@ import pytest
 
 from injector.commands import cli
 from injector.commands import iptables as command
-from injector.traffic.iptables import TrafficOptions, build_restore_input, parse_cidrs
+from injector.mesh.network import parse_cidrs
+from injector.traffic.iptables import TrafficOptions, build_restore_input
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "iptables"
 

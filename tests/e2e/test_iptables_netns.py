@@ -36,7 +36,8 @@ from pathlib import Path
 
 import pytest
 
-from injector.traffic.iptables import TrafficOptions, build_rules, parse_cidrs
+from injector.mesh.network import parse_cidrs
+from injector.traffic.iptables import TrafficOptions, build_rules
 
 POD_IP = "10.200.0.2"
 PEER_IP = "10.200.0.1"

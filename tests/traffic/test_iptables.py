@@ -19,6 +19,14 @@ from hypothesis import strategies as st
 
 from injector.commands import iptables as command
 from injector.commands.cli import CommandParser, resolve_settings
+from injector.mesh.network import (
+    parse_cidr,
+    parse_cidr_set,
+    parse_cidrs,
+    parse_port,
+    parse_port_set,
+    parse_ports,
+)
 from injector.traffic.iptables import (
     CAPTURE_CHAINS,
     TrafficOptions,
@@ -26,14 +34,8 @@ from injector.traffic.iptables import (
     build_rules,
     find_installed_hooks,
     has_global_ipv6_address,
-    parse_cidr,
-    parse_cidr_set,
-    parse_cidrs,
     parse_id,
     parse_mode,
-    parse_port,
-    parse_port_set,
-    parse_ports,
 )
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "iptables"

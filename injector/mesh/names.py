@@ -1,0 +1,75 @@
+"""Every Istio name and default the mesh shares, in one place.
+
+The webhook writes these into pods, the agent reads them back, the CA checks the token audience
+and the cluster duties keep the objects they name. Istio's users rely on the exact spellings, so
+each is written once, here.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- Labels and annotations: who gets injected, and the record of what was -----------------------
+INJECT_LABEL: Final = "sidecar.istio.io/inject"  # also read as an annotation
+NAMESPACE_LABEL: Final = "istio-injection"
+STATUS_ANNOTATION: Final = "sidecar.istio.io/status"
+DEFAULT_CONTAINER_ANNOTATION: Final = "kubectl.kubernetes.io/default-container"
+TLS_MODE_LABEL: Final = "security.istio.io/tlsMode"
+CANONICAL_NAME_LABEL: Final = "service.istio.io/canonical-name"
+CANONICAL_REVISION_LABEL: Final = "service.istio.io/canonical-revision"
+
+# --- Per-pod overrides of the mesh config ---------------------------------------------------------
+PROXY_IMAGE: Final = "sidecar.istio.io/proxyImage"
+PROXY_CPU: Final = "sidecar.istio.io/proxyCPU"
+PROXY_MEMORY: Final = "sidecar.istio.io/proxyMemory"
+PROXY_CPU_LIMIT: Final = "sidecar.istio.io/proxyCPULimit"
+PROXY_MEMORY_LIMIT: Final = "sidecar.istio.io/proxyMemoryLimit"
+LOG_LEVEL: Final = "sidecar.istio.io/logLevel"
+MTLS_MODE: Final = "sidecar.istio.io/mtlsMode"
+NATIVE_SIDECAR: Final = "sidecar.istio.io/nativeSidecar"
+PROXY_CONFIG: Final = "proxy.istio.io/config"
+INCLUDE_OUTBOUND_IP_RANGES: Final = "traffic.sidecar.istio.io/includeOutboundIPRanges"
+EXCLUDE_OUTBOUND_IP_RANGES: Final = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
+INCLUDE_INBOUND_PORTS: Final = "traffic.sidecar.istio.io/includeInboundPorts"
+EXCLUDE_INBOUND_PORTS: Final = "traffic.sidecar.istio.io/excludeInboundPorts"
+EXCLUDE_OUTBOUND_PORTS: Final = "traffic.sidecar.istio.io/excludeOutboundPorts"
+
+# --- What injection adds --------------------------------------------------------------------------
+PROXY_CONTAINER: Final = "istio-proxy"
+INIT_CONTAINER: Final = "istio-init"
+# Where istio-proxy mounts each volume; the agent's defaults read from these paths.
+VOLUME_MOUNTS: Final[dict[str, str]] = {
+    "workload-certs": "/var/run/secrets/workload-spiffe-credentials",
+    "istio-envoy": "/etc/istio/proxy",
+    "istio-data": "/var/lib/istio/data",
+    "istio-podinfo": "/etc/istio/pod",
+    "istio-token": "/var/run/secrets/tokens",
+    "istiod-ca-cert": "/var/run/secrets/istio",
+}
+VOLUME_NAMES: Final[tuple[str, ...]] = tuple(VOLUME_MOUNTS)
+
+# --- Certificates: the token the sidecar sends, the trust bundle every namespace gets ------------
+TOKEN_AUDIENCE: Final = "istio-ca"
+TOKEN_EXPIRATION_SECONDS: Final = 43200
+ROOT_CERT_CONFIGMAP: Final = "istio-ca-root-cert"
+ROOT_CERT_KEY: Final = "root-cert.pem"
+SHARED_CA_SECRET: Final = "istio-ca-secret"
+WEBHOOK_CONFIGURATION: Final = "injector"
+
+# --- Defaults -----------------------------------------------------------------------------------
+DEFAULT_TRUST_DOMAIN: Final = "cluster.local"
+DEFAULT_NAMESPACE: Final = "mesh-system"  # the injector's own
+DEFAULT_CA_ADDR: Final = "injector.mesh-system.svc:443"
+DEFAULT_IGNORED_NAMESPACES: Final = ("kube-system", "kube-public", "kube-node-lease")
+DEFAULT_MESH_CIDRS: Final = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
+MTLS_MODES: Final = ("PERMISSIVE", "STRICT")
+LOG_LEVELS: Final = ("trace", "debug", "info", "warning", "error", "critical", "off")
+
+# --- Ports and the proxy's user -------------------------------------------------------------------
+PROXY_OUTBOUND_PORT: Final = 15001
+INBOUND_CAPTURE_PORT: Final = 15006
+AGENT_PORT: Final = 15020
+STATUS_PORT: Final = 15021
+PROMETHEUS_PORT: Final = 15090
+PROXY_UID: Final = 1337
+DEFAULT_EXCLUDED_INBOUND_PORTS: Final = (PROMETHEUS_PORT, STATUS_PORT, AGENT_PORT)
