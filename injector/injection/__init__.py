@@ -1,1 +1,3 @@
-"""Injection: whether a pod gets a sidecar, what it gets, and the AdmissionReview around it."""
+"""Injection: whether a pod gets a sidecar (`policy`), what it gets (`overrides`, `containers`,
+`sidecar`), the patch that adds it (`patch`), and around them the AdmissionReview (`review`,
+`webhook`) or the manifests kube-inject walks (`manifests`)."""

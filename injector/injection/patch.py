@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from injector.injection.sidecar import Injection
+from injector.injection.sidecar import Injection, Part
 
 Operation = dict[str, Any]
 
@@ -36,7 +36,7 @@ def _add_entries(
 
 
 def _append(
-    ops: list[Operation], spec: Mapping[str, Any], field: str, items: list[dict[str, Any]]
+    ops: list[Operation], spec: Mapping[str, Any], field: str, items: list[Part]
 ) -> None:
     path = f"/spec/{field}"
     if not isinstance(spec.get(field), list):
@@ -46,7 +46,7 @@ def _append(
 
 
 def _prepend(
-    ops: list[Operation], spec: Mapping[str, Any], field: str, items: list[dict[str, Any]]
+    ops: list[Operation], spec: Mapping[str, Any], field: str, items: list[Part]
 ) -> None:
     path = f"/spec/{field}"
     if not isinstance(spec.get(field), list) or not spec[field]:

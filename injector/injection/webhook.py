@@ -1,21 +1,29 @@
 """AdmissionReview in, AdmissionReview out: the webhook's request handling, free of I/O.
 
-Only the parts of the review the decision needs are checked (a full model of an AdmissionReview
-costs more than the whole injection); everything else passes through untouched.
+The wire format is `injector.injection.review`'s. Only the parts of the review the decision
+needs are checked (a full model of an AdmissionReview costs more than the whole injection);
+everything else passes through untouched.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import orjson
 
 from injector.errors import InvalidInput
 from injector.injection import patch, policy, sidecar
+from injector.injection.overrides import InvalidAnnotation
+from injector.injection.review import (
+    API_VERSIONS,
+    JSON_PATCH,
+    KIND,
+    AdmissionReview,
+    AdmissionReviewResponse,
+    Response,
+)
 from injector.mesh.config import MeshConfig
-
-API_VERSIONS = frozenset({"admission.k8s.io/v1", "admission.k8s.io/v1beta1"})
 
 # The labels of a namespace, or None when they are unknown (then the webhook's
 # namespaceSelector is trusted).
@@ -37,18 +45,22 @@ class Outcome(NamedTuple):
     pod: str
 
 
-def parse(body: bytes) -> dict[str, Any]:
-    """The review as a dict, or BadReview saying what is wrong with it."""
+def parse(body: bytes) -> AdmissionReview:
+    """The review, or BadReview saying what is wrong with it.
+
+    Checked: what every answer needs (`apiVersion`, `kind`, `request.uid`); the rest of the
+    request is as kube-apiserver sent it, and `admit` checks what it reads.
+    """
     try:
         review = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise BadReview("the body is not JSON") from None
-    if not isinstance(review, dict) or review.get("kind") != "AdmissionReview":
+    if not isinstance(review, dict) or review.get("kind") != KIND:
         raise BadReview("the body is not an AdmissionReview")
     if review.get("apiVersion") not in API_VERSIONS:
         raise BadReview(
             f"unsupported apiVersion {review.get('apiVersion')!r}: "
-            "expected admission.k8s.io/v1 or admission.k8s.io/v1beta1"
+            f"expected {' or '.join(sorted(API_VERSIONS))}"
         )
     request = review.get("request")
     if not isinstance(request, dict):
@@ -56,7 +68,7 @@ def parse(body: bytes) -> dict[str, Any]:
     uid = request.get("uid")
     if not isinstance(uid, str) or not uid:
         raise BadReview("the AdmissionReview's request has no uid")
-    return review
+    return cast(AdmissionReview, review)  # as far as the checks above go
 
 
 def _invalid_pod(pod: Any) -> str | None:
@@ -91,37 +103,35 @@ def _invalid_pod(pod: Any) -> str | None:
     return None
 
 
-def _response(review: Mapping[str, Any], answer: dict[str, Any]) -> bytes:
-    return orjson.dumps(
-        {
-            "apiVersion": review["apiVersion"],
-            "kind": "AdmissionReview",
-            "response": {"uid": review["request"]["uid"], **answer},
-        }
-    )
+def _answer(review: AdmissionReview, response: Response) -> bytes:
+    answer: AdmissionReviewResponse = {
+        "apiVersion": review["apiVersion"], "kind": KIND, "response": response}
+    return orjson.dumps(answer)
 
 
-def _denied(review: Mapping[str, Any], message: str) -> bytes:
-    return _response(
-        review,
-        {
-            "allowed": False,
-            "status": {
-                "status": "Failure",
-                "code": 400,
-                "reason": "BadRequest",
-                "message": message,
-            },
-        },
-    )
+def _allowed(review: AdmissionReview) -> bytes:
+    return _answer(review, {"uid": review["request"]["uid"], "allowed": True})
 
 
-def admit(
-    review: Mapping[str, Any], mesh: MeshConfig, namespace_labels: NamespaceLabels
-) -> Outcome:
+def _patched(review: AdmissionReview, encoded_patch: str) -> bytes:
+    return _answer(review, {"uid": review["request"]["uid"], "allowed": True,
+                            "patchType": JSON_PATCH, "patch": encoded_patch})
+
+
+def _denied(review: AdmissionReview, message: str) -> bytes:
+    return _answer(review, {
+        "uid": review["request"]["uid"],
+        "allowed": False,
+        "status": {"status": "Failure", "code": 400, "reason": "BadRequest", "message": message},
+    })
+
+
+def admit(review: AdmissionReview, mesh: MeshConfig, namespace_labels: NamespaceLabels
+          ) -> Outcome:
     """Answer a parsed review: a patch for a pod to inject, no patch otherwise."""
-    request = review["request"]
-    pod = request.get("object")
+    # Read as plain JSON: past `parse`, nothing but the uid is known to have its type.
+    request: Mapping[str, Any] = review["request"]
+    pod: Any = request.get("object")
     metadata = pod.get("metadata") if isinstance(pod, dict) else None
     metadata = metadata if isinstance(metadata, dict) else {}
     namespace = request.get("namespace") or metadata.get("namespace") or "default"
@@ -136,13 +146,9 @@ def admit(
         )
     kind = request.get("kind")
     if not isinstance(kind, dict) or kind.get("kind") != "Pod" or kind.get("group", "") != "":
-        return Outcome(
-            _response(review, {"allowed": True}), "ignored", "not-a-pod", namespace, name
-        )
+        return Outcome(_allowed(review), "ignored", "not-a-pod", namespace, name)
     if request.get("operation", "CREATE") != "CREATE":
-        return Outcome(
-            _response(review, {"allowed": True}), "ignored", "not-a-create", namespace, name
-        )
+        return Outcome(_allowed(review), "ignored", "not-a-create", namespace, name)
     problem = _invalid_pod(pod)
     if problem is not None:
         return Outcome(
@@ -150,15 +156,12 @@ def admit(
         )
     decision = policy.decide(pod, namespace, namespace_labels(namespace), mesh)
     if not decision.inject:
-        return Outcome(
-            _response(review, {"allowed": True}), "skipped", decision.reason, namespace, name
-        )
+        return Outcome(_allowed(review), "skipped", decision.reason, namespace, name)
     try:
         injection = sidecar.build(pod, mesh, as_json=True)
-    except (sidecar.InvalidAnnotation, sidecar.NameConflict) as error:
-        reason = ("invalid-annotation" if isinstance(error, sidecar.InvalidAnnotation)
-                  else "name-conflict")
+    except (InvalidAnnotation, sidecar.NameConflict) as error:
+        reason = "invalid-annotation" if isinstance(error, InvalidAnnotation) else "name-conflict"
         return Outcome(_denied(review, f"sidecar injection refused: {error}"), "denied", reason,
                        namespace, name)
-    answer = {"allowed": True, "patchType": "JSONPatch", "patch": patch.encoded(pod, injection)}
-    return Outcome(_response(review, answer), "injected", decision.reason, namespace, name)
+    return Outcome(_patched(review, patch.encoded(pod, injection)), "injected", decision.reason,
+                   namespace, name)

@@ -1,27 +1,30 @@
 """The HTTPS service's routes: the webhook, health, metrics, and whatever routers are mounted
-(the CA's). The FastAPI app is built from already-loaded parts; `injector.commands.serve`
+(the CA's). The FastAPI app is built from already-loaded parts; `injector.server.wiring`
 loads them and runs uvicorn."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import TypeAdapter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from injector.injection import webhook
+from injector.injection.review import AdmissionReview, AdmissionReviewResponse
 from injector.mesh.config import MeshConfig
 from injector.server import asgi, logs
 from injector.server.httpio import (
-    TOO_LARGE,
+    TooLarge,
     error_response,
     json_error,
     json_responses,
@@ -37,43 +40,35 @@ log = logging.getLogger("injector.webhook")
 ReadinessCheck = Callable[[], str | None]
 
 
-# What /inject documents: enough for a client (and a schema-driven fuzzer) to know the shape;
-# the handler checks only what injection reads (a full model costs more than the injection).
-ADMISSION_REVIEW_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "request"],
-    "properties": {
-        "apiVersion": {"type": "string",
-                       "enum": ["admission.k8s.io/v1", "admission.k8s.io/v1beta1"]},
-        "kind": {"type": "string", "enum": ["AdmissionReview"]},
-        "request": {"type": "object", "required": ["uid"], "properties": {
-            "uid": {"type": "string", "minLength": 1},
-            "namespace": {"type": "string"},
-            "operation": {"type": "string"},
-            "kind": {"type": "object"},
-            "object": {"type": "object"},
-        }},
-    },
-}
-ADMISSION_RESPONSE_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["apiVersion", "kind", "response"],
-    "properties": {
-        "apiVersion": ADMISSION_REVIEW_SCHEMA["properties"]["apiVersion"],
-        "kind": ADMISSION_REVIEW_SCHEMA["properties"]["kind"],
-        "response": {"type": "object", "required": ["uid", "allowed"], "properties": {
-            "uid": {"type": "string"},
-            "allowed": {"type": "boolean"},
-            "patchType": {"type": "string", "enum": ["JSONPatch"]},
-            "patch": {"type": "string", "format": "byte"},
-            "status": {"type": "object"},
-        }},
-    },
-}
-INJECT_OPENAPI: dict[str, Any] = {
-    "requestBody": {"required": True, "content": {
-        "application/json": {"schema": ADMISSION_REVIEW_SCHEMA}}},
-}
+def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` with each reference into its `$defs` replaced by the definition: a schema
+    inside an OpenAPI operation cannot point into definitions of its own."""
+    definitions = schema.pop("$defs", {})
+    prefix = "#/$defs/"
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith(prefix):
+            siblings = {key: value for key, value in node.items() if key != "$ref"}
+            return {**inline(definitions[ref.removeprefix(prefix)]), **inline(siblings)}
+        return {key: inline(value) for key, value in node.items()}
+
+    inlined: dict[str, Any] = inline(schema)
+    return inlined
+
+
+@functools.cache
+def inject_schemas() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The JSON schemas of the review /inject reads and the review it answers, derived from
+    the wire format's types (`injector.injection.review`) so the document cannot drift from
+    the code. Made once, when the first app is built: never on a request's path, which checks
+    only what injection reads (validating a whole review costs more than the injection)."""
+    return (_inlined(TypeAdapter(AdmissionReview).json_schema()),
+            _inlined(TypeAdapter(AdmissionReviewResponse).json_schema()))
 
 
 class Admission:
@@ -119,10 +114,10 @@ class Admission:
         body = await receive_body(scope, receive, MAX_ADMISSION_BYTES)
         if body is None:
             return None  # the client went away: nobody to answer
-        if body is TOO_LARGE:
+        if isinstance(body, TooLarge):
             status, answer = self.too_large()
         else:
-            status, answer = self.answer(body, started)  # type: ignore[arg-type]
+            status, answer = self.answer(body, started)
         return status, [], answer
 
 
@@ -134,7 +129,7 @@ def create_app(
     degraded: Callable[[], list[str]] = list,
     routers: Sequence[APIRouter] = (),
     fast_routes: Mapping[tuple[str, str], asgi.FastRoute] | None = None,
-    background: Sequence[Callable[[], Awaitable[None]]] = (),
+    background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
 ) -> asgi.FastRoutes:
     """The ASGI app; `background` tasks (watchers) run while it serves and never block a
     request. `POST /inject` and the `fast_routes` (the CA's) skip FastAPI (injector.asgi);
@@ -157,6 +152,7 @@ def create_app(
 
     app = FastAPI(title="injector", version="0.1.0", docs_url=None, redoc_url=None,
                   lifespan=lifespan)
+    review_schema, answer_schema = inject_schemas()
     admission = Admission(mesh, namespace_labels)
 
     @app.exception_handler(StarletteHTTPException)
@@ -175,10 +171,12 @@ def create_app(
         logging.getLogger("injector").exception("internal error")
         return error_response(500, "internal error")
 
-    @app.post("/inject", response_class=Response, openapi_extra=INJECT_OPENAPI,
+    @app.post("/inject", response_class=Response,
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": review_schema}}}},
               summary="The mutating admission webhook",
               responses=json_responses({400: "Not an AdmissionReview",
-                                        413: "Over 8 MiB"}, ok=ADMISSION_RESPONSE_SCHEMA))
+                                        413: "Over 8 MiB"}, ok=answer_schema))
     async def inject(request: Request) -> Response:
         # Reached only past FastRoutes (which answers POST /inject itself), e.g. in a test
         # that mounts the FastAPI app alone; the same answer either way.
@@ -186,7 +184,7 @@ def create_app(
         body = await receive_body(request.scope, request.receive, MAX_ADMISSION_BYTES)
         if body is None:
             return Response(status_code=400)  # the client went away: nobody reads this
-        if body is TOO_LARGE:
+        if isinstance(body, TooLarge):
             status, answer = admission.too_large()
         else:
             status, answer = admission.answer(body, started)

@@ -1,0 +1,248 @@
+"""The containers and volumes a sidecar brings: istio-init, istio-proxy and their volumes.
+
+They depend only on the mesh config and the pod's override annotations
+(`injector.injection.overrides`), never on the rest of the pod; so they are built once per such
+combination (`template`), kept as JSON, and every pod gets a fresh copy (or, for the webhook,
+the JSON itself): no two pods ever share a dict, and no admission pays for building them again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from injector.injection import overrides
+from injector.injection.overrides import Overrides, Resources
+from injector.mesh.config import MeshConfig
+from injector.mesh.names import (
+    INIT_CONTAINER,
+    PROXY_CONTAINER,
+    ROOT_CERT_CONFIGMAP,
+    TOKEN_AUDIENCE,
+    TOKEN_EXPIRATION_SECONDS,
+    VOLUME_MOUNTS,
+    VOLUME_NAMES,
+)
+
+
+def _resources(resources: Resources) -> dict[str, Any]:
+    return {
+        "requests": {"cpu": resources.cpu, "memory": resources.memory},
+        "limits": {"cpu": resources.cpu_limit, "memory": resources.memory_limit},
+    }
+
+
+def _field_env(name: str, path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
+
+
+def proxy_container(mesh: MeshConfig, settings: Overrides) -> dict[str, Any]:
+    """istio-proxy: the agent, which runs Envoy with the pod's SPIFFE identity."""
+    ready_probe = {
+        "httpGet": {"path": "/healthz/ready", "port": mesh.status_port, "scheme": "HTTP"},
+        "periodSeconds": 2,
+        "timeoutSeconds": 3,
+        "failureThreshold": 30,
+    }
+    container: dict[str, Any] = {
+        "name": PROXY_CONTAINER,
+        "image": settings.image,
+        "imagePullPolicy": mesh.image_pull_policy,
+        "command": ["injector", "agent"],
+        "args": ["--log-level", settings.log_level],
+        "ports": [
+            {"name": "http-envoy-prom", "containerPort": mesh.prometheus_port, "protocol": "TCP"}
+        ],
+        "env": [
+            _field_env("POD_NAME", "metadata.name"),
+            _field_env("POD_NAMESPACE", "metadata.namespace"),
+            _field_env("INSTANCE_IP", "status.podIP"),
+            _field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+            {"name": "CA_ADDR", "value": mesh.ca_address},
+            {"name": "TRUST_DOMAIN", "value": mesh.trust_domain},
+            {"name": "MESH_CIDRS", "value": ",".join(mesh.mesh_cidrs)},
+            {"name": "MTLS_MODE", "value": settings.mtls_mode},
+        ],
+        "resources": _resources(settings.resources),
+        "readinessProbe": ready_probe,
+        "securityContext": {
+            "runAsUser": mesh.proxy_uid,
+            "runAsGroup": mesh.proxy_gid,
+            "runAsNonRoot": True,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": name, "mountPath": path} for name, path in VOLUME_MOUNTS.items()
+        ],
+    }
+    if settings.native:
+        # A native sidecar is an init container that keeps running; the startup probe holds
+        # the next init containers and the app until the proxy is ready.
+        container["restartPolicy"] = "Always"
+        container["startupProbe"] = {**ready_probe, "periodSeconds": 1, "failureThreshold": 600}
+    elif settings.hold:
+        container["lifecycle"] = {
+            "postStart": {"exec": {"command": ["injector", "agent", "wait"]}}
+        }
+    return container
+
+
+def init_container(mesh: MeshConfig, settings: Overrides) -> dict[str, Any]:
+    """istio-init: programs the pod's iptables to send its traffic through the proxy."""
+    return {
+        "name": INIT_CONTAINER,
+        # Only the proxy's image can be overridden per pod; istio-init keeps the mesh's.
+        "image": mesh.init_image or mesh.proxy_image,
+        "imagePullPolicy": mesh.image_pull_policy,
+        "command": ["injector", "iptables"],
+        "args": settings.traffic.to_args(),
+        "resources": _resources(settings.resources),
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "privileged": False,
+            "readOnlyRootFilesystem": False,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+        },
+    }
+
+
+def volumes() -> list[dict[str, Any]]:
+    """The volumes istio-proxy mounts (`VOLUME_MOUNTS`), in `VOLUME_NAMES` order."""
+    return [
+        {"name": "workload-certs", "emptyDir": {"medium": "Memory"}},
+        {"name": "istio-envoy", "emptyDir": {"medium": "Memory"}},
+        {"name": "istio-data", "emptyDir": {}},
+        {
+            "name": "istio-podinfo",
+            "downwardAPI": {
+                "items": [
+                    {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
+                    {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}},
+                ]
+            },
+        },
+        {
+            "name": "istio-token",
+            "projected": {
+                "sources": [
+                    {
+                        "serviceAccountToken": {
+                            "audience": TOKEN_AUDIENCE,
+                            "expirationSeconds": TOKEN_EXPIRATION_SECONDS,
+                            "path": "istio-token",
+                        }
+                    }
+                ]
+            },
+        },
+        {"name": "istiod-ca-cert", "configMap": {"name": ROOT_CERT_CONFIGMAP}},
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """The part of an injection fixed by the mesh config and the override annotations, as JSON
+    (immutable: the cache can hand it to every pod, and it can key other caches)."""
+
+    init_container: bytes
+    proxy_container: bytes
+    volumes: tuple[bytes, ...]
+    status: str  # the sidecar.istio.io/status annotation
+    native: bool
+    hold: bool
+
+
+def _make_template(annotations: Mapping[str, Any], mesh: MeshConfig) -> Template:
+    settings = overrides.read(annotations, mesh)
+    status = {
+        "initContainers": [INIT_CONTAINER, PROXY_CONTAINER] if settings.native
+        else [INIT_CONTAINER],
+        "containers": [] if settings.native else [PROXY_CONTAINER],
+        "volumes": list(VOLUME_NAMES),
+        "revision": mesh.revision,
+    }
+    return Template(
+        init_container=orjson.dumps(init_container(mesh, settings)),
+        proxy_container=orjson.dumps(proxy_container(mesh, settings)),
+        volumes=tuple(orjson.dumps(volume) for volume in volumes()),
+        status=orjson.dumps(status).decode(),
+        native=settings.native,
+        hold=settings.hold,
+    )
+
+
+# The override annotations a pod carries, as (name, value) pairs in `overrides.ANNOTATIONS`
+# order: all a template depends on besides the mesh config.
+_Key = tuple[tuple[str, str], ...]
+_Table = dict[_Key, Template]
+
+
+class TemplateCache:
+    """Templates by mesh config, then by override annotations; bounded whatever pods carry
+    (at most MAX_MESHES tables of MAX_PER_MESH templates).
+
+    Configs are keyed by value: a config is immutable (a frozen model), so two equal ones
+    rightly share templates, and no other config can be mistaken for one (an `id()` could be,
+    once the config it was taken from is collected). Hashing a config costs about a tenth of an
+    admission, though, so the table last used is also kept with its config, and found by
+    identity: a server has one mesh config, and hashes it for its first pod only.
+    """
+
+    MAX_MESHES = 4
+    MAX_PER_MESH = 512
+
+    def __init__(self) -> None:
+        self._tables: dict[MeshConfig, _Table] = {}
+        # One tuple, replaced whole: a thread never sees one config with another's table. It
+        # holds the config, so no other object can take its identity while it is here.
+        self._last: tuple[MeshConfig, _Table] | None = None
+
+    def get(self, key: _Key, mesh: MeshConfig) -> Template:
+        last = self._last
+        table = last[1] if last is not None and last[0] is mesh else self._table(mesh)
+        cached = table.get(key)
+        if cached is None:
+            cached = _make_template(dict(key), mesh)
+            if len(table) >= self.MAX_PER_MESH:
+                table.clear()
+            table[key] = cached
+        return cached
+
+    def _table(self, mesh: MeshConfig) -> _Table:
+        table = self._tables.get(mesh)
+        if table is None:
+            if len(self._tables) >= self.MAX_MESHES:
+                self._tables.clear()
+            table = self._tables[mesh] = {}
+        self._last = (mesh, table)
+        return table
+
+    def __len__(self) -> int:
+        return sum(len(table) for table in self._tables.values())
+
+
+TEMPLATES = TemplateCache()
+_OVERRIDE_SET = frozenset(overrides.ANNOTATIONS)
+
+
+def template(annotations: Mapping[str, Any], mesh: MeshConfig) -> Template:
+    """The template for these override annotations under `mesh`, from the cache when it can.
+
+    Raises InvalidAnnotation (never cached) for an override the pod cannot have.
+    """
+    # Most pods have none of the overrides: one pass over their few annotations says so.
+    key = tuple([(name, annotations[name]) for name in overrides.ANNOTATIONS
+                 if name in annotations]
+                if not _OVERRIDE_SET.isdisjoint(annotations) else ())
+    if not all(type(value) is str for _, value in key):
+        return _make_template(annotations, mesh)  # refused, with the annotation's name
+    return TEMPLATES.get(key, mesh)

@@ -1,0 +1,219 @@
+"""A pod's override annotations, read and checked into one typed value.
+
+Istio lets a pod change parts of its sidecar with annotations (`sidecar.istio.io/proxyCPU`,
+`traffic.sidecar.istio.io/excludeOutboundIPRanges`, ...). They arrive as free text from whoever
+wrote the pod, so each is checked here, once, and a bad one refuses the pod naming the
+annotation (`InvalidAnnotation`) instead of producing a pod Kubernetes or the proxy rejects
+later. What comes out (`Overrides`) is what the container specs are built from
+(`injector.injection.containers`), with the mesh config's value wherever the pod says nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import yaml
+
+from injector.errors import InvalidInput
+from injector.mesh.config import MeshConfig
+from injector.mesh.names import (
+    EXCLUDE_INBOUND_PORTS,
+    EXCLUDE_OUTBOUND_IP_RANGES,
+    EXCLUDE_OUTBOUND_PORTS,
+    INCLUDE_INBOUND_PORTS,
+    INCLUDE_OUTBOUND_IP_RANGES,
+    LOG_LEVEL,
+    LOG_LEVELS,
+    MTLS_MODE,
+    MTLS_MODES,
+    NATIVE_SIDECAR,
+    PROXY_CONFIG,
+    PROXY_CPU,
+    PROXY_CPU_LIMIT,
+    PROXY_IMAGE,
+    PROXY_MEMORY,
+    PROXY_MEMORY_LIMIT,
+)
+from injector.mesh.network import parse_cidr_set, parse_cidrs, parse_port_set, parse_ports
+from injector.mesh.quantity import parse_quantity
+from injector.traffic.iptables import TrafficOptions
+
+# Every annotation read here: nothing else of a pod changes its sidecar's containers or volumes
+# (so they are all the template cache needs to key on).
+ANNOTATIONS: tuple[str, ...] = (
+    PROXY_IMAGE, PROXY_CPU, PROXY_MEMORY, PROXY_CPU_LIMIT, PROXY_MEMORY_LIMIT, LOG_LEVEL,
+    MTLS_MODE, NATIVE_SIDECAR, PROXY_CONFIG, INCLUDE_OUTBOUND_IP_RANGES,
+    EXCLUDE_OUTBOUND_IP_RANGES, INCLUDE_INBOUND_PORTS, EXCLUDE_INBOUND_PORTS,
+    EXCLUDE_OUTBOUND_PORTS,
+)
+
+_Parsed = TypeVar("_Parsed")
+
+
+class InvalidAnnotation(InvalidInput):
+    """A pod annotation that cannot be honoured; the pod is refused rather than injected wrong."""
+
+    def __init__(self, annotation: str, value: object, problem: str) -> None:
+        super().__init__(f"annotation {annotation}={value!r}: {problem}")
+        self.annotation = annotation
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    """The proxy's (and istio-init's) requests and limits, as the Kubernetes quantities given."""
+
+    cpu: str
+    memory: str
+    cpu_limit: str
+    memory_limit: str
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """The mesh config's sidecar settings as one pod's annotations leave them, all checked."""
+
+    image: str
+    log_level: str
+    mtls_mode: str
+    resources: Resources
+    native: bool  # the proxy runs as a native sidecar (a restartable init container)
+    hold: bool  # the app waits for the proxy (holdApplicationUntilProxyStarts)
+    traffic: TrafficOptions  # istio-init's redirection
+
+
+def _annotation(annotations: Mapping[str, Any], key: str, default: str) -> str:
+    value = annotations.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise InvalidAnnotation(key, value, "must be a string")
+    return value
+
+
+def _parsed(
+    annotations: Mapping[str, Any], key: str, default: str, parse: Callable[[str], _Parsed]
+) -> _Parsed:
+    """The annotation (or default) through `parse`; the failure names the annotation."""
+    value = _annotation(annotations, key, default)
+    try:
+        return parse(value)
+    except ValueError as error:
+        raise InvalidAnnotation(key, value, str(error)) from None
+
+
+def _quantity(annotations: Mapping[str, Any], key: str, default: str) -> str:
+    value = _annotation(annotations, key, default)
+    try:
+        parse_quantity(value)
+    except ValueError as error:
+        raise InvalidAnnotation(key, value, str(error)) from None
+    # Kept as written (less the spaces): the pod shows the quantity its author chose.
+    return value.strip()
+
+
+def _boolean(annotations: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = _annotation(annotations, key, "true" if default else "false").strip().lower()
+    if value not in ("true", "false"):
+        raise InvalidAnnotation(key, value, 'expected "true" or "false"')
+    return value == "true"
+
+
+def _hold_application(annotations: Mapping[str, Any]) -> bool:
+    """`holdApplicationUntilProxyStarts` from the `proxy.istio.io/config` annotation (YAML)."""
+    text = annotations.get(PROXY_CONFIG)
+    if text is None:
+        return False
+    if not isinstance(text, str):
+        raise InvalidAnnotation(PROXY_CONFIG, text, "must be a string")
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise InvalidAnnotation(PROXY_CONFIG, text, "not valid YAML") from None
+    if config is None:
+        return False
+    if not isinstance(config, dict):
+        raise InvalidAnnotation(PROXY_CONFIG, text, "expected a mapping")
+    hold = config.get("holdApplicationUntilProxyStarts", False)
+    if not isinstance(hold, bool):
+        raise InvalidAnnotation(
+            PROXY_CONFIG, text, "holdApplicationUntilProxyStarts must be true or false"
+        )
+    return hold
+
+
+def _resources(annotations: Mapping[str, Any], mesh: MeshConfig) -> Resources:
+    defaults = mesh.resources
+    resources = Resources(
+        cpu=_quantity(annotations, PROXY_CPU, defaults.cpu),
+        memory=_quantity(annotations, PROXY_MEMORY, defaults.memory),
+        cpu_limit=_quantity(annotations, PROXY_CPU_LIMIT, defaults.cpu_limit),
+        memory_limit=_quantity(annotations, PROXY_MEMORY_LIMIT, defaults.memory_limit),
+    )
+    # Kubernetes refuses a request above its limit; say which annotation to fix instead.
+    for request_key, request, limit_key, limit in (
+        (PROXY_CPU, resources.cpu, PROXY_CPU_LIMIT, resources.cpu_limit),
+        (PROXY_MEMORY, resources.memory, PROXY_MEMORY_LIMIT, resources.memory_limit),
+    ):
+        if parse_quantity(request) > parse_quantity(limit):
+            raise InvalidAnnotation(
+                request_key if request_key in annotations else limit_key,
+                annotations.get(request_key, annotations.get(limit_key)),
+                f"the request {request} exceeds the limit {limit}",
+            )
+    return resources
+
+
+def traffic_options(annotations: Mapping[str, Any], mesh: MeshConfig) -> TrafficOptions:
+    """The init container's redirection options: mesh config, overridden by annotations."""
+    # The proxy's own ports are always excluded; an annotation adds to them, as in Istio.
+    excluded_inbound = _parsed(
+        annotations, EXCLUDE_INBOUND_PORTS, mesh.exclude_inbound_ports, parse_ports
+    )
+    always_excluded = (mesh.prometheus_port, mesh.status_port, mesh.agent_port)
+    return TrafficOptions(
+        proxy_port=mesh.proxy_port,
+        inbound_capture_port=mesh.inbound_capture_port,
+        proxy_uid=mesh.proxy_uid,
+        proxy_gid=mesh.proxy_gid,
+        mode=TrafficOptions().mode,
+        include_outbound_cidrs=_parsed(
+            annotations, INCLUDE_OUTBOUND_IP_RANGES, mesh.include_outbound_ip_ranges,
+            parse_cidr_set,
+        ),
+        exclude_outbound_cidrs=_parsed(
+            annotations, EXCLUDE_OUTBOUND_IP_RANGES, mesh.exclude_outbound_ip_ranges,
+            parse_cidrs,
+        ),
+        include_inbound_ports=_parsed(
+            annotations, INCLUDE_INBOUND_PORTS, mesh.include_inbound_ports, parse_port_set
+        ),
+        exclude_inbound_ports=tuple(dict.fromkeys((*always_excluded, *excluded_inbound))),
+        exclude_outbound_ports=_parsed(
+            annotations, EXCLUDE_OUTBOUND_PORTS, mesh.exclude_outbound_ports, parse_ports
+        ),
+    )
+
+
+def read(annotations: Mapping[str, Any], mesh: MeshConfig) -> Overrides:
+    """The sidecar settings for a pod with these annotations under `mesh`.
+
+    Raises InvalidAnnotation for the first annotation the pod cannot have. The annotations are
+    checked in a fixed order, so a pod with several bad ones is always told of the same one.
+    """
+    native = _boolean(annotations, NATIVE_SIDECAR, mesh.native_sidecars)
+    hold = _hold_application(annotations)
+    resources = _resources(annotations, mesh)
+    traffic = traffic_options(annotations, mesh)
+    image = _annotation(annotations, PROXY_IMAGE, mesh.proxy_image).strip()
+    if not image:
+        raise InvalidAnnotation(PROXY_IMAGE, image, "must not be empty")
+    log_level = _annotation(annotations, LOG_LEVEL, mesh.proxy_log_level)
+    if log_level not in LOG_LEVELS:
+        raise InvalidAnnotation(LOG_LEVEL, log_level, f"expected one of {sorted(LOG_LEVELS)}")
+    mtls_mode = _annotation(annotations, MTLS_MODE, mesh.mtls_mode)
+    if mtls_mode not in MTLS_MODES:
+        raise InvalidAnnotation(MTLS_MODE, mtls_mode, "expected PERMISSIVE or STRICT")
+    return Overrides(image=image, log_level=log_level, mtls_mode=mtls_mode, resources=resources,
+                     native=native, hold=hold, traffic=traffic)

@@ -1,0 +1,130 @@
+"""The MutatingWebhookConfiguration: its fields, and which pods its selectors send to it."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.deploy import (
+    NAMESPACE,
+    NAMESPACE_LABELS,
+    POD_LABELS,
+    ROOT,
+    SYSTEM_NAMESPACES,
+    find,
+    selector_matches,
+    webhooks_called,
+)
+
+
+def test_selector_matcher_can_fail() -> None:
+    assert not selector_matches({"matchExpressions": [
+        {"key": "a", "operator": "In", "values": ["x"]}]}, {"a": "y"})
+    assert not selector_matches({"matchExpressions": [
+        {"key": "a", "operator": "NotIn", "values": ["x"]}]}, {"a": "x"})
+    assert selector_matches({"matchExpressions": [
+        {"key": "a", "operator": "NotIn", "values": ["x"]}]}, {})
+    assert not selector_matches({"matchExpressions": [
+        {"key": "a", "operator": "DoesNotExist"}]}, {"a": ""})
+    assert not selector_matches({"matchLabels": {"a": "x"}}, {})
+
+
+def test_webhook_fields(webhook_config: dict[str, Any], objects: list[dict[str, Any]]) -> None:
+    hooks = webhook_config["webhooks"]
+    assert len(hooks) == 2
+    names = [hook["name"] for hook in hooks]
+    assert len(set(names)) == 2
+    service = find(objects, "Service", "injector")
+    for hook in hooks:
+        # Fully qualified names, as the API server requires (at least three DNS labels).
+        assert re.fullmatch(r"[a-z0-9-]+(\.[a-z0-9-]+){2,}", hook["name"]), hook["name"]
+        assert hook["admissionReviewVersions"] == ["v1", "v1beta1"]
+        assert hook["sideEffects"] == "None"
+        assert hook["failurePolicy"] == "Fail"
+        assert hook["timeoutSeconds"] == 10
+        assert hook["reinvocationPolicy"] == "IfNeeded"
+        assert hook["clientConfig"] == {"service": {
+            "name": service["metadata"]["name"], "namespace": NAMESPACE, "path": "/inject",
+            "port": service["spec"]["ports"][0]["port"],
+        }}, "caBundle must stay out of the manifest: the server patches it"
+        assert hook["rules"] == [{
+            "operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+            "resources": ["pods"], "scope": "Namespaced",
+        }]
+    by_name = dict(zip(names, hooks, strict=True))
+    namespace_hook = next(h for h in hooks if h["name"].startswith("namespace."))
+    object_hook = next(h for h in hooks if h["name"].startswith("object."))
+    assert set(by_name) == {namespace_hook["name"], object_hook["name"]}
+    assert {"key": "istio-injection", "operator": "In", "values": ["enabled"]} in (
+        namespace_hook["namespaceSelector"]["matchExpressions"])
+    assert namespace_hook["objectSelector"] == {"matchExpressions": [
+        {"key": "sidecar.istio.io/inject", "operator": "NotIn", "values": ["false"]}]}
+    assert {"key": "istio-injection", "operator": "DoesNotExist"} in (
+        object_hook["namespaceSelector"]["matchExpressions"])
+    assert object_hook["objectSelector"] == {"matchExpressions": [
+        {"key": "sidecar.istio.io/inject", "operator": "In", "values": ["true"]}]}
+
+
+# Istio's: which of its two webhooks (namespace.*, object.*) is called.
+EXPECTED = {
+    ("enabled", "true"): "namespace", ("enabled", "unset"): "namespace",
+    ("enabled", "false"): None,
+    ("disabled", "true"): None, ("disabled", "unset"): None, ("disabled", "false"): None,
+    ("unlabelled", "true"): "object", ("unlabelled", "unset"): None,
+    ("unlabelled", "false"): None,
+}
+
+
+@pytest.mark.parametrize(("namespace_case", "pod_case"),
+                         list(itertools.product(NAMESPACE_LABELS, POD_LABELS)))
+def test_selectors_call_exactly_istios_webhook(
+    webhook_config: dict[str, Any], namespace_case: str, pod_case: str
+) -> None:
+    called = webhooks_called(
+        webhook_config, "demo", NAMESPACE_LABELS[namespace_case], POD_LABELS[pod_case]
+    )
+    # Mutually exclusive: never more than one, so a pod is never injected twice.
+    assert len(called) <= 1
+    expected = EXPECTED[(namespace_case, pod_case)]
+    assert [name.split(".")[0] for name in called] == ([expected] if expected else [])
+
+
+@pytest.mark.parametrize("namespace", [*SYSTEM_NAMESPACES, NAMESPACE])
+@pytest.mark.parametrize("namespace_case", list(NAMESPACE_LABELS))
+def test_system_namespaces_never_call_the_webhook(
+    webhook_config: dict[str, Any], namespace: str, namespace_case: str
+) -> None:
+    for pod_labels in POD_LABELS.values():
+        assert webhooks_called(
+            webhook_config, namespace, NAMESPACE_LABELS[namespace_case], pod_labels
+        ) == []
+
+
+def test_injector_namespace_is_not_injected(
+    webhook_config: dict[str, Any], objects: list[dict[str, Any]]
+) -> None:
+    namespace = find(objects, "Namespace")
+    pod_labels = find(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    for labels in (pod_labels, POD_LABELS["true"]):
+        assert webhooks_called(webhook_config, "elsewhere",
+                               namespace["metadata"]["labels"], labels) == []
+
+
+def test_examples_reach_the_webhooks_their_comments_say(webhook_config: dict[str, Any]) -> None:
+    examples = ROOT / "examples"
+    demo = yaml.safe_load((examples / "namespace.yaml").read_text())
+    namespaces = {demo["metadata"]["name"]: demo["metadata"]["labels"], "default": {}}
+
+    def called(path: str) -> list[str]:
+        pod = yaml.safe_load((examples / path).read_text())
+        namespace = pod["metadata"]["namespace"]
+        return webhooks_called(webhook_config, namespace, namespaces[namespace],
+                               pod["metadata"].get("labels", {}))
+
+    assert [n.split(".")[0] for n in called("pod.yaml")] == ["namespace"]
+    assert called("opted-out-pod.yaml") == []
+    assert [n.split(".")[0] for n in called("annotated-pod.yaml")] == ["object"]

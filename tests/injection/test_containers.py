@@ -1,0 +1,256 @@
+"""istio-init, istio-proxy and their volumes; and the cache of them (issue 7's optimisation),
+which must change nothing a pod gets."""
+
+from __future__ import annotations
+
+import gc
+import json
+from typing import Any, NamedTuple
+
+import orjson
+import pytest
+
+from injector.injection import containers, sidecar
+from injector.injection.overrides import InvalidAnnotation
+from injector.mesh.config import MeshConfig
+from injector.traffic.iptables import TrafficOptions
+from tests.support.pods import pod
+
+MESH = MeshConfig()
+
+
+class Made(NamedTuple):
+    init: dict[str, Any]
+    proxy: dict[str, Any]
+    volumes: list[dict[str, Any]]
+    status: dict[str, Any]
+    native: bool
+    hold: bool
+
+
+def made(annotations: dict[str, Any] | None = None, mesh: MeshConfig = MESH) -> Made:
+    """What a pod with these annotations gets under `mesh`, as dicts."""
+    template = containers.template(annotations or {}, mesh)
+    return Made(orjson.loads(template.init_container), orjson.loads(template.proxy_container),
+                 [orjson.loads(volume) for volume in template.volumes],
+                 json.loads(template.status), template.native, template.hold)
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {item["name"]: item.get("value", item.get("valueFrom")) for item in container["env"]}
+
+
+def test_the_init_container_programs_iptables_with_istio_defaults() -> None:
+    init = made().init
+    assert init["name"] == "istio-init"
+    assert init["command"] == ["injector", "iptables"]
+    args = init["args"]
+    assert args[args.index("-p") + 1] == "15001"
+    assert args[args.index("-z") + 1] == "15006"
+    assert args[args.index("-u") + 1] == "1337"
+    assert args[args.index("-d") + 1] == "15090,15021,15020"
+    assert init["securityContext"] == {
+        "runAsUser": 0,
+        "runAsGroup": 0,
+        "runAsNonRoot": False,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": False,
+        "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+    }
+
+
+def test_the_proxy_container_runs_the_agent_locked_down() -> None:
+    proxy = made().proxy
+    assert proxy["name"] == "istio-proxy"
+    assert proxy["command"][:2] == ["injector", "agent"]
+    assert proxy["ports"] == [
+        {"name": "http-envoy-prom", "containerPort": 15090, "protocol": "TCP"}
+    ]
+    assert proxy["readinessProbe"]["httpGet"]["path"] == "/healthz/ready"
+    assert proxy["readinessProbe"]["httpGet"]["port"] == 15021
+    security = proxy["securityContext"]
+    assert security["runAsUser"] == security["runAsGroup"] == 1337
+    assert security["runAsNonRoot"] is True
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert "restartPolicy" not in proxy and "lifecycle" not in proxy
+
+
+def test_the_proxy_gets_the_pod_identity_and_mesh_settings_in_its_env() -> None:
+    mesh = MeshConfig(trust_domain="example.org", ca_address="ca.mesh:8443",
+                      mesh_cidrs=("10.0.0.0/8",), mtls_mode="STRICT")
+    env = env_of(made(mesh=mesh).proxy)
+    assert env["POD_NAME"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}
+    assert env["POD_NAMESPACE"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["INSTANCE_IP"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["SERVICE_ACCOUNT"]["fieldRef"]["fieldPath"] == "spec.serviceAccountName"
+    assert env["CA_ADDR"] == "ca.mesh:8443"
+    assert env["TRUST_DOMAIN"] == "example.org"
+    assert env["MESH_CIDRS"] == "10.0.0.0/8"
+    assert env["MTLS_MODE"] == "STRICT"
+
+
+def test_the_proxy_mounts_every_added_volume() -> None:
+    parts = made()
+    volumes = {volume["name"]: volume for volume in parts.volumes}
+    assert list(volumes) == ["workload-certs", "istio-envoy", "istio-data", "istio-podinfo",
+                             "istio-token", "istiod-ca-cert"]
+    assert volumes["workload-certs"]["emptyDir"] == {"medium": "Memory"}
+    assert volumes["istio-envoy"]["emptyDir"] == {"medium": "Memory"}
+    assert volumes["istio-data"]["emptyDir"] == {}
+    assert [item["fieldRef"]["fieldPath"] for item in volumes["istio-podinfo"]["downwardAPI"][
+        "items"]] == ["metadata.labels", "metadata.annotations"]
+    token = volumes["istio-token"]["projected"]["sources"][0]["serviceAccountToken"]
+    assert token["audience"] == "istio-ca" and token["expirationSeconds"] == 43200
+    assert volumes["istiod-ca-cert"]["configMap"] == {"name": "istio-ca-root-cert"}
+    mounted = {mount["name"] for mount in parts.proxy["volumeMounts"]}
+    assert mounted == set(volumes)
+
+
+def test_the_status_lists_what_was_added() -> None:
+    assert made().status == {
+        "initContainers": ["istio-init"],
+        "containers": ["istio-proxy"],
+        "volumes": ["workload-certs", "istio-envoy", "istio-data", "istio-podinfo",
+                    "istio-token", "istiod-ca-cert"],
+        "revision": "default",
+    }
+
+
+def test_native_sidecars_run_the_proxy_as_a_restartable_init_container() -> None:
+    for parts in (made(mesh=MeshConfig(native_sidecars=True)),
+                  made({"sidecar.istio.io/nativeSidecar": "true"})):
+        assert parts.native
+        assert parts.proxy["restartPolicy"] == "Always"
+        assert parts.proxy["startupProbe"]["httpGet"]["port"] == 15021
+        assert parts.status["initContainers"] == ["istio-init", "istio-proxy"]
+        assert parts.status["containers"] == []
+
+
+def test_hold_application_adds_a_post_start_wait() -> None:
+    held = made({"proxy.istio.io/config": "holdApplicationUntilProxyStarts: true\n"})
+    assert held.hold
+    assert held.proxy["lifecycle"]["postStart"]["exec"]["command"] == [
+        "injector", "agent", "wait"]
+    not_held = made({"proxy.istio.io/config": '{"holdApplicationUntilProxyStarts": false}'})
+    assert not not_held.hold and "lifecycle" not in not_held.proxy
+
+
+def test_resource_and_image_overrides() -> None:
+    parts = made({
+        "sidecar.istio.io/proxyImage": "registry.local/injector:dev",
+        "sidecar.istio.io/proxyCPU": "250m",
+        "sidecar.istio.io/proxyMemory": "256Mi",
+        "sidecar.istio.io/proxyCPULimit": "1",
+        "sidecar.istio.io/proxyMemoryLimit": "512Mi",
+        "sidecar.istio.io/logLevel": "debug",
+    })
+    assert parts.proxy["image"] == "registry.local/injector:dev"
+    resources = {"requests": {"cpu": "250m", "memory": "256Mi"},
+                 "limits": {"cpu": "1", "memory": "512Mi"}}
+    assert parts.proxy["resources"] == parts.init["resources"] == resources
+    assert parts.proxy["args"] == ["--log-level", "debug"]
+    # The init container keeps the mesh's image: only the proxy's is overridden.
+    assert parts.init["image"] == MESH.proxy_image
+
+
+def test_traffic_annotations_reach_the_init_container() -> None:
+    args = made({
+        "traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/8,fd00::/8",
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.96.0.1/32",
+        "traffic.sidecar.istio.io/includeInboundPorts": "8080,9090",
+        "traffic.sidecar.istio.io/excludeInboundPorts": "9100",
+        "traffic.sidecar.istio.io/excludeOutboundPorts": "5432,6379",
+    }).init["args"]
+    assert args[args.index("-i") + 1] == "10.0.0.0/8,fd00::/8"
+    assert args[args.index("-x") + 1] == "10.96.0.1/32"
+    assert args[args.index("-b") + 1] == "8080,9090"
+    assert args[args.index("-d") + 1] == "15090,15021,15020,9100"
+    assert args[args.index("-o") + 1] == "5432,6379"
+
+
+def test_default_traffic_args_match_the_shared_options_model() -> None:
+    assert made().init["args"] == TrafficOptions().to_args()
+
+
+def test_a_separate_init_image_is_used_for_istio_init_only() -> None:
+    parts = made(mesh=MeshConfig(init_image="registry.local/init:1"))
+    assert parts.init["image"] == "registry.local/init:1"
+    assert parts.proxy["image"] == MESH.proxy_image
+
+
+# --- The cache -----------------------------------------------------------------------------------
+
+def test_two_pods_never_share_a_dict() -> None:
+    first = sidecar.build(pod(), MESH)
+    first.proxy_container["env"].append({"name": "MUTATED", "value": "yes"})
+    first.init_container["resources"]["limits"]["cpu"] = "1"
+    first.volumes[0]["name"] = "mutated"
+    second = sidecar.build(pod(), MESH)
+    assert {"name": "MUTATED", "value": "yes"} not in second.proxy_container["env"]
+    assert second.init_container["resources"]["limits"]["cpu"] == MESH.resources.cpu_limit
+    assert second.volumes[0]["name"] == "workload-certs"
+    # Nor do the init and proxy containers of one pod share their resources.
+    assert second.init_container["resources"] is not second.proxy_container["resources"]
+
+
+def test_the_json_form_is_the_same_injection() -> None:
+    annotations = {"sidecar.istio.io/proxyCPU": "50m", "sidecar.istio.io/nativeSidecar": "true"}
+    as_dicts = sidecar.build(pod(annotations=annotations), MESH)
+    as_json = sidecar.build(pod(annotations=annotations), MESH, as_json=True)
+    assert orjson.loads(orjson.dumps(as_json.proxy_container)) == as_dicts.proxy_container
+    assert orjson.loads(orjson.dumps(as_json.init_container)) == as_dicts.init_container
+    assert orjson.loads(orjson.dumps(as_json.volumes)) == as_dicts.volumes
+    assert (as_json.labels, as_json.annotations, as_json.native, as_json.hold) == (
+        as_dicts.labels, as_dicts.annotations, as_dicts.native, as_dicts.hold)
+
+
+def test_each_mesh_config_and_override_gets_its_own_template() -> None:
+    other = MeshConfig(proxy_image="registry.local/proxy:2", revision="canary")
+    assert sidecar.build(pod(), other).proxy_container["image"] == "registry.local/proxy:2"
+    assert sidecar.build(pod(), MESH).proxy_container["image"] == MESH.proxy_image
+    assert '"revision":"canary"' in sidecar.build(pod(), other).annotations[
+        "sidecar.istio.io/status"]
+    overridden = pod(annotations={"sidecar.istio.io/proxyImage": "custom:1"})
+    assert sidecar.build(overridden, MESH).proxy_container["image"] == "custom:1"
+    assert sidecar.build(pod(), MESH).proxy_container["image"] == MESH.proxy_image
+    # An annotation that is not an override shares the template, and changes nothing.
+    unrelated = pod(annotations={"example.com/team": "payments"})
+    assert sidecar.build(unrelated, MESH).proxy_container == sidecar.build(
+        pod(), MESH).proxy_container
+
+
+def test_equal_mesh_configs_share_templates_and_no_other_config_gets_them() -> None:
+    first = containers.template({}, MeshConfig(proxy_image="registry.local/equal:1"))
+    assert containers.template({}, MeshConfig(proxy_image="registry.local/equal:1")) is first
+    # A config made after another is collected may take its place in memory (and its id()):
+    # it still gets its own template.
+    for index in range(20):
+        gc.collect()
+        image = f"registry.local/fresh:{index}"
+        assert containers.template({}, MeshConfig(proxy_image=image)).proxy_container.count(
+            image.encode()) == 1
+
+
+def test_the_cache_stays_bounded_whatever_pods_carry() -> None:
+    cache = containers.TemplateCache()
+    meshes = [MeshConfig(revision=f"r{index}") for index in range(cache.MAX_MESHES + 2)]
+    for mesh in meshes:
+        for index in range(cache.MAX_PER_MESH + 10):
+            cache.get((("sidecar.istio.io/proxyImage", f"image:{index}"),), mesh)
+    assert len(cache) <= cache.MAX_MESHES * cache.MAX_PER_MESH
+    assert len(containers.TEMPLATES) <= cache.MAX_MESHES * cache.MAX_PER_MESH
+
+
+@pytest.mark.parametrize("attempt", [1, 2])
+def test_a_bad_override_is_refused_every_time(attempt: int) -> None:
+    bad = pod(annotations={"sidecar.istio.io/proxyCPU": "lots"})
+    with pytest.raises(InvalidAnnotation, match="proxyCPU"):
+        sidecar.build(bad, MESH)
+
+
+def test_an_override_that_is_not_a_string_is_refused_not_cached() -> None:
+    with pytest.raises(InvalidAnnotation, match="must be a string"):
+        containers.template({"sidecar.istio.io/proxyCPU": 1}, MESH)

@@ -1,0 +1,146 @@
+"""A pod's override annotations: read over the mesh config's defaults, or refused by name."""
+
+from __future__ import annotations
+
+from ipaddress import ip_network
+
+import pytest
+
+from injector.injection.overrides import (
+    ANNOTATIONS,
+    InvalidAnnotation,
+    Resources,
+    read,
+    traffic_options,
+)
+from injector.mesh import names
+from injector.mesh.config import MeshConfig
+from injector.traffic.iptables import TrafficOptions
+
+MESH = MeshConfig()
+
+
+def test_no_annotations_leave_the_mesh_configs_settings() -> None:
+    settings = read({}, MESH)
+    assert settings.image == MESH.proxy_image
+    assert settings.log_level == MESH.proxy_log_level
+    assert settings.mtls_mode == MESH.mtls_mode
+    defaults = MESH.resources
+    assert settings.resources == Resources(defaults.cpu, defaults.memory, defaults.cpu_limit,
+                                           defaults.memory_limit)
+    assert not settings.native and not settings.hold
+    assert settings.traffic == TrafficOptions()
+
+
+def test_every_override_is_read() -> None:
+    settings = read({
+        names.PROXY_IMAGE: " registry.local/injector:dev ",
+        names.PROXY_CPU: "250m",
+        names.PROXY_MEMORY: " 256Mi",
+        names.PROXY_CPU_LIMIT: "1",
+        names.PROXY_MEMORY_LIMIT: "512Mi",
+        names.LOG_LEVEL: "debug",
+        names.MTLS_MODE: "STRICT",
+        names.NATIVE_SIDECAR: " True ",
+        names.PROXY_CONFIG: "holdApplicationUntilProxyStarts: true\n",
+    }, MESH)
+    assert settings.image == "registry.local/injector:dev"
+    assert settings.resources == Resources("250m", "256Mi", "1", "512Mi")
+    assert (settings.log_level, settings.mtls_mode) == ("debug", "STRICT")
+    assert settings.native and settings.hold
+
+
+def test_the_mesh_config_sets_the_defaults_the_annotations_override() -> None:
+    mesh = MeshConfig(native_sidecars=True, proxy_image="mesh:1", mtls_mode="STRICT")
+    assert read({}, mesh).native
+    assert not read({names.NATIVE_SIDECAR: "false"}, mesh).native
+    assert read({}, mesh).image == "mesh:1"
+    assert read({names.MTLS_MODE: "PERMISSIVE"}, mesh).mtls_mode == "PERMISSIVE"
+
+
+@pytest.mark.parametrize(
+    ("config", "hold"),
+    [("holdApplicationUntilProxyStarts: true", True),
+     ('{"holdApplicationUntilProxyStarts": false}', False),
+     ("", False),
+     ("concurrency: 2", False)],
+)
+def test_hold_comes_from_the_proxy_config_yaml(config: str, hold: bool) -> None:
+    assert read({names.PROXY_CONFIG: config}, MESH).hold is hold
+
+
+def test_traffic_annotations_override_the_mesh_config() -> None:
+    options = traffic_options({
+        names.INCLUDE_OUTBOUND_IP_RANGES: "10.0.0.0/8,fd00::/8",
+        names.EXCLUDE_OUTBOUND_IP_RANGES: "10.96.0.1/32",
+        names.INCLUDE_INBOUND_PORTS: "8080,9090",
+        names.EXCLUDE_INBOUND_PORTS: "9100",
+        names.EXCLUDE_OUTBOUND_PORTS: "5432,6379",
+    }, MESH)
+    assert options.include_outbound_cidrs == (ip_network("10.0.0.0/8"), ip_network("fd00::/8"))
+    assert options.exclude_outbound_cidrs == (ip_network("10.96.0.1/32"),)
+    assert options.include_inbound_ports == (8080, 9090)
+    assert options.exclude_outbound_ports == (5432, 6379)
+    # The proxy's own ports stay excluded: the annotation adds to them.
+    assert options.exclude_inbound_ports == (15090, 15021, 15020, 9100)
+
+
+def test_the_mesh_configs_ports_and_user_reach_the_traffic_options() -> None:
+    mesh = MeshConfig(proxy_port=16001, inbound_capture_port=16006, proxy_uid=2000,
+                      proxy_gid=2001, status_port=16021, exclude_inbound_ports="15021")
+    options = traffic_options({}, mesh)
+    assert (options.proxy_port, options.inbound_capture_port) == (16001, 16006)
+    assert (options.proxy_uid, options.proxy_gid) == (2000, 2001)
+    # Excluded once, however often it is named.
+    assert options.exclude_inbound_ports == (15090, 16021, 15020, 15021)
+
+
+@pytest.mark.parametrize(
+    ("annotation", "value"),
+    [
+        ("sidecar.istio.io/proxyCPU", "lots"),
+        ("sidecar.istio.io/proxyMemory", "1Gb"),
+        ("sidecar.istio.io/proxyCPULimit", "-1"),
+        ("sidecar.istio.io/proxyMemoryLimit", ""),
+        ("sidecar.istio.io/proxyCPU", "3"),  # over the default 2000m limit
+        ("sidecar.istio.io/logLevel", "verbose"),
+        ("sidecar.istio.io/mtlsMode", "DISABLE"),
+        ("sidecar.istio.io/nativeSidecar", "maybe"),
+        ("sidecar.istio.io/proxyImage", " "),
+        ("proxy.istio.io/config", "holdApplicationUntilProxyStarts: [yes"),
+        ("proxy.istio.io/config", "holdApplicationUntilProxyStarts: 1"),
+        ("proxy.istio.io/config", "- a list"),
+        ("traffic.sidecar.istio.io/includeOutboundIPRanges", "10.0.0.0/33"),
+        ("traffic.sidecar.istio.io/excludeOutboundIPRanges", "not-a-cidr"),
+        ("traffic.sidecar.istio.io/includeInboundPorts", "80,http"),
+        ("traffic.sidecar.istio.io/excludeInboundPorts", "70000"),
+        ("traffic.sidecar.istio.io/excludeOutboundPorts", "0"),
+    ],
+)
+def test_a_malformed_override_is_refused_by_name(annotation: str, value: str) -> None:
+    with pytest.raises(InvalidAnnotation) as refused:
+        read({annotation: value}, MESH)
+    assert refused.value.annotation == annotation
+    assert annotation in str(refused.value)
+
+
+@pytest.mark.parametrize("annotation", ANNOTATIONS)
+def test_an_override_that_is_not_a_string_is_refused_by_name(annotation: str) -> None:
+    with pytest.raises(InvalidAnnotation, match="must be a string") as refused:
+        read({annotation: 5}, MESH)
+    assert refused.value.annotation == annotation
+
+
+def test_a_limit_below_the_default_request_names_the_limit() -> None:
+    with pytest.raises(InvalidAnnotation) as refused:
+        read({names.PROXY_MEMORY_LIMIT: "64Mi"}, MESH)
+    assert refused.value.annotation == names.PROXY_MEMORY_LIMIT
+    assert "exceeds the limit 64Mi" in str(refused.value)
+
+
+def test_of_several_bad_overrides_the_same_one_is_named_every_time() -> None:
+    bad = {names.MTLS_MODE: "DISABLE", names.PROXY_CPU: "lots", names.NATIVE_SIDECAR: "maybe"}
+    for order in (bad, dict(reversed(bad.items()))):
+        with pytest.raises(InvalidAnnotation) as refused:
+            read(order, MESH)
+        assert refused.value.annotation == names.NATIVE_SIDECAR

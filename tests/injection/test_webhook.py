@@ -1,0 +1,165 @@
+"""The webhook's answers in-process: `webhook.parse` and `webhook.admit`, no HTTP."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import jsonpatch
+import orjson
+import pytest
+
+from injector.injection import webhook
+from injector.mesh.config import MeshConfig
+from tests.support.pods import pod, replicaset_pod, review
+
+MESH = MeshConfig()
+
+
+def unknown(_: str) -> None:
+    """No Kubernetes API: the namespace's labels are unknown."""
+    return None
+
+
+def answer(body: dict[str, Any], labels: webhook.NamespaceLabels = unknown,
+           mesh: MeshConfig = MESH) -> tuple[webhook.Outcome, dict[str, Any]]:
+    """The outcome for `body` sent as JSON, and its response, checked to answer `body` in kind."""
+    outcome = webhook.admit(webhook.parse(orjson.dumps(body)), mesh, labels)
+    sent = json.loads(outcome.body)
+    assert sent["apiVersion"] == body["apiVersion"]
+    assert sent["kind"] == "AdmissionReview"
+    assert set(sent) == {"apiVersion", "kind", "response"}
+    assert sent["response"]["uid"] == body["request"]["uid"]
+    return outcome, sent["response"]
+
+
+@pytest.mark.parametrize("api_version", ["admission.k8s.io/v1", "admission.k8s.io/v1beta1"])
+def test_a_review_is_answered_in_kind_with_its_uid(api_version: str) -> None:
+    outcome, response = answer(review(pod(), api_version=api_version))
+    assert response["allowed"] is True
+    assert (outcome.result, outcome.reason) == ("injected", "namespace-enabled")
+    assert (outcome.namespace, outcome.pod) == ("shop", "web-7d4b9c-x2x9z")
+
+
+@pytest.mark.parametrize("name", ["minimal", "replicaset"])
+def test_an_injected_pods_patch_applies_and_adds_the_sidecar(name: str) -> None:
+    original = pod() if name == "minimal" else replicaset_pod()
+    _, response = answer(review(original))
+    assert response["patchType"] == "JSONPatch"
+    injected = jsonpatch.apply_patch(original, json.loads(base64.b64decode(response["patch"])))
+    spec = injected["spec"]
+    assert [c["name"] for c in spec["containers"]] == [
+        *(c["name"] for c in original["spec"]["containers"]), "istio-proxy"]
+    assert [c["name"] for c in spec["initContainers"]] == ["istio-init"]
+    assert [v["name"] for v in spec["volumes"]] == [
+        *(v["name"] for v in original["spec"].get("volumes", [])), "workload-certs",
+        "istio-envoy", "istio-data", "istio-podinfo", "istio-token", "istiod-ca-cert"]
+    assert "sidecar.istio.io/status" in injected["metadata"]["annotations"]
+
+
+def test_the_same_pod_gets_the_same_patch_under_another_uid() -> None:
+    first = answer(review(replicaset_pod()))[1]
+    second = answer(review(replicaset_pod()))[1]
+    assert first["uid"] != second["uid"] and first["patch"] == second["patch"]
+
+
+def test_an_object_that_is_not_a_pod_is_allowed_unchanged_without_a_patch() -> None:
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+                  "spec": {"template": pod()}}
+    outcome, response = answer(review(deployment, kind="Deployment"))
+    assert response == {"uid": response["uid"], "allowed": True}
+    assert (outcome.result, outcome.reason) == ("ignored", "not-a-pod")
+
+
+def test_an_update_is_allowed_unchanged() -> None:
+    outcome, response = answer(review(pod(), operation="UPDATE"))
+    assert response == {"uid": response["uid"], "allowed": True}
+    assert (outcome.result, outcome.reason) == ("ignored", "not-a-create")
+
+
+@pytest.mark.parametrize(
+    ("obj", "namespace", "labels", "reason"),
+    [
+        (pod(labels={"sidecar.istio.io/inject": "false"}), "shop", None, "pod-label-false"),
+        (pod(annotations={"sidecar.istio.io/inject": "false"}), "shop", None,
+         "pod-annotation-false"),
+        (pod(hostNetwork=True), "shop", None, "host-network"),
+        (pod(), "kube-system", None, "ignored-namespace"),
+        (pod(), "shop", {"istio-injection": "disabled"}, "namespace-disabled"),
+        (pod(annotations={"sidecar.istio.io/status": "{}"}), "shop", None, "already-injected"),
+    ],
+)
+def test_a_skipped_pod_is_allowed_without_a_patch(
+    obj: dict[str, Any], namespace: str, labels: dict[str, str] | None, reason: str
+) -> None:
+    outcome, response = answer(review(obj, namespace=namespace), lambda _: labels)
+    assert response == {"uid": response["uid"], "allowed": True}
+    assert (outcome.result, outcome.reason) == ("skipped", reason)
+
+
+def test_a_malformed_annotation_refuses_the_pod_naming_it() -> None:
+    bad = pod(annotations={"traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.0.0.0/40"})
+    outcome, response = answer(review(bad))
+    assert response["allowed"] is False
+    assert "patch" not in response and "patchType" not in response
+    assert response["status"]["code"] == 400
+    assert response["status"]["status"] == "Failure"
+    assert "traffic.sidecar.istio.io/excludeOutboundIPRanges" in response["status"]["message"]
+    assert (outcome.result, outcome.reason) == ("denied", "invalid-annotation")
+
+
+def test_a_pod_using_the_sidecars_names_is_refused() -> None:
+    taken = pod(volumes=[{"name": "istio-envoy", "emptyDir": {}}])
+    outcome, response = answer(review(taken))
+    assert response["allowed"] is False and "istio-envoy" in response["status"]["message"]
+    assert (outcome.result, outcome.reason) == ("denied", "name-conflict")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda body: body["request"].update(object=["not", "a", "pod"]), "not a Pod"),
+        (lambda body: body["request"]["object"]["spec"].update(containers=[]),
+         "spec.containers"),
+        (lambda body: body["request"]["object"]["metadata"].update(labels={"a": 1}),
+         "metadata.labels"),
+        (lambda body: body["request"].update(namespace=7), "request.namespace"),
+    ],
+)
+def test_a_request_not_shaped_as_it_should_be_is_refused_not_crashed(
+    change: Any, message: str
+) -> None:
+    body = review(pod())
+    change(body)
+    outcome, response = answer(body)
+    assert response["allowed"] is False
+    assert message in response["status"]["message"]
+    assert outcome.result == "denied"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "not JSON"),
+        (b'["AdmissionReview"]', "not an AdmissionReview"),
+        (b'{"kind": "Pod", "apiVersion": "v1"}', "not an AdmissionReview"),
+        (b'{"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v2", "request": {}}',
+         "unsupported apiVersion 'admission.k8s.io/v2'"),
+        (b'{"kind": "AdmissionReview", "apiVersion": "v1", "request": {"uid": "x"}}',
+         "expected admission.k8s.io/v1 or admission.k8s.io/v1beta1"),
+        (b'{"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1"}', "no request"),
+        (b'{"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1", "request": {}}',
+         "no uid"),
+        (b'{"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1",'
+         b' "request": {"uid": ""}}', "no uid"),
+    ],
+)
+def test_a_body_that_is_not_a_review_is_a_bad_review(body: bytes, message: str) -> None:
+    with pytest.raises(webhook.BadReview, match=message):
+        webhook.parse(body)
+
+
+def test_the_rest_of_the_review_passes_through_parse_untouched() -> None:
+    body = review(pod())
+    assert webhook.parse(orjson.dumps(body)) == body
