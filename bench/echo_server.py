@@ -3,7 +3,7 @@
     python -m bench.echo_server raw|fastapi --port P --certs-dir DIR
 
 Both serve `POST /inject` (and `GET /healthz`, to know they are up) with serve's uvicorn
-settings and serve's TLS context (`injector.commands.serve.uvicorn_config` and
+settings and serve's TLS context (`injector.server.wiring.uvicorn_config` and
 `server_tls_context`, the same functions), so that the only difference from `injector serve` is
 the work done per request:
 
@@ -23,7 +23,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from injector.commands.serve import server_tls_context, uvicorn_config
+from injector.server.wiring import server_tls_context, uvicorn_config
 
 ANSWER = b'{"ok":true}'
 HEADERS = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(ANSWER))]

@@ -16,6 +16,7 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
+from urllib3.exceptions import HTTPError
 
 from injector.errors import ConfigError
 
@@ -31,10 +32,12 @@ def api_client(kubeconfig: str | None) -> client.ApiClient | None:
         if kubeconfig:
             if not os.path.isfile(kubeconfig):
                 raise KubeConfigError(f"kubeconfig {kubeconfig}: no such file")
-            config.load_kube_config(config_file=kubeconfig, client_configuration=configuration,
-                                    persist_config=False)
+            config.load_kube_config(
+                config_file=kubeconfig, client_configuration=configuration,
+                persist_config=False)
         elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config(client_configuration=configuration)
+            config.load_incluster_config(
+                client_configuration=configuration)
         else:
             return None
     except KubeConfigError:
@@ -51,6 +54,17 @@ def api_client(kubeconfig: str | None) -> client.ApiClient | None:
 
 # Every call has a deadline (connect, read): a hung API server must not hang the caller.
 REQUEST_TIMEOUT = (3.05, 10.0)
+
+# What a failing API call raises through the client: its HTTP errors, and the transport's.
+API_ERRORS = (ApiException, HTTPError, OSError, ValueError)
+
+
+def describe(error: BaseException) -> str:
+    """A failed call in one short line, for a log line or /readyz: an HTTP status and reason
+    when the API answered, else the transport's complaint."""
+    if isinstance(error, ApiException):
+        return f"HTTP {error.status} {error.reason}"
+    return " ".join(str(error).split())[:200] or type(error).__name__
 
 
 class Rest:
@@ -82,6 +96,7 @@ class Rest:
     def json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         response = self.call(method, path, **kwargs)
         try:
-            return orjson.loads(response.data)
+            document: dict[str, Any] = orjson.loads(response.data)
+            return document
         finally:
             response.release_conn()

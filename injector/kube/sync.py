@@ -9,35 +9,29 @@
 Every write is idempotent (create tolerates AlreadyExists, a patch that is already true changes
 nothing), so two replicas running this side by side agree instead of fighting. All calls go
 through the official client with deadlines; failures are retried with capped backoff and shown
-as degraded in /readyz.
+as degraded in /readyz. (The root itself, shared by the replicas, is `ca_secret`'s, at start.)
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import orjson
-from kubernetes import client
+from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
-from urllib3.exceptions import HTTPError
 
-from injector.ca import certsdir as cadir
-from injector.kube.client import REQUEST_TIMEOUT, Rest
+from injector.kube import client
 from injector.mesh.config import MeshConfig
 from injector.mesh.names import (
     NAMESPACE_LABEL,
     ROOT_CERT_CONFIGMAP,
     ROOT_CERT_KEY,
-    SHARED_CA_SECRET,
     WEBHOOK_CONFIGURATION,
 )
 
@@ -46,16 +40,8 @@ NAMESPACE_LABEL_VALUES = frozenset({"enabled", "disabled"})
 WATCH_SECONDS = 240
 MAX_BACKOFF_SECONDS = 30.0
 
+# Named for the cluster, not the module: operators filter the log lines on it.
 log = logging.getLogger("injector.cluster")
-
-# What a failing API call raises through the client: its HTTP errors, and the transport's.
-API_ERRORS = (ApiException, HTTPError, OSError, ValueError)
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, ApiException):
-        return f"HTTP {error.status} {error.reason}"
-    return " ".join(str(error).split())[:200] or type(error).__name__
 
 
 def gets_root_configmap(namespace: str, labels: Mapping[str, str], mesh: MeshConfig) -> bool:
@@ -68,68 +54,15 @@ def gets_root_configmap(namespace: str, labels: Mapping[str, str], mesh: MeshCon
     )
 
 
-def _shared_ca_files(rest: Rest, namespace: str, trust_domain: str) -> dict[str, bytes]:
-    """The CA every replica signs with: from the Secret, or made now and stored there."""
-    secrets = f"/api/v1/namespaces/{namespace}/secrets"
-    try:
-        secret = rest.json("GET", f"{secrets}/{SHARED_CA_SECRET}")
-    except ApiException as error:
-        if error.status != 404:
-            raise
-        files = cadir.generate_ca_files(trust_domain)
-        body = {
-            "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-            "metadata": {"name": SHARED_CA_SECRET, "namespace": namespace},
-            "data": {name: base64.b64encode(data).decode() for name, data in files.items()},
-        }
-        try:
-            rest.json("POST", secrets, body=body)
-            log.info("created the shared CA Secret %s/%s", namespace, SHARED_CA_SECRET)
-            return files
-        except ApiException as create_error:
-            if create_error.status != 409:
-                raise
-            # Another replica stored its CA first: sign with that one, as every replica must.
-            secret = rest.json("GET", f"{secrets}/{SHARED_CA_SECRET}")
-    data = secret.get("data") or {}
-    try:
-        return {name: base64.b64decode(data[name], validate=True) for name in cadir.CA_FILES}
-    except (KeyError, binascii.Error):
-        raise cadir.CertsError(
-            f"Secret {namespace}/{SHARED_CA_SECRET} lacks a valid "
-            f"{', '.join(cadir.CA_FILES)}") from None
-
-
-def adopt_shared_ca(api: client.ApiClient, *, namespace: str, certs_dir: Path,
-                    trust_domain: str, attempts: int = 3) -> str | None:
-    """Before the certificates directory is completed: unless it already holds a CA (a
-    plugged-in `cacerts`, or this replica's earlier start), fill it with the CA shared by all
-    replicas through a Secret, so that every replica signs for the same root.
-
-    Returns None, or why this replica could not get the shared CA (the API down at start: it
-    then serves with a root of its own rather than not at all).
-    """
-    if any((certs_dir / name).exists() for name in cadir.CA_FILES):
-        return None
-    rest = Rest(api)
-    for attempt in range(attempts):
-        try:
-            cadir.adopt_ca_files(certs_dir, _shared_ca_files(rest, namespace, trust_domain))
-            return None
-        except API_ERRORS as error:
-            problem = f"shared CA Secret {namespace}/{SHARED_CA_SECRET}: {_describe(error)}"
-            log.warning("%s (attempt %d of %d)", problem, attempt + 1, attempts)
-            time.sleep(min(2.0**attempt, 5.0))
-    return f"{problem}; this replica signs with a root of its own until restarted"
-
-
 class ClusterSync:
-    def __init__(self, api: client.ApiClient, *, root_pem: str, mesh: MeshConfig,
+    """The duties above for one server process, each in a daemon thread of its own."""
+
+    def __init__(self, api: ApiClient, *, root_pem: str, mesh: MeshConfig,
                  resync_seconds: float = 60.0, problems: Mapping[str, str] | None = None,
                  writer: bool = True) -> None:
         """`writer`: also keep the root ConfigMaps and the webhook's caBundle; with several
         workers (serve --workers) one of them does, all of them watch namespaces."""
-        self._rest = Rest(api)
+        self._rest = client.Rest(api)
         self._writer = writer
         self._root_pem = root_pem
         self._mesh = mesh
@@ -180,7 +113,7 @@ class ClusterSync:
             log.info("%s: working again", part)
 
     def _failed(self, part: str, what: str, error: BaseException) -> None:
-        message = f"{part}: {what}: {_describe(error)}"
+        message = f"{part}: {what}: {client.describe(error)}"
         if self._problems.get(part) != message:
             log.warning(message)
         self._problems[part] = message
@@ -193,7 +126,7 @@ class ClusterSync:
                 step()
                 backoff = 0.5
             except Exception as error:
-                if not isinstance(error, API_ERRORS):
+                if not isinstance(error, client.API_ERRORS):
                     # A bug, or an answer we did not expect: keep the duty alive regardless.
                     log.exception("%s: unexpected failure", part)
                 self._failed(part, what, error)
@@ -212,7 +145,7 @@ class ClusterSync:
                  "timeoutSeconds": str(WATCH_SECONDS),
                  "resourceVersion": listing.get("metadata", {}).get("resourceVersion") or ""}
         response = self._rest.call("GET", path, query=query,
-                                   timeout=(REQUEST_TIMEOUT[0], WATCH_SECONDS + 10))
+                                   timeout=(client.REQUEST_TIMEOUT[0], WATCH_SECONDS + 10))
         try:
             for line in iter_resp_lines(response):
                 if self._stop.is_set():
@@ -272,6 +205,10 @@ class ClusterSync:
 
     # --- the root ConfigMaps ------------------------------------------------------------------
 
+    def _configmaps_listed(self, items: list[dict[str, Any]]) -> None:
+        for item in items:
+            self._configmap_changed("LISTED", item)
+
     def _configmap_changed(self, kind: str, configmap: dict[str, Any]) -> None:
         if kind == "DELETED" or (configmap.get("data") or {}).get(
                 ROOT_CERT_KEY) != self._root_pem:
@@ -281,7 +218,7 @@ class ClusterSync:
         def step() -> None:
             for _ in self._list_then_watch(
                 "/api/v1/configmaps",
-                lambda items: [self._configmap_changed("LISTED", item) for item in items],
+                self._configmaps_listed,
                 self._configmap_changed,
                 {"fieldSelector": f"metadata.name={ROOT_CERT_CONFIGMAP}"},
             ):
@@ -337,7 +274,7 @@ class ClusterSync:
             except Exception as error:
                 if isinstance(error, ApiException) and error.status == 404:
                     continue  # the namespace went away
-                if not isinstance(error, API_ERRORS):
+                if not isinstance(error, client.API_ERRORS):
                     log.exception("configmaps: unexpected failure")
                 self._failed("configmaps", f"writing {namespace}/{ROOT_CERT_CONFIGMAP}", error)
                 self._stop.wait(1.0)

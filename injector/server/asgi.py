@@ -27,7 +27,8 @@ def header(scope: Any, name: bytes) -> str | None:
     """The first value of a request header (`name` lower-case), decoded as Starlette does."""
     for key, value in scope["headers"]:
         if key == name:
-            return value.decode("latin-1")
+            decoded: str = value.decode("latin-1")
+            return decoded
     return None
 
 

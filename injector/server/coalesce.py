@@ -54,4 +54,5 @@ class _CoalescingTransport:
 
 class CoalescingHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: Any) -> None:
+        # A stand-in with the transport's interface, not a subclass: uvicorn only calls it.
         super().connection_made(_CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]

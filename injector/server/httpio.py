@@ -7,6 +7,7 @@ and the CA alike.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -54,7 +55,8 @@ def json_error(message: str) -> bytes:
     return orjson.dumps({"error": message})
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+def error_response(status: int, message: str,
+                   headers: Mapping[str, str] | None = None) -> Response:
     return Response(json_error(message), status_code=status, media_type="application/json",
                     headers=headers)
 

@@ -62,6 +62,7 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+# StreamHandler is generic in typeshed only; at run time it takes no parameter.
 class JsonLines(logging.StreamHandler):  # type: ignore[type-arg]
     """The handler `configure` installs. `write` adds a line without a LogRecord, for `line`.
 
@@ -82,6 +83,7 @@ class JsonLines(logging.StreamHandler):  # type: ignore[type-arg]
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
+        # Handler.lock is None only before createLock(), which __init__ calls.
         with self.lock:  # type: ignore[union-attr]
             if loop is None:
                 self._pending.append(text)
@@ -94,7 +96,7 @@ class JsonLines(logging.StreamHandler):  # type: ignore[type-arg]
 
     def flush(self) -> None:
         # As logging does with a broken stream: the lines are lost, the server goes on.
-        with self.lock, contextlib.suppress(OSError, ValueError):  # type: ignore[union-attr]
+        with self.lock, contextlib.suppress(OSError, ValueError):  # type: ignore[union-attr]  # as above
             self._flush_on = None
             if self._pending:
                 text = "".join(self._pending)

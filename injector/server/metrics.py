@@ -1,4 +1,4 @@
-"""Prometheus metrics of the webhook (the CA's live in injector.ca_api)."""
+"""Prometheus metrics of the webhook (the CA's live in injector.ca.service)."""
 
 from __future__ import annotations
 

@@ -90,7 +90,7 @@ class Supervisor:
         lived = time.monotonic() - self._started_at[index]
         deaths = self._quick_deaths.get(index, 0) + 1 if lived < QUICK_DEATH_SECONDS else 0
         self._quick_deaths[index] = deaths
-        return min(self._restart_delay * 2 ** max(deaths - 1, 0), MAX_RESTART_DELAY_SECONDS)
+        return min(self._restart_delay * 2.0 ** max(deaths - 1, 0), MAX_RESTART_DELAY_SECONDS)
 
     def _request_stop(self, signum: int, frame: object) -> None:
         if self._stop_requested_at is None:
@@ -152,7 +152,7 @@ def _stop_with_parent(parent: int) -> None:
 
 def _reap() -> list[tuple[int, int]]:
     """(pid, wait status) of every child that has exited, without blocking."""
-    exited = []
+    exited: list[tuple[int, int]] = []
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)

@@ -1,17 +1,20 @@
-"""`injector serve` in a cluster: the official client against the tests' fake API server."""
+"""The cluster duties of `injector serve` (injector.kube.sync): the namespace-label cache, the
+root ConfigMaps and the webhook's caBundle, through the official client against the tests'
+fake API server."""
 
 from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.support.fakeapi import ApiCall, RunningFakeKube, start_fake_kube
+from tests.support.eventually import eventually
+from tests.support.fakeapi import ApiCall, RunningFakeKube
 from tests.support.pods import pod, review
 from tests.support.servers import Server, start_server, stopped
 
@@ -24,21 +27,11 @@ def webhook_configuration() -> dict[str, Any]:
     return manifest
 
 
-def eventually(check: Callable[[], Any], timeout: float = 15, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what or check}")
-        time.sleep(0.1)
-
-
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[RunningFakeKube]:
-    kube = start_fake_kube(tmp_path)
-    store = kube.api.store
+def cluster(fake_kube: RunningFakeKube) -> RunningFakeKube:
+    """The fake API server holding what a deployed mesh has: the webhook configuration, and
+    namespaces labelled every way the sync must tell apart."""
+    store = fake_kube.api.store
     store.put("mutatingwebhookconfigurations", webhook_configuration())
     store.add_namespace("shop", {"istio-injection": "enabled"})
     store.add_namespace("plain")
@@ -46,10 +39,7 @@ def cluster(tmp_path: Path) -> Iterator[RunningFakeKube]:
     store.add_namespace("weird", {"istio-injection": "yes"})
     for system in ("kube-system", "mesh-system"):
         store.add_namespace(system)
-    try:
-        yield kube
-    finally:
-        kube.stop()
+    return fake_kube
 
 
 @pytest.fixture
@@ -138,36 +128,6 @@ def test_namespace_labels_come_from_the_watched_cache(
     assert "treated as not opted in" in serving.log()
 
 
-def test_every_replica_signs_with_the_shared_root(tmp_path: Path,
-                                                  cluster: RunningFakeKube) -> None:
-    first = start_server(tmp_path / "a", "--kubeconfig", str(cluster.kubeconfig),
-                         certs_dir=tmp_path / "a" / "certs")
-    second = start_server(tmp_path / "b", "--kubeconfig", str(cluster.kubeconfig),
-                          certs_dir=tmp_path / "b" / "certs")
-    try:
-        assert root_pem(first) == root_pem(second)
-        secret = cluster.api.store.get("secrets", "mesh-system", "istio-ca-secret")
-        assert secret is not None
-        assert base64.b64decode(secret["data"]["root-cert.pem"]).decode() == root_pem(first)
-        assert (first.certs_dir / "ca-key.pem").stat().st_mode & 0o777 == 0o600
-    finally:
-        first.stop()
-        second.stop()
-
-
-def test_a_plugged_in_ca_wins_over_the_shared_secret(tmp_path: Path,
-                                                     cluster: RunningFakeKube) -> None:
-    plugged = start_server(tmp_path / "plugged", certs_dir=tmp_path / "plugged" / "certs")
-    plugged.stop()
-    server = start_server(tmp_path, "--kubeconfig", str(cluster.kubeconfig),
-                          certs_dir=plugged.certs_dir)
-    try:
-        assert root_pem(server) == root_pem(plugged)
-        assert cluster.api.store.get("secrets", "mesh-system", "istio-ca-secret") is None
-    finally:
-        server.stop()
-
-
 def test_the_api_down_at_start_then_up(tmp_path: Path, cluster: RunningFakeKube) -> None:
     cluster.stop()
     server = start_server(tmp_path, "--kubeconfig", str(cluster.kubeconfig))
@@ -225,6 +185,7 @@ def test_rbac_allows_every_call_the_server_makes(
     tampered["data"] = {}
     cluster.api.store.put("configmaps", tampered)
     eventually(lambda: (configmap(cluster, "plain") or {}).get("data"), what="corrected")
+    # The shared CA Secret's calls (injector.kube.ca_secret, at start) are among them.
     made = set(cluster.api.calls)
     verbs = {(call.resource, call.verb) for call in made}
     assert {("namespaces", "list"), ("namespaces", "watch"), ("configmaps", "watch"),
@@ -233,7 +194,7 @@ def test_rbac_allows_every_call_the_server_makes(
     rules = rbac_rules()
     refused = [call for call in made if not allowed(call, rules)]
     assert refused == []
-    # And nothing is granted that the server does not use (TokenReviews: tests/test_authn.py).
+    # And nothing is granted that the server does not use (TokenReviews: tests/ca/test_authn.py).
     granted = {(resource, verb) for _, _, rule in rules for resource in rule["resources"]
                for verb in rule["verbs"]} - {("tokenreviews", "create")}
     assert granted <= verbs
@@ -255,6 +216,7 @@ def test_with_workers_each_watches_namespaces_and_one_writes(
                        if call.verb == "list" and call.resource == resource)
 
         eventually(lambda: lists("namespaces") == 2, what="both workers list namespaces")
+        # Nothing to wait for: a second writer would have listed ConfigMaps by now.
         time.sleep(1)
         assert lists("configmaps") == 1
         # Each worker decides from its own namespace cache.

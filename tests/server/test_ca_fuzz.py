@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -15,21 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.certs import make_csr, p256, request_svid
-from tests.support.servers import WEB_TOKEN, Server, start_ca_server
-
-
-@pytest.fixture(scope="module")
-def ca_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_ca_server(tmp_path_factory.mktemp("ca-fuzz"))
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def https(ca_server: Server) -> Iterator[httpx.Client]:
-    with ca_server.client() as client:
-        yield client
-
+from tests.support.servers import WEB_TOKEN, Server
 
 _VALID = make_csr(p256())
 _VALID_DER = x509.load_pem_x509_csr(_VALID).public_bytes(serialization.Encoding.DER)
@@ -79,25 +64,25 @@ def assert_clear(reply: httpx.Response) -> None:
 
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 @given(body=bodies)
-def test_any_body_is_signed_or_clearly_refused(https: httpx.Client, body: Any) -> None:
-    assert_clear(https.post("/v1/certificates", json=body,
-                            headers={"Authorization": f"Bearer {WEB_TOKEN}"}))
+def test_any_body_is_signed_or_clearly_refused(ca_client: httpx.Client, body: Any) -> None:
+    assert_clear(ca_client.post("/v1/certificates", json=body,
+                                headers={"Authorization": f"Bearer {WEB_TOKEN}"}))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(raw=st.binary(max_size=2000))
-def test_any_bytes_are_clearly_refused(https: httpx.Client, raw: bytes) -> None:
-    reply = https.post("/v1/certificates", content=raw,
-                       headers={"Authorization": f"Bearer {WEB_TOKEN}"})
+def test_any_bytes_are_clearly_refused(ca_client: httpx.Client, raw: bytes) -> None:
+    reply = ca_client.post("/v1/certificates", content=raw,
+                           headers={"Authorization": f"Bearer {WEB_TOKEN}"})
     assert_clear(reply)
     assert reply.status_code != 200
 
 
 @pytest.mark.parametrize(("extensions", "sans", "critical"),
                          [(3, 0, False), (2, 0, True), (0, 1000, False), (20, 300, False)])
-def test_odd_extensions_and_huge_san_lists(https: httpx.Client, extensions: int, sans: int,
-                                           critical: bool) -> None:
-    reply = request_svid(https, WEB_TOKEN, odd_csr(extensions, sans, critical))
+def test_odd_extensions_and_huge_san_lists(ca_client: httpx.Client, extensions: int,
+                                           sans: int, critical: bool) -> None:
+    reply = request_svid(ca_client, WEB_TOKEN, odd_csr(extensions, sans, critical))
     assert_clear(reply)
     if reply.status_code == 200:
         # Whatever the CSR asked, the SVID names the caller alone.

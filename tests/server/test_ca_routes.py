@@ -1,11 +1,13 @@
-"""The CA end to end: the real `injector serve` over HTTPS, as a sidecar's agent calls it."""
+"""The CA's HTTPS transport end to end: the real `injector serve`, as a sidecar's agent calls it.
+
+What the service decides is tested in-process in tests/ca/test_service.py; here, what HTTP makes
+of it: statuses, headers, JSON bodies, the body limit, and the server's life across restarts."""
 
 from __future__ import annotations
 
 import datetime as dt
 import ssl
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,9 +17,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from injector.ca import authority as ca
-from injector.ca import certsdir as cadir
+from injector.ca import authority, certsdir
+from injector.ca.refusals import RefusalKind
+from injector.server.ca_routes import HTTP_STATUS
 from tests.support.certs import make_csr, mutual_tls, p256, request_svid, tampered_signature
+from tests.support.eventually import eventually
 from tests.support.fakeapi import (
     RunningFakeKube,
     TokenInfo,
@@ -38,22 +42,9 @@ WEB_ID = "spiffe://cluster.local/ns/shop/sa/web"
 API_ID = "spiffe://cluster.local/ns/shop/sa/api"
 
 
-@pytest.fixture(scope="module")
-def ca_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_ca_server(tmp_path_factory.mktemp("ca-serve"), mesh_config="")
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def https(ca_server: Server) -> Iterator[httpx.Client]:
-    with ca_server.client() as client:
-        yield client
-
-
 def write_issued(directory: Path, name: str, key: Any, document: dict[str, Any]) -> None:
     """The files an agent writes: key, chain (leaf first), bundle; plus the leaf alone."""
-    (directory / f"{name}.key").write_bytes(ca.key_to_pem(key))
+    (directory / f"{name}.key").write_bytes(authority.key_to_pem(key))
     (directory / f"{name}-chain.pem").write_text("".join(document["certificate_chain"]))
     (directory / f"{name}-leaf.pem").write_text(document["certificate_chain"][0])
     (directory / "bundle.pem").write_text("".join(document["trust_bundle"]))
@@ -67,10 +58,10 @@ def openssl_verify(root: Path, chain: Path, leaf: Path) -> subprocess.CompletedP
 
 # --- issuing ------------------------------------------------------------------------------------
 
-def test_issues_an_svid_for_the_callers_identity(https: httpx.Client, ca_server: Server,
+def test_issues_an_svid_for_the_callers_identity(ca_client: httpx.Client, ca_server: Server,
                                                  tmp_path: Path) -> None:
     key = p256()
-    reply = request_svid(https, WEB_TOKEN, make_csr(key), ttl_seconds=3600)
+    reply = request_svid(ca_client, WEB_TOKEN, make_csr(key), ttl_seconds=3600)
     assert reply.status_code == 200, reply.text
     assert reply.headers["content-type"] == "application/json"
     document = reply.json()
@@ -85,7 +76,7 @@ def test_issues_an_svid_for_the_callers_identity(https: httpx.Client, ca_server:
     sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     assert sans.critical and sans.value.get_values_for_type(
         x509.UniformResourceIdentifier) == [WEB_ID]
-    assert ca.public_keys_match(key, leaf)
+    assert authority.public_keys_match(key, leaf)
     lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
     assert lifetime == dt.timedelta(seconds=3600 + 60)
     assert document["expires_at"] == leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -96,26 +87,26 @@ def test_issues_an_svid_for_the_callers_identity(https: httpx.Client, ca_server:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_default_ttl_is_a_day(https: httpx.Client) -> None:
-    reply = request_svid(https, WEB_TOKEN, make_csr(p256()))
+def test_default_ttl_is_a_day(ca_client: httpx.Client) -> None:
+    reply = request_svid(ca_client, WEB_TOKEN, make_csr(p256()))
     assert reply.status_code == 200, reply.text
     leaf = x509.load_pem_x509_certificate(reply.json()["certificate_chain"][0].encode())
     assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == dt.timedelta(days=1,
                                                                                  seconds=60)
 
 
-def test_svids_from_the_endpoint_complete_mutual_tls(https: httpx.Client,
+def test_svids_from_the_endpoint_complete_mutual_tls(ca_client: httpx.Client,
                                                      tmp_path: Path) -> None:
     web_key, api_key = p256(), rsa.generate_private_key(65537, 2048)
     for name, token, key in (("web", WEB_TOKEN, web_key), ("api", API_TOKEN, api_key)):
-        reply = request_svid(https, token, make_csr(key))
+        reply = request_svid(ca_client, token, make_csr(key))
         assert reply.status_code == 200, reply.text
         write_issued(tmp_path, name, key, reply.json())
     assert mutual_tls(tmp_path, "api", "web") == (WEB_ID, API_ID)
 
 
-def test_trust_bundle(https: httpx.Client, ca_server: Server) -> None:
-    reply = https.get("/v1/trust-bundle")
+def test_trust_bundle(ca_client: httpx.Client, ca_server: Server) -> None:
+    reply = ca_client.get("/v1/trust-bundle")
     assert reply.status_code == 200
     assert reply.headers["content-type"].startswith("application/x-pem-file")
     assert reply.text == ca_server.root_cert.read_text()
@@ -157,11 +148,12 @@ REFUSALS: dict[str, tuple[dict[str, str] | None, Any, int]] = {
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
-def test_every_refusal_has_its_status_and_a_json_error(https: httpx.Client, case: str) -> None:
+def test_every_refusal_has_its_status_and_a_json_error(ca_client: httpx.Client,
+                                                       case: str) -> None:
     headers, body, status = REFUSALS[case]
     if headers is None:
         headers = {"Authorization": f"Bearer {WEB_TOKEN}"}
-    reply = https.post("/v1/certificates", json=body(), headers=headers)
+    reply = ca_client.post("/v1/certificates", json=body(), headers=headers)
     assert reply.status_code == status, reply.text
     assert reply.headers["content-type"] == "application/json"
     error = reply.json()["error"]
@@ -170,39 +162,45 @@ def test_every_refusal_has_its_status_and_a_json_error(https: httpx.Client, case
         assert reply.headers.get("www-authenticate") == "Bearer"
 
 
+def test_every_refusal_kind_has_an_http_status() -> None:
+    # A kind added to the CA must not ship without its answer over HTTPS.
+    assert set(HTTP_STATUS) == set(RefusalKind)
+    assert all(400 <= status < 600 for status in HTTP_STATUS.values())
+
+
 @pytest.mark.parametrize("body", [b"not json", b"", b"{\"csr\": ", b"\xff\xfe",
                                   "{\"csr\": \"\u00e9\"}".encode()])
-def test_a_body_that_is_not_a_request_is_400(https: httpx.Client, body: bytes) -> None:
-    reply = https.post("/v1/certificates", content=body,
-                       headers={"Authorization": f"Bearer {WEB_TOKEN}",
-                                "Content-Type": "application/json"})
+def test_a_body_that_is_not_a_request_is_400(ca_client: httpx.Client, body: bytes) -> None:
+    reply = ca_client.post("/v1/certificates", content=body,
+                           headers={"Authorization": f"Bearer {WEB_TOKEN}",
+                                    "Content-Type": "application/json"})
     assert reply.status_code == 400, reply.text
     assert "error" in reply.json()
 
 
-def test_a_body_over_64_kib_is_413_declared_or_streamed(https: httpx.Client) -> None:
+def test_a_body_over_64_kib_is_413_declared_or_streamed(ca_client: httpx.Client) -> None:
     big = b"{\"csr\": \"" + b"A" * (64 * 1024) + b"\"}"
     headers = {"Authorization": f"Bearer {WEB_TOKEN}", "Content-Type": "application/json"}
-    declared = https.post("/v1/certificates", content=big, headers=headers)
+    declared = ca_client.post("/v1/certificates", content=big, headers=headers)
     assert declared.status_code == 413 and "error" in declared.json()
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: caught while streaming
         for start in range(0, len(big), 8192):
             yield big[start:start + 8192]
 
-    streamed = https.post("/v1/certificates", content=chunks(), headers=headers)
+    streamed = ca_client.post("/v1/certificates", content=chunks(), headers=headers)
     assert streamed.status_code == 413 and "error" in streamed.json()
     # Without a token, too: the size is checked before anything else.
-    assert https.post("/v1/certificates", content=big).status_code == 413
+    assert ca_client.post("/v1/certificates", content=big).status_code == 413
 
 
 # --- observability ------------------------------------------------------------------------------
 
-def test_metrics_and_the_issuance_log(https: httpx.Client, ca_server: Server) -> None:
-    assert request_svid(https, WEB_TOKEN, make_csr(p256())).status_code == 200
-    assert request_svid(https, "wrong-token", make_csr(p256())).status_code == 401
-    assert request_svid(https, WEB_TOKEN, "garbage").status_code == 400
-    metrics = https.get("/metrics").text
+def test_metrics_and_the_issuance_log(ca_client: httpx.Client, ca_server: Server) -> None:
+    assert request_svid(ca_client, WEB_TOKEN, make_csr(p256())).status_code == 200
+    assert request_svid(ca_client, "wrong-token", make_csr(p256())).status_code == 401
+    assert request_svid(ca_client, WEB_TOKEN, "garbage").status_code == 400
+    metrics = ca_client.get("/metrics").text
     for line in ("injector_ca_csr_received_total", "injector_ca_certificates_issued_total",
                  'injector_ca_refusals_total{reason="bad_token"}',
                  'injector_ca_refusals_total{reason="bad_csr"}',
@@ -250,18 +248,19 @@ def test_a_restart_keeps_the_root_and_earlier_svids_verify(tmp_path: Path) -> No
 
 def test_a_plugged_in_intermediate_signs_and_its_chain_reaches_the_root(tmp_path: Path) -> None:
     now = dt.datetime.now(dt.UTC)
-    root_key = ca.generate_key()
-    root = ca.make_root(root_key, trust_domain="cluster.local", now=now)
+    root_key = authority.generate_key()
+    root = authority.make_root(root_key, trust_domain="cluster.local", now=now)
     inter_key = ec.generate_private_key(ec.SECP384R1())
-    inter = ca.make_intermediate(inter_key, issuer_cert=root, issuer_key=root_key,
-                                 common_name="cluster-1 intermediate", now=now,
-                                 validity=dt.timedelta(days=30))
+    inter = authority.make_intermediate(inter_key, issuer_cert=root, issuer_key=root_key,
+                                        common_name="cluster-1 intermediate", now=now,
+                                        validity=dt.timedelta(days=30))
     certs = tmp_path / "certs"
     certs.mkdir()
-    (certs / "root-cert.pem").write_bytes(ca.cert_to_pem(root))
-    (certs / "ca-cert.pem").write_bytes(ca.cert_to_pem(inter))
-    (certs / "ca-key.pem").write_bytes(ca.key_to_pem(inter_key))
-    (certs / "cert-chain.pem").write_bytes(ca.cert_to_pem(inter) + ca.cert_to_pem(root))
+    (certs / "root-cert.pem").write_bytes(authority.cert_to_pem(root))
+    (certs / "ca-cert.pem").write_bytes(authority.cert_to_pem(inter))
+    (certs / "ca-key.pem").write_bytes(authority.key_to_pem(inter_key))
+    (certs / "cert-chain.pem").write_bytes(authority.cert_to_pem(inter)
+                                           + authority.cert_to_pem(root))
 
     server = start_server(tmp_path, "--token-file", str(write_tokens(tmp_path / "t.yaml")),
                           certs_dir=certs)
@@ -276,7 +275,7 @@ def test_a_plugged_in_intermediate_signs_and_its_chain_reaches_the_root(tmp_path
     chain = [x509.load_pem_x509_certificate(pem.encode())
              for pem in document["certificate_chain"]]
     assert chain[1:] == [inter]
-    assert document["trust_bundle"] == [ca.cert_to_pem(root).decode()]
+    assert document["trust_bundle"] == [authority.cert_to_pem(root).decode()]
     assert chain[0].not_valid_after_utc <= inter.not_valid_after_utc  # capped at the CA
     write_issued(tmp_path, "web", key, document)
     result = openssl_verify(certs / "root-cert.pem", tmp_path / "web-chain.pem",
@@ -289,14 +288,14 @@ def test_a_plugged_in_intermediate_signs_and_its_chain_reaches_the_root(tmp_path
 
 def test_an_expired_ca_signs_nothing_and_is_not_ready(tmp_path: Path) -> None:
     long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
-    root_key = ca.generate_key()
-    root = ca.make_root(root_key, trust_domain="cluster.local", now=long_ago,
-                        validity=dt.timedelta(days=10))
+    root_key = authority.generate_key()
+    root = authority.make_root(root_key, trust_domain="cluster.local", now=long_ago,
+                               validity=dt.timedelta(days=10))
     certs = tmp_path / "certs"
     certs.mkdir()
     for name in ("root-cert.pem", "ca-cert.pem", "cert-chain.pem"):
-        (certs / name).write_bytes(ca.cert_to_pem(root))
-    (certs / "ca-key.pem").write_bytes(ca.key_to_pem(root_key))
+        (certs / name).write_bytes(authority.cert_to_pem(root))
+    (certs / "ca-key.pem").write_bytes(authority.key_to_pem(root_key))
     # The HTTPS side still needs a valid certificate: one from another, valid CA.
     tls = https_material(tmp_path / "tls", host="127.0.0.1")
     (certs / "tls.crt").write_bytes(tls.cert_file.read_bytes())
@@ -321,17 +320,24 @@ def test_an_expired_ca_signs_nothing_and_is_not_ready(tmp_path: Path) -> None:
 
 
 def _wait_for_https(server: Server, ca_file: Path) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert server.process.poll() is None, server.log()
+    """Wait for /healthz over HTTPS trusting `ca_file` (`wait_until_serving` trusts the
+    certificates directory's root, which here did not sign the serving certificate)."""
+
+    def healthy_or_exited() -> bool:
+        if server.process.poll() is not None:
+            return True
         try:
             context = ssl.create_default_context(cafile=str(ca_file))
             with httpx.Client(verify=context, timeout=2) as client:
-                if client.get(f"{server.url}/healthz").status_code == 200:
-                    return
+                return client.get(f"{server.url}/healthz").status_code == 200
         except httpx.TransportError:
-            time.sleep(0.1)
-    raise AssertionError(f"server did not come up:\n{server.log()}")
+            return False
+
+    try:
+        eventually(healthy_or_exited, timeout=30, interval=0.1, what="/healthz over HTTPS")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; the server's log:\n{server.log()}") from None
+    assert server.process.poll() is None, server.log()
 
 
 @pytest.mark.parametrize("setup", ["bad token file", "mismatched CA key"])
@@ -342,8 +348,8 @@ def test_refuses_to_start_with_a_one_line_reason(tmp_path: Path, setup: str) -> 
         (tmp_path / "tokens.yaml").write_text("- {token: x}\n")
         args = ["--token-file", str(tmp_path / "tokens.yaml")]
     else:
-        cadir.ensure_certs_dir(certs)
-        (certs / "ca-key.pem").write_bytes(ca.key_to_pem(ca.generate_key()))
+        certsdir.ensure_certs_dir(certs)
+        (certs / "ca-key.pem").write_bytes(authority.key_to_pem(authority.generate_key()))
     server = start_server(tmp_path, *args, certs_dir=certs, wait_ready=False)
     try:
         assert server.process.wait(timeout=30) == 2
@@ -403,7 +409,6 @@ def test_tokenreview_api_unreachable_from_the_start(tmp_path: Path) -> None:
     assert reply.headers.get("retry-after")
 
 
-
 def test_tokens_added_to_the_token_file_work_without_a_restart(tmp_path: Path) -> None:
     server = start_ca_server(tmp_path)
     try:
@@ -413,11 +418,14 @@ def test_tokens_added_to_the_token_file_work_without_a_restart(tmp_path: Path) -
             assert request_svid(client, "token-of-a-new-team", csr).status_code == 401
             tokens.write_text(tokens.read_text() + "- {token: token-of-a-new-team, "
                               "namespace: new-team, serviceAccount: app}\n")
-            deadline = time.monotonic() + 10
-            while (answer := request_svid(client, "token-of-a-new-team", csr)).status_code != 200:
-                assert time.monotonic() < deadline, "the new token was never accepted"
-                time.sleep(0.2)
-            assert answer.json()["spiffe_id"] == "spiffe://cluster.local/ns/new-team/sa/app"
+
+            def accepted() -> httpx.Response | None:
+                reply = request_svid(client, "token-of-a-new-team", csr)
+                return reply if reply.status_code == 200 else None
+
+            answer = eventually(accepted, timeout=10, interval=0.2,
+                                what="the new token accepted")
+            assert answer is not None and answer.json()["spiffe_id"] == "spiffe://cluster.local/ns/new-team/sa/app"
         assert "static tokens reloaded" in server.log()
         assert "token-of-a-new-team" not in server.log()
     finally:

@@ -1,3 +1,8 @@
+"""Structured logs (injector.server.logs): the direct line and logging's are one format, and
+`injector serve` writes JSON lines with the admission's fields."""
+
+from __future__ import annotations
+
 import asyncio
 import datetime as dt
 import io
@@ -5,10 +10,13 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from injector.server import logs
+from tests.support.pods import pod, review
+from tests.support.servers import start_server
 
 FIELDS = {"namespace": "shop", "pod": "checkout-1", "result": "injected",
           "reason": "namespace-enabled", "duration_ms": 0.123}
@@ -145,3 +153,20 @@ def test_a_line_from_another_thread_is_written_at_once(output: io.StringIO) -> N
     thread.start()
     thread.join()
     assert lines(output.getvalue())[0]["msg"] == "from a thread"
+
+
+def test_logs_are_json_lines_with_the_admission_fields(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    try:
+        with server.client() as client:
+            client.post("/inject", json=review(pod(name="checkout-1"), namespace="shop"))
+    finally:
+        server.stop()
+    entries = [json.loads(line) for line in server.log().splitlines() if line.strip()]
+    admission = [entry for entry in entries if entry.get("pod") == "checkout-1"]
+    assert len(admission) == 1
+    assert admission[0]["namespace"] == "shop"
+    assert admission[0]["result"] == "injected"
+    assert admission[0]["reason"] == "namespace-enabled"
+    assert admission[0]["duration_ms"] >= 0
+    assert all({"time", "level", "logger", "msg"} <= entry.keys() for entry in entries)

@@ -6,12 +6,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.eventually import eventually
 from tests.support.servers import child_pids, process_state
 
 # A supervisor whose workers write `<index>-<pid>` into the directory, then wait for SIGTERM
@@ -41,13 +41,6 @@ SUPERVISOR = textwrap.dedent("""
 """)
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def workers(directory: Path) -> dict[int, list[int]]:
     """Worker index -> the pids that ran it, in start order."""
     started: dict[int, list[tuple[float, int]]] = {}
@@ -72,7 +65,7 @@ def start(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
             [sys.executable, "-c", SUPERVISOR, str(tmp_path), str(count), str(stop_timeout)],
             env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         started.append(process)
-        wait_for(lambda: len(workers(tmp_path)) == count)
+        eventually(lambda: len(workers(tmp_path)) == count, 10, what=f"{count} workers started")
         return process
 
     yield run
@@ -96,7 +89,7 @@ def test_a_dead_worker_is_replaced(
     supervisor = start(2)
     victim = workers(tmp_path)[1][0]
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: len(workers(tmp_path)[1]) == 2)
+    eventually(lambda: len(workers(tmp_path)[1]) == 2, 10, what="worker 1 restarted")
     assert workers(tmp_path)[1][1] != victim
     assert len(workers(tmp_path)[0]) == 1  # the other one was left alone
     assert supervisor.poll() is None
@@ -127,13 +120,13 @@ def test_workers_stop_when_the_supervisor_is_killed(
     pids = [runs[0] for runs in workers(tmp_path).values()]
     supervisor.kill()
     supervisor.wait()
-    wait_for(lambda: not any(alive(pid) for pid in pids))
+    eventually(lambda: not any(alive(pid) for pid in pids), 10, what="workers stopped")
 
 
 def test_a_worker_that_keeps_dying_at_start_is_restarted_ever_more_slowly(
         start: Callable[..., subprocess.Popen[bytes]], tmp_path: Path) -> None:
     supervisor = start(1, env={"CRASH": "1"})
-    wait_for(lambda: len(workers(tmp_path)[0]) >= 4)
+    eventually(lambda: len(workers(tmp_path)[0]) >= 4, 10, what="four starts of worker 0")
     supervisor.send_signal(signal.SIGTERM)
     supervisor.wait(timeout=10)
     starts = sorted(path.stat().st_mtime for path in tmp_path.iterdir())[:4]

@@ -47,6 +47,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from tests.support.eventually import eventually
+
 # The token the injector itself presents to the API server (from the kubeconfig).
 INJECTOR_API_TOKEN = "injector-own-credentials"
 
@@ -123,11 +125,13 @@ class ServerThread:
 
     def start(self) -> ServerThread:
         self._thread.start()
-        deadline = time.monotonic() + 15
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise AssertionError("test HTTPS server did not start")
-            time.sleep(0.02)
+
+        def serving() -> bool:
+            if not self._thread.is_alive():  # it never will: no use waiting
+                raise AssertionError("test HTTPS server did not start: its thread ended")
+            return bool(self._server.started)
+
+        eventually(serving, interval=0.02, what="test HTTPS server started")
         return self
 
     def stop(self) -> None:
@@ -464,6 +468,8 @@ class FakeKubeAPI:
 
     async def _watch(self, resource: str, namespace: str | None, name: str | None,
                      since: int, timeout: float) -> AsyncIterator[bytes]:
+        # Not a wait of the tests (no `eventually`): the API server's own watch timeout,
+        # streaming events on the server's event loop until then.
         deadline = time.monotonic() + timeout
         sent = since
         while time.monotonic() < deadline and not self.closing and self.fail_with is None:

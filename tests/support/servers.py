@@ -18,6 +18,8 @@ from typing import Any
 
 import httpx
 
+from tests.support.eventually import eventually
+
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -60,13 +62,12 @@ class Server:
 
     def workers(self, count: int, timeout: float = 15) -> list[int]:
         """The pids of `serve --workers`'s worker processes, once there are `count`."""
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def counted() -> list[int]:
             children = child_pids(self.process.pid)
-            if len(children) == count:
-                return children
-            assert time.monotonic() < deadline, f"{len(children)} workers, not {count}"
-            time.sleep(0.05)
+            return children if len(children) == count else []
+
+        return eventually(counted, timeout, what=f"{count} worker processes")
 
 
 def process_state(pid: int) -> tuple[str, int] | None:
@@ -139,6 +140,9 @@ def _start_server(workdir: Path, args: tuple[str, ...], certs_dir: Path | None,
 
 
 def wait_until_serving(server: Server, timeout: float = 30) -> None:
+    """Until serve answers /healthz over HTTPS. Fails at once if serve exits, and stops it if it
+    does not answer in time, serve's log in the message either way: a loop of its own rather
+    than `eventually`, for those two endings."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:

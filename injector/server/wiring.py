@@ -1,0 +1,233 @@
+"""How `injector serve` becomes a running server once its settings are known.
+
+`injector.commands.serve` reads the arguments; this module puts the parts together, and the order
+is the point:
+
+1. the shared CA adopted from the cluster, then the certificates directory completed;
+2. everything a worker needs loaded (TLS context, CA, app parts) before anything listens, so a
+   bad setting stops serve with one line (a `ConfigError`, exit code 2) and forked workers
+   share the loaded code;
+3. the socket bound once, in the parent, so that every worker accepts from it;
+4. in each worker, the cluster duties started and uvicorn run: threads and pooled connections do
+   not survive a fork, so each worker makes its own.
+
+The heavy imports (uvicorn, FastAPI, the CA, the kubernetes client) stay inside the functions:
+prometheus_client must not be imported before `serve` chooses its multiprocess mode, and the
+kubernetes client is only loaded when there is an API to talk to (idle RSS is measured).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import ssl
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from injector.errors import ConfigError
+from injector.mesh.config import MeshConfig
+
+# Forward-secret AEAD suites only for TLS 1.2 (TLS 1.3's are all of that kind already).
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What `injector serve` was asked for, checked: the flags, and the mesh config loaded."""
+
+    host: str
+    port: int
+    certs_dir: Path
+    dns_names: tuple[str, ...]
+    token_file: str | None
+    kubeconfig: str | None
+    workers: int
+    log_level: str
+    mesh: MeshConfig
+
+
+def server_tls_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
+    """TLS 1.2 or newer only, whatever the OpenSSL build's default, with strong suites."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(TLS12_CIPHERS)
+    context.load_cert_chain(cert_path, key_path)
+    return context
+
+
+def uvicorn_config(app: Any, *, host: str, port: int, tls: ssl.SSLContext, cert_path: Path,
+                   key_path: Path) -> Any:
+    """serve's uvicorn settings, loaded, serving with `tls`. The benchmark's baselines use it
+    too, so that they measure the same server stack."""
+    import uvicorn
+
+    from injector.server.coalesce import CoalescingHttpToolsProtocol
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        ssl_certfile=str(cert_path),
+        ssl_keyfile=str(key_path),
+        # The fast implementations, by name: "auto" would fall back silently to asyncio and
+        # h11, several times slower, if they were missing. httptools' protocol, writing each
+        # response in one piece (injector.server.coalesce).
+        loop="uvloop",
+        http=CoalescingHttpToolsProtocol,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        # The callers (the API server, sidecars) connect directly; X-Forwarded-For from them
+        # means nothing, and its middleware is a layer on every request.
+        proxy_headers=False,
+        timeout_graceful_shutdown=20,
+    )
+    config.load()
+    # Our context, not uvicorn's: it is the one the serving-certificate watcher reloads.
+    config.ssl = tls
+    return config
+
+
+def serve(settings: ServeSettings) -> int:
+    """Serve the webhook and the CA until SIGTERM (or SIGINT); the exit code. A setting that
+    cannot work raises ConfigError before anything listens."""
+    metrics_dir = None
+    if settings.workers > 1:
+        # Each worker counts in its own files, /metrics adds them up (prometheus_client's
+        # multiprocess mode); it must be chosen before prometheus_client is imported.
+        metrics_dir = tempfile.mkdtemp(prefix="injector-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        return _serve(settings)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _serve(settings: ServeSettings) -> int:
+    from injector.ca import certsdir
+    from injector.server import logs, workers
+
+    logs.configure(settings.log_level)
+    problems: dict[str, str] = {}
+    api = _api_client(settings.kubeconfig)
+    if api is not None:
+        from injector.kube import ca_secret
+
+        shared_ca_problem = ca_secret.adopt_shared_ca(
+            api, namespace=settings.mesh.injector_namespace, certs_dir=settings.certs_dir,
+            trust_domain=settings.mesh.trust_domain)
+        if shared_ca_problem:
+            problems["shared-ca"] = shared_ca_problem
+    certsdir.ensure_certs_dir(
+        settings.certs_dir,
+        trust_domain=settings.mesh.trust_domain,
+        dns_names=settings.dns_names,
+        namespace=settings.mesh.injector_namespace,
+    )
+    # Everything a worker loads, loaded once here: a bad setting stops serve with one line
+    # before anything listens, and forked workers share the loaded code.
+    worker = Worker(settings, problems, api)
+    listener = _listen(settings.host, settings.port)
+    logging.getLogger("injector").info(
+        "serving the webhook and the CA on https://%s:%d with %d worker%s",
+        settings.host, settings.port, settings.workers, "s" if settings.workers > 1 else "")
+    if settings.workers == 1:
+        return worker.serve(listener, index=0)
+    if api is not None:
+        api.close()  # its pooled connections must not be shared by the workers
+
+    def work(index: int) -> int:
+        return Worker(settings, problems, _api_client(settings.kubeconfig)).serve(
+            listener, index=index)
+
+    from prometheus_client import multiprocess
+
+    return workers.Supervisor(settings.workers, work,
+                              on_exit=multiprocess.mark_process_dead).run()
+
+
+def _api_client(kubeconfig: str | None) -> Any:
+    """The Kubernetes API client, or None without an API (local use)."""
+    if not (kubeconfig or os.environ.get("KUBERNETES_SERVICE_HOST")):
+        return None
+    # The kubernetes client (15 MiB of RSS once imported) only when there is an API to talk
+    # to: the two cases where client.api_client gives one.
+    from injector.kube import client
+
+    return client.api_client(kubeconfig)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as error:
+        reason = os.strerror(error.errno) if error.errno else str(error)
+        raise ConfigError(f"cannot listen on {host}:{port}: {reason}") from None
+
+
+class Worker:
+    """One process's server: TLS context, CA, cluster duties and app, ready to serve."""
+
+    def __init__(self, settings: ServeSettings, problems: dict[str, str], api: Any) -> None:
+        from injector.ca.service import build_ca_service
+        from injector.kube.tokenreview import KubeTokenReviewer
+        from injector.server.serving_cert import ServingCertificate
+
+        self.settings = settings
+        self.problems = problems
+        self.api = api
+        self.cert_path = settings.certs_dir / "tls.crt"
+        self.key_path = settings.certs_dir / "tls.key"
+        try:
+            self.tls = server_tls_context(self.cert_path, self.key_path)
+        except (OSError, ssl.SSLError) as error:
+            raise ConfigError(
+                f"serving certificate {self.cert_path} with key {self.key_path}: they do not "
+                f"load, or do not match ({error.__class__.__name__})") from None
+        self.ca_service = build_ca_service(
+            certs_dir=settings.certs_dir, mesh=settings.mesh, token_file=settings.token_file,
+            token_reviewer=None if api is None else KubeTokenReviewer(api),
+            workers=settings.workers)
+        self.serving = ServingCertificate(self.tls, self.cert_path, self.key_path)
+
+    def serve(self, listener: socket.socket, *, index: int) -> int:
+        """Serve on `listener` until SIGTERM, then drain; 0. Worker 0 alone writes to the
+        cluster (root ConfigMaps, the webhook's caBundle): one writer, N readers."""
+        import uvicorn
+
+        from injector.server import ca_routes
+        from injector.server.app import create_app
+
+        sync = None
+        if self.api is not None:
+            from injector.ca import certsdir
+            from injector.kube.sync import ClusterSync
+
+            root_pem = (self.settings.certs_dir / certsdir.ROOT_CERT).read_text()
+            sync = ClusterSync(self.api, root_pem=root_pem, mesh=self.settings.mesh,
+                               problems=self.problems, writer=index == 0)
+            sync.start()
+        app = create_app(
+            mesh=self.settings.mesh,
+            namespace_labels=sync.namespace_labels if sync else lambda namespace: None,
+            readiness_checks=[self.ca_service.readiness, self.serving.readiness],
+            degraded=sync.degraded if sync else list,
+            routers=[ca_routes.router(self.ca_service)],
+            fast_routes=ca_routes.fast_routes(self.ca_service),
+            background=[self.serving.watch, self.ca_service.watch_token_file],
+        )
+        config = uvicorn_config(app, host=self.settings.host, port=self.settings.port,
+                                tls=self.tls, cert_path=self.cert_path, key_path=self.key_path)
+        # uvicorn drains on SIGTERM, then raises the signal again for the handler it found.
+        # SIGTERM is how Kubernetes stops a pod: once drained, that is a clean exit (0), not a
+        # death by signal.
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        uvicorn.Server(config).run(sockets=[listener])
+        return 0
