@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import yaml
 
@@ -183,22 +183,37 @@ def parse_service_account_username(username: str) -> tuple[str, str] | None:
     return parts[0], parts[1]
 
 
+@dataclass(frozen=True)
+class ReviewedToken:
+    """What the Kubernetes API said of a token (TokenReview's status)."""
+
+    authenticated: bool
+    audiences: tuple[str, ...]
+    username: str
+
+
+class TokenReviewer(Protocol):
+    def review(self, token: str, audience: str) -> ReviewedToken:
+        """Ask the API about `token` for `audience`; AuthenticationUnavailable if it cannot
+        answer now. (injector.kube.tokenreview asks a real API server.)"""
+        ...
+
+
 class TokenReviewAuthenticator:
-    """Kubernetes TokenReview with audience `istio-ca`, positive answers cached briefly."""
+    """Kubernetes TokenReview with audience `istio-ca`, positive answers cached briefly.
+
+    The rules (audience, service accounts only, the cache) live here; the call itself is the
+    `TokenReviewer`'s, so the CA knows nothing of the kubernetes client."""
 
     name = "tokenreview"
 
-    def __init__(self, api_client: Any, *, audience: str = TOKEN_AUDIENCE,
+    def __init__(self, reviewer: TokenReviewer, *, audience: str = TOKEN_AUDIENCE,
                  cache_seconds: float = 60.0, max_cache_entries: int = 4096,
-                 request_timeout_seconds: float = 3.0,
                  clock: Callable[[], float] = time.time) -> None:
-        from kubernetes.client import AuthenticationV1Api
-
-        self._api = AuthenticationV1Api(api_client)
+        self._reviewer = reviewer
         self._audience = audience
         self._cache_seconds = cache_seconds
         self._max_cache_entries = max_cache_entries
-        self._timeout = request_timeout_seconds
         self._clock = clock
         self._cache: dict[bytes, tuple[Caller, float]] = {}
         self._lock = threading.Lock()
@@ -212,16 +227,16 @@ class TokenReviewAuthenticator:
             caller, valid_until = cached
             if now < valid_until:
                 return caller
-        caller = self._review(token)
-        if caller is not None:
+        reviewed = self._review(token)
+        if reviewed is not None:
             # Never trust a cached answer past the token's own expiry.
             valid_until = now + self._cache_seconds
             expiry = jwt_expiry(token)
             if expiry is not None:
                 valid_until = min(valid_until, expiry)
             if valid_until > now:
-                self._remember(digest, caller, valid_until, now)
-        return caller
+                self._remember(digest, reviewed, valid_until, now)
+        return reviewed
 
     def _remember(self, digest: bytes, caller: Caller, valid_until: float, now: float) -> None:
         with self._lock:
@@ -233,31 +248,17 @@ class TokenReviewAuthenticator:
             self._cache[digest] = (caller, valid_until)
 
     def _review(self, token: str) -> Caller | None:
-        from kubernetes.client import V1TokenReview, V1TokenReviewSpec
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
-
-        body = V1TokenReview(spec=V1TokenReviewSpec(token=token, audiences=[self._audience]))
-        try:
-            review = self._api.create_token_review(body, _request_timeout=self._timeout)
-        except ApiException as error:
-            raise AuthenticationUnavailable(
-                f"TokenReview failed with HTTP {error.status}") from None
-        except (HTTPError, OSError, ValueError) as error:
-            raise AuthenticationUnavailable(
-                f"Kubernetes API unreachable ({type(error).__name__})") from None
-        status = review.status
-        if status is None or not status.authenticated:
+        reviewed = self._reviewer.review(token, self._audience)
+        if not reviewed.authenticated:
             log.info("TokenReview: token not authenticated")
             return None
-        if self._audience not in (status.audiences or []):
+        if self._audience not in reviewed.audiences:
             # An empty list means "valid for the API server", not for us (TokenReview docs).
             log.info("TokenReview: token not valid for audience %s", self._audience)
             return None
-        username = status.user.username if status.user is not None else None
-        identity = parse_service_account_username(username or "")
+        identity = parse_service_account_username(reviewed.username)
         if identity is None:
-            log.info("TokenReview: %r is not a service account", (username or "")[:200])
+            log.info("TokenReview: %r is not a service account", reviewed.username[:200])
             return None
         namespace, service_account = identity
         return Caller(namespace, service_account, self.name)

@@ -1,7 +1,9 @@
 """The certificate authority's pure core: keys, the root, the serving certificate and X509-SVIDs.
 
-No file or network I/O here: `cadir` reads and writes the certificates directory, `ca_api`
-serves HTTP. Everything takes `now` as an argument so that expiry rules are testable.
+No file or network I/O here: `certsdir` reads and writes the certificates directory, `service`
+decides who may ask, the transports (`injector.server.ca_routes`) speak to callers. Refusals
+carry a kind, not a transport's status (`refusals`). Everything takes `now` as an argument so
+that expiry rules are testable.
 
 SVIDs follow the SPIFFE X509-SVID standard: an empty subject and exactly one SAN, a critical
 URI SAN with the caller's SPIFFE ID; BasicConstraints CA false; KeyUsage digitalSignature only
@@ -22,8 +24,10 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from injector.ca.refusals import Refusal, RefusalKind
 from injector.errors import InvalidInput
 from injector.mesh.spiffe import SpiffeId
 
@@ -72,7 +76,7 @@ def random_serial() -> int:
     return secrets.randbits(127) or 1
 
 
-def _subject_key_id(key: x509.CertificateIssuerPublicKeyTypes) -> x509.SubjectKeyIdentifier:
+def _subject_key_id(key: CertificateIssuerPublicKeyTypes) -> x509.SubjectKeyIdentifier:
     return x509.SubjectKeyIdentifier.from_public_key(key)
 
 
@@ -134,6 +138,8 @@ def _authority_key_id(issuer_cert: x509.Certificate) -> x509.AuthorityKeyIdentif
         return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
     except x509.ExtensionNotFound:
         # A plugged-in CA without an SKI: derive the identifier from its key, as it would be.
+        # A CA certificate's key is a signing key (Authority.build checked it), which mypy
+        # cannot see from the certificate's type.
         return x509.AuthorityKeyIdentifier.from_issuer_public_key(
             issuer_cert.public_key())  # type: ignore[arg-type]
 
@@ -325,16 +331,6 @@ class SigningPolicy:
 DEFAULT_POLICY: Final = SigningPolicy()
 
 
-class SigningRefused(Exception):
-    """The CA will not sign: `status` is the HTTP status to answer, `reason` a metric label."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.reason = reason
-        self.message = message
-
-
 @dataclass(frozen=True)
 class IssuedSvid:
     spiffe_id: SpiffeId
@@ -357,18 +353,17 @@ def check_csr_public_key(public_key: object) -> None:
     """Refuse weak or unsupported keys: RSA under 2048 bits, EC other than P-256/P-384."""
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         if public_key.curve.name not in ALLOWED_EC_CURVES:
-            raise SigningRefused(400, "weak_key",
-                                 f"EC curve {public_key.curve.name} is not allowed "
-                                 "(P-256 or P-384)")
+            raise Refusal(RefusalKind.INVALID, "weak_key",
+                          f"EC curve {public_key.curve.name} is not allowed (P-256 or P-384)")
     elif isinstance(public_key, rsa.RSAPublicKey):
         if public_key.key_size < MIN_RSA_BITS:
-            raise SigningRefused(400, "weak_key",
-                                 f"RSA key of {public_key.key_size} bits is too weak "
-                                 f"(at least {MIN_RSA_BITS})")
+            raise Refusal(RefusalKind.INVALID, "weak_key",
+                          f"RSA key of {public_key.key_size} bits is too weak "
+                          f"(at least {MIN_RSA_BITS})")
     elif not isinstance(public_key, ed25519.Ed25519PublicKey):
-        raise SigningRefused(400, "weak_key",
-                             f"unsupported key type {type(public_key).__name__.lstrip('_')}"
-                             " (ECDSA P-256/P-384, RSA >= 2048 or Ed25519)")
+        raise Refusal(RefusalKind.INVALID, "weak_key",
+                      f"unsupported key type {type(public_key).__name__.lstrip('_')}"
+                      " (ECDSA P-256/P-384, RSA >= 2048 or Ed25519)")
 
 
 def _parse_csr(csr_pem: bytes | str) -> x509.CertificateSigningRequest:
@@ -376,7 +371,8 @@ def _parse_csr(csr_pem: bytes | str) -> x509.CertificateSigningRequest:
     try:
         return x509.load_pem_x509_csr(data)
     except (ValueError, TypeError, x509.InvalidVersion, UnsupportedAlgorithm):
-        raise SigningRefused(400, "bad_csr", "csr is not a PEM PKCS#10 request") from None
+        raise Refusal(RefusalKind.INVALID, "bad_csr",
+                      "csr is not a PEM PKCS#10 request") from None
 
 
 def _check_requested_extensions(csr: x509.CertificateSigningRequest, identity: SpiffeId) -> None:
@@ -384,49 +380,50 @@ def _check_requested_extensions(csr: x509.CertificateSigningRequest, identity: S
         extensions = csr.extensions
     except (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension,
             x509.UnsupportedGeneralNameType):
-        raise SigningRefused(400, "bad_csr", "csr has malformed extensions") from None
+        raise Refusal(RefusalKind.INVALID, "bad_csr", "csr has malformed extensions") from None
     for extension in extensions:
         value = extension.value
         if isinstance(value, x509.BasicConstraints) and value.ca:
-            raise SigningRefused(400, "ca_requested", "csr asks for a CA certificate")
+            raise Refusal(RefusalKind.INVALID, "ca_requested", "csr asks for a CA certificate")
         if isinstance(value, x509.KeyUsage) and (value.key_cert_sign or value.crl_sign):
-            raise SigningRefused(400, "ca_requested", "csr asks to sign certificates or CRLs")
+            raise Refusal(RefusalKind.INVALID, "ca_requested",
+                          "csr asks to sign certificates or CRLs")
         if isinstance(value, x509.SubjectAlternativeName):
             wanted = str(identity)
             for uri in value.get_values_for_type(x509.UniformResourceIdentifier):
                 if uri != wanted:
-                    raise SigningRefused(
-                        403, "identity_mismatch",
+                    raise Refusal(
+                        RefusalKind.FORBIDDEN, "identity_mismatch",
                         f"csr names {uri[:200]!r} but the caller is {wanted}")
 
 
 def sign_svid(csr_pem: bytes | str, identity: SpiffeId, ttl_seconds: int | None,
               authority: Authority, now: dt.datetime, *,
               policy: SigningPolicy = DEFAULT_POLICY) -> IssuedSvid:
-    """Sign an X509-SVID for `identity` with the CSR's public key, or raise SigningRefused."""
+    """Sign an X509-SVID for `identity` with the CSR's public key, or raise Refusal."""
     if authority.expired(now):
-        raise SigningRefused(503, "ca_expired",
-                             f"the signing CA expired at {rfc3339(authority.not_after)}")
+        raise Refusal(RefusalKind.UNAVAILABLE, "ca_expired",
+                      f"the signing CA expired at {rfc3339(authority.not_after)}")
     ttl = policy.default_ttl_seconds if ttl_seconds is None else ttl_seconds
     if ttl <= 0 or ttl > policy.max_ttl_seconds:
-        raise SigningRefused(400, "bad_ttl",
-                             f"ttl_seconds must be between 1 and {policy.max_ttl_seconds}")
+        raise Refusal(RefusalKind.INVALID, "bad_ttl",
+                      f"ttl_seconds must be between 1 and {policy.max_ttl_seconds}")
     if identity.trust_domain != authority.trust_domain:
-        raise SigningRefused(403, "identity_mismatch",
-                             f"identity {identity} is outside trust domain "
-                             f"{authority.trust_domain}")
+        raise Refusal(RefusalKind.FORBIDDEN, "identity_mismatch",
+                      f"identity {identity} is outside trust domain {authority.trust_domain}")
     csr = _parse_csr(csr_pem)
     try:
         public_key = csr.public_key()
     except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise SigningRefused(400, "weak_key", "csr key type is not supported") from None
+        raise Refusal(RefusalKind.INVALID, "weak_key",
+                      "csr key type is not supported") from None
     check_csr_public_key(public_key)
     try:
         signature_valid = csr.is_signature_valid
     except (ValueError, TypeError, UnsupportedAlgorithm):
         signature_valid = False  # e.g. a signature algorithm OpenSSL does not know
     if not signature_valid:
-        raise SigningRefused(400, "bad_signature", "csr signature does not verify")
+        raise Refusal(RefusalKind.INVALID, "bad_signature", "csr signature does not verify")
     _check_requested_extensions(csr, identity)
 
     not_after = min(now + dt.timedelta(seconds=ttl), authority.not_after)
@@ -434,7 +431,7 @@ def sign_svid(csr_pem: bytes | str, identity: SpiffeId, ttl_seconds: int | None,
     builder = x509.CertificateBuilder(
         issuer_name=authority._issuer_name,
         subject_name=_EMPTY_NAME,
-        public_key=public_key,  # type: ignore[arg-type]
+        public_key=public_key,
         serial_number=serial,
         not_valid_before=now - BACKDATE,
         not_valid_after=not_after,
@@ -447,6 +444,8 @@ def sign_svid(csr_pem: bytes | str, identity: SpiffeId, ttl_seconds: int | None,
                            _KEY_USAGE_SIGN_ENCIPHER if isinstance(public_key, rsa.RSAPublicKey)
                            else _KEY_USAGE_SIGN),
             x509.Extension(x509.ExtendedKeyUsage.oid, False, _EKU_MTLS),
+            # check_csr_public_key let through only signing keys (RSA, P-256/P-384, Ed25519),
+            # which mypy cannot see: X25519 and the like never get here.
             x509.Extension(x509.SubjectKeyIdentifier.oid, False,
                            _subject_key_id(public_key)),  # type: ignore[arg-type]
             x509.Extension(x509.AuthorityKeyIdentifier.oid, False, authority._authority_key_id),
@@ -455,7 +454,7 @@ def sign_svid(csr_pem: bytes | str, identity: SpiffeId, ttl_seconds: int | None,
     try:
         certificate = builder.sign(authority.signing_key, authority._hash)
     except (ValueError, TypeError):
-        raise SigningRefused(400, "bad_csr", "csr cannot be signed") from None
+        raise Refusal(RefusalKind.INVALID, "bad_csr", "csr cannot be signed") from None
     return IssuedSvid(
         spiffe_id=identity,
         certificate=certificate,

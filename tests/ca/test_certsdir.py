@@ -15,8 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from injector.ca import authority as ca
-from injector.ca import certsdir as cadir
+from injector.ca import authority, certsdir
 
 ALL_FILES = ("root-cert.pem", "ca-cert.pem", "ca-key.pem", "cert-chain.pem", "tls.crt", "tls.key")
 
@@ -35,8 +34,8 @@ def _openssl_verify(root: Path, leaf: Path, untrusted: Path | None = None) -> No
 
 def test_creates_the_istio_cacerts_layout(tmp_path: Path) -> None:
     certs = tmp_path / "certs"
-    cadir.ensure_certs_dir(certs, dns_names=["webhook.example.org", "10.9.8.7"],
-                           namespace="istio-system")
+    certsdir.ensure_certs_dir(certs, dns_names=["webhook.example.org", "10.9.8.7"],
+                              namespace="istio-system")
     for name in ALL_FILES:
         assert (certs / name).is_file(), name
     for key in ("ca-key.pem", "tls.key"):
@@ -61,68 +60,69 @@ def test_creates_the_istio_cacerts_layout(tmp_path: Path) -> None:
 
 
 def test_never_overwrites_and_keeps_the_root(tmp_path: Path) -> None:
-    cadir.ensure_certs_dir(tmp_path)
+    certsdir.ensure_certs_dir(tmp_path)
     before = {name: (tmp_path / name).read_bytes() for name in ALL_FILES}
-    cadir.ensure_certs_dir(tmp_path, dns_names=["other.example"], trust_domain="example.org")
+    certsdir.ensure_certs_dir(tmp_path, dns_names=["other.example"], trust_domain="example.org")
     assert {name: (tmp_path / name).read_bytes() for name in ALL_FILES} == before
 
 
 def test_a_name_missing_from_the_kept_serving_cert_is_reported(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    cadir.ensure_certs_dir(tmp_path, dns_names=["one.example"])
-    cadir.ensure_certs_dir(tmp_path, dns_names=["one.example"])
+    certsdir.ensure_certs_dir(tmp_path, dns_names=["one.example"])
+    certsdir.ensure_certs_dir(tmp_path, dns_names=["one.example"])
     assert "does not cover" not in caplog.text
-    cadir.ensure_certs_dir(tmp_path, dns_names=["one.example", "two.example"])
+    certsdir.ensure_certs_dir(tmp_path, dns_names=["one.example", "two.example"])
     assert "does not cover two.example" in caplog.text
 
 
 def test_a_missing_serving_cert_is_reissued_from_the_same_root(tmp_path: Path) -> None:
-    cadir.ensure_certs_dir(tmp_path)
+    certsdir.ensure_certs_dir(tmp_path)
     root = (tmp_path / "root-cert.pem").read_bytes()
     (tmp_path / "tls.crt").unlink()
     (tmp_path / "tls.key").unlink()
-    cadir.ensure_certs_dir(tmp_path)
+    certsdir.ensure_certs_dir(tmp_path)
     assert (tmp_path / "root-cert.pem").read_bytes() == root
     _openssl_verify(tmp_path / "root-cert.pem", tmp_path / "tls.crt")
 
 
 def test_an_interrupted_bootstrap_is_finished_with_the_existing_key(tmp_path: Path) -> None:
-    key = ca.generate_key()
-    (tmp_path / "ca-key.pem").write_bytes(ca.key_to_pem(key))
-    cadir.ensure_certs_dir(tmp_path)
-    assert ca.public_keys_match(key, _cert(tmp_path / "ca-cert.pem"))
-    assert (tmp_path / "ca-key.pem").read_bytes() == ca.key_to_pem(key)
+    key = authority.generate_key()
+    (tmp_path / "ca-key.pem").write_bytes(authority.key_to_pem(key))
+    certsdir.ensure_certs_dir(tmp_path)
+    assert authority.public_keys_match(key, _cert(tmp_path / "ca-cert.pem"))
+    assert (tmp_path / "ca-key.pem").read_bytes() == authority.key_to_pem(key)
 
 
 def _plug_in_intermediate(certs: Path) -> tuple[x509.Certificate, x509.Certificate]:
     now = dt.datetime.now(dt.UTC)
-    root_key = ca.generate_key()
-    root = ca.make_root(root_key, trust_domain="cluster.local", now=now)
-    inter_key = ca.generate_key()
-    inter = ca.make_intermediate(inter_key, issuer_cert=root, issuer_key=root_key,
-                                 common_name="plugged-in intermediate", now=now,
-                                 validity=dt.timedelta(days=365))
+    root_key = authority.generate_key()
+    root = authority.make_root(root_key, trust_domain="cluster.local", now=now)
+    inter_key = authority.generate_key()
+    inter = authority.make_intermediate(inter_key, issuer_cert=root, issuer_key=root_key,
+                                        common_name="plugged-in intermediate", now=now,
+                                        validity=dt.timedelta(days=365))
     certs.mkdir(exist_ok=True)
-    (certs / "root-cert.pem").write_bytes(ca.cert_to_pem(root))
-    (certs / "ca-cert.pem").write_bytes(ca.cert_to_pem(inter))
-    (certs / "ca-key.pem").write_bytes(ca.key_to_pem(inter_key))
-    (certs / "cert-chain.pem").write_bytes(ca.cert_to_pem(inter) + ca.cert_to_pem(root))
+    (certs / "root-cert.pem").write_bytes(authority.cert_to_pem(root))
+    (certs / "ca-cert.pem").write_bytes(authority.cert_to_pem(inter))
+    (certs / "ca-key.pem").write_bytes(authority.key_to_pem(inter_key))
+    (certs / "cert-chain.pem").write_bytes(authority.cert_to_pem(inter)
+                                           + authority.cert_to_pem(root))
     return root, inter
 
 
 def test_a_plugged_in_intermediate_is_used_as_is(tmp_path: Path) -> None:
     root, inter = _plug_in_intermediate(tmp_path)
-    before = {name: (tmp_path / name).read_bytes() for name in cadir.CA_FILES}
-    cadir.ensure_certs_dir(tmp_path)
-    assert {name: (tmp_path / name).read_bytes() for name in cadir.CA_FILES} == before
+    before = {name: (tmp_path / name).read_bytes() for name in certsdir.CA_FILES}
+    certsdir.ensure_certs_dir(tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in certsdir.CA_FILES} == before
     served = x509.load_pem_x509_certificates((tmp_path / "tls.crt").read_bytes())
     assert served[1:] == [inter]  # the intermediate travels with the serving cert
     served[0].verify_directly_issued_by(inter)
     _openssl_verify(tmp_path / "root-cert.pem", tmp_path / "tls.crt",
                     untrusted=tmp_path / "tls.crt")
-    authority = cadir.load_authority(tmp_path, "cluster.local")
-    assert authority.chain == (inter,)
-    assert authority.anchor == root
+    loaded = certsdir.load_authority(tmp_path, "cluster.local")
+    assert loaded.chain == (inter,)
+    assert loaded.anchor == root
 
 
 @pytest.mark.parametrize(
@@ -136,43 +136,43 @@ def test_a_plugged_in_intermediate_is_used_as_is(tmp_path: Path) -> None:
 def test_an_incomplete_ca_is_refused_not_replaced(tmp_path: Path, leave: tuple[str, ...],
                                                   message: str) -> None:
     _plug_in_intermediate(tmp_path)
-    for name in cadir.CA_FILES:
+    for name in certsdir.CA_FILES:
         if name not in leave:
             (tmp_path / name).unlink()
-    with pytest.raises(cadir.CertsError, match=message):
-        cadir.ensure_certs_dir(tmp_path)
+    with pytest.raises(certsdir.CertsError, match=message):
+        certsdir.ensure_certs_dir(tmp_path)
 
 
 def test_corrupt_key_and_unwritable_dir_are_one_line_errors(tmp_path: Path) -> None:
     (tmp_path / "ca-key.pem").write_text("not a key\n")
-    with pytest.raises(cadir.CertsError, match="not an unencrypted PEM private key") as error:
-        cadir.ensure_certs_dir(tmp_path)
+    with pytest.raises(certsdir.CertsError, match="not an unencrypted PEM private key") as error:
+        certsdir.ensure_certs_dir(tmp_path)
     assert "\n" not in str(error.value)
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(cadir.CertsError, match="cannot create directory"):
-        cadir.ensure_certs_dir(blocker / "certs")
+    with pytest.raises(certsdir.CertsError, match="cannot create directory"):
+        certsdir.ensure_certs_dir(blocker / "certs")
 
 
 def test_load_authority_refuses_a_key_that_does_not_match(tmp_path: Path) -> None:
-    cadir.ensure_certs_dir(tmp_path)
-    (tmp_path / "ca-key.pem").write_bytes(ca.key_to_pem(ca.generate_key()))
-    with pytest.raises(cadir.CertsError, match="does not match"):
-        cadir.load_authority(tmp_path, "cluster.local")
+    certsdir.ensure_certs_dir(tmp_path)
+    (tmp_path / "ca-key.pem").write_bytes(authority.key_to_pem(authority.generate_key()))
+    with pytest.raises(certsdir.CertsError, match="does not match"):
+        certsdir.load_authority(tmp_path, "cluster.local")
 
 
 def test_load_authority_refuses_a_chain_that_does_not_verify(tmp_path: Path) -> None:
     _plug_in_intermediate(tmp_path)
-    stranger = ca.make_root(ca.generate_key(), trust_domain="cluster.local",
-                            now=dt.datetime.now(dt.UTC))
-    (tmp_path / "root-cert.pem").write_bytes(ca.cert_to_pem(stranger))
+    stranger = authority.make_root(authority.generate_key(), trust_domain="cluster.local",
+                                   now=dt.datetime.now(dt.UTC))
+    (tmp_path / "root-cert.pem").write_bytes(authority.cert_to_pem(stranger))
     (tmp_path / "cert-chain.pem").write_bytes((tmp_path / "ca-cert.pem").read_bytes())
-    with pytest.raises(cadir.CertsError, match=r"is not (signed|issued) by"):
-        cadir.load_authority(tmp_path, "cluster.local")
+    with pytest.raises(certsdir.CertsError, match=r"is not (signed|issued) by"):
+        certsdir.load_authority(tmp_path, "cluster.local")
 
 
 def test_a_certificate_that_parses_but_cannot_be_used_is_a_certs_error(tmp_path: Path) -> None:
-    cadir.ensure_certs_dir(tmp_path)
+    certsdir.ensure_certs_dir(tmp_path)
     der = _cert(tmp_path / "ca-cert.pem").public_bytes(serialization.Encoding.DER)
     p256_oid = bytes.fromhex("06082a8648ce3d030107")
     assert p256_oid in der
@@ -180,25 +180,25 @@ def test_a_certificate_that_parses_but_cannot_be_used_is_a_certs_error(tmp_path:
     (tmp_path / "ca-cert.pem").write_bytes(
         b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(unknown_curve)
         + b"-----END CERTIFICATE-----\n")
-    with pytest.raises(cadir.CertsError, match="unusable certificate or key"):
-        cadir.load_authority(tmp_path, "cluster.local")
+    with pytest.raises(certsdir.CertsError, match="unusable certificate or key"):
+        certsdir.load_authority(tmp_path, "cluster.local")
     (tmp_path / "tls.crt").unlink()  # so that the CA is needed to make a new one
-    with pytest.raises(cadir.CertsError, match="unusable certificate or key"):
-        cadir.ensure_certs_dir(tmp_path)
+    with pytest.raises(certsdir.CertsError, match="unusable certificate or key"):
+        certsdir.ensure_certs_dir(tmp_path)
 
 
 def test_a_shared_ca_is_generated_in_memory_and_adopted_without_overwriting(
         tmp_path: Path) -> None:
-    files = cadir.generate_ca_files("cluster.local")
-    assert set(files) == set(cadir.CA_FILES)
+    files = certsdir.generate_ca_files("cluster.local")
+    assert set(files) == set(certsdir.CA_FILES)
     first, second = tmp_path / "replica-1", tmp_path / "replica-2"
-    cadir.adopt_ca_files(first, files)
-    cadir.adopt_ca_files(second, files)
+    certsdir.adopt_ca_files(first, files)
+    certsdir.adopt_ca_files(second, files)
     for replica in (first, second):
         assert stat.S_IMODE(os.stat(replica / "ca-key.pem").st_mode) == 0o600
-        cadir.ensure_certs_dir(replica)
+        certsdir.ensure_certs_dir(replica)
         _openssl_verify(replica / "root-cert.pem", replica / "tls.crt")
-    assert cadir.load_authority(first, "cluster.local").anchor == \
-        cadir.load_authority(second, "cluster.local").anchor
-    cadir.adopt_ca_files(first, cadir.generate_ca_files("cluster.local"))  # a late loser
+    assert certsdir.load_authority(first, "cluster.local").anchor == \
+        certsdir.load_authority(second, "cluster.local").anchor
+    certsdir.adopt_ca_files(first, certsdir.generate_ca_files("cluster.local"))  # a late loser
     assert (first / "ca-key.pem").read_bytes() == files["ca-key.pem"]

@@ -1,3 +1,6 @@
+"""The per-identity CSR rate limit: the token bucket on a fake clock, then the 429s of a
+real server, alone and shared by `serve --workers`."""
+
 from __future__ import annotations
 
 from pathlib import Path

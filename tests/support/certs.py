@@ -1,8 +1,9 @@
-"""Certificates for the tests: workload keys and CSRs, a CSR request over HTTPS, and a real
-mutual-TLS handshake between two SVIDs."""
+"""Certificates for the tests: workload keys and CSRs, a throwaway CA, a CSR request over HTTPS,
+and a real mutual-TLS handshake between two SVIDs."""
 
 from __future__ import annotations
 
+import datetime as dt
 import socket
 import ssl
 import threading
@@ -13,6 +14,8 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from injector.ca.authority import ROOT_VALIDITY, Authority, generate_key, make_root
 
 WorkloadKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
@@ -30,6 +33,18 @@ def make_csr(key: WorkloadKey, *, subject: x509.Name | None = None,
 
 def p256() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
+
+def self_signed_authority(now: dt.datetime | None = None, *,
+                          validity: dt.timedelta = ROOT_VALIDITY,
+                          trust_domain: str = "cluster.local") -> Authority:
+    """A CA that signs with its own root, as `injector serve` makes one; valid from `now`
+    (default: the present) for `validity`."""
+    now = now or dt.datetime.now(dt.UTC)
+    key = generate_key()
+    root = make_root(key, trust_domain=trust_domain, now=now, validity=validity)
+    return Authority.build(signing_cert=root, signing_key=key, chain=[root], roots=[root],
+                           trust_domain=trust_domain)
+
 
 def tampered_signature(csr_pem: bytes) -> bytes:
     der = bytearray(x509.load_pem_x509_csr(csr_pem).public_bytes(serialization.Encoding.DER))
