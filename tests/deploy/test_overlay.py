@@ -18,7 +18,6 @@ from tests.support.deploy import (
     webhooks_called,
 )
 
-
 OVERLAY = """\
 apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization

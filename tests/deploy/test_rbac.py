@@ -7,7 +7,6 @@ from typing import Any
 
 from tests.support.deploy import NAMESPACE, find
 
-
 # (kind, apiGroup, resource, resourceNames, verbs): every rule, exactly.
 EXPECTED_RULES = {
     ("ClusterRole", "admissionregistration.k8s.io", "mutatingwebhookconfigurations",

@@ -3,18 +3,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
-
-kubernetes_validate = pytest.importorskip(
-    "kubernetes_validate", reason="kubernetes-validate is not installed (pip install '.[test]')"
-)
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -149,12 +145,6 @@ def test_multi_document() -> None:
 
 # ---- after `injector kube-inject` ----
 
-needs_kube_inject = pytest.mark.skipif(
-    importlib.util.find_spec("injector.commands.kube_inject") is None,
-    reason="injector kube-inject is not implemented yet",
-)
-
-
 def kube_inject(path: Path) -> list[dict[str, Any]]:
     result = subprocess.run(
         [sys.executable, "-m", "injector", "kube-inject", "-f", str(path)],
@@ -169,7 +159,6 @@ def containers_of(obj: dict[str, Any]) -> list[str]:
     return [c["name"] for c in spec.get("initContainers", []) + spec["containers"]]
 
 
-@needs_kube_inject
 @pytest.mark.parametrize("path", FILES, ids=lambda path: path.name)
 def test_injected_examples_still_validate(path: Path) -> None:
     before = documents(path)
@@ -192,7 +181,6 @@ def test_injected_examples_still_validate(path: Path) -> None:
             assert [name for name in names if name in own] == own
 
 
-@needs_kube_inject
 def test_annotated_pod_overrides_reach_the_proxy() -> None:
     (pod,) = kube_inject(EXAMPLES / "annotated-pod.yaml")
     spec = pod["spec"]

@@ -3,6 +3,7 @@ Kubernetes OpenAPI, and its label selectors evaluated as the API server does."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
