@@ -28,12 +28,15 @@ system-deps:
 	  fi; \
 	fi
 
-test: $(VENV)/.installed system-deps
-	$(VENV)/bin/ruff check injector tests bench
+test: lint system-deps
 	$(PY) -m pytest -q -n 2
 
+# Style, types, and the import contract (pyproject.toml): the core never imports the shell,
+# and only injector/kube uses the kubernetes client.
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check injector tests bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: $(VENV)/.installed system-deps
 	$(PY) -m bench
