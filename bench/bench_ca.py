@@ -1,4 +1,4 @@
-"""X509-SVID issuance rate (ECDSA P-256, one core): `ca.sign_svid` in-process, and
+"""X509-SVID issuance rate (ECDSA P-256, one core): `authority.sign_svid` in-process, and
 `POST /v1/certificates` of `injector serve` over HTTPS, both against the bare `cryptography`
 loop doing the same work (parse the CSR, verify its signature, build a certificate with the same
 extensions, sign, PEM-encode), and against the crypto floor (one raw P-256 verify plus one sign).
@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from bench import harness
-from injector.ca import authority as ca
+from injector.ca import authority
 from injector.mesh.spiffe import SpiffeId
 
 TARGET_RATIO = 0.80
@@ -51,10 +51,10 @@ def _rate(function: Callable[[], object], budget: float = 0.4) -> float:
 
 def main() -> dict[str, object]:
     now = dt.datetime.now(dt.UTC)
-    ca_key = ca.generate_key()
-    root = ca.make_root(ca_key, trust_domain="cluster.local", now=now)
-    authority = ca.Authority.build(signing_cert=root, signing_key=ca_key, chain=[root],
-                                   roots=[root], trust_domain="cluster.local")
+    ca_key = authority.generate_key()
+    root = authority.make_root(ca_key, trust_domain="cluster.local", now=now)
+    signer = authority.Authority.build(signing_cert=root, signing_key=ca_key, chain=[root],
+                                       roots=[root], trust_domain="cluster.local")
     workload_key = ec.generate_private_key(ec.SECP256R1())
     csr_pem = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
                .sign(workload_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
@@ -63,7 +63,7 @@ def main() -> dict[str, object]:
     issuer_ski = root.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
 
     def ours() -> object:
-        return ca.sign_svid(csr_pem, identity, 86400, authority, now)
+        return authority.sign_svid(csr_pem, identity, 86400, signer, now)
 
     def bare() -> object:
         csr = x509.load_pem_x509_csr(csr_pem)

@@ -26,7 +26,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from injector.ca import authority as ca
+from injector.ca import authority
 from injector.errors import ConfigError
 from injector.mesh import names
 from injector.mesh.spiffe import SpiffeIdError, validate_trust_domain
@@ -71,7 +71,7 @@ def read_certs(path: Path) -> list[x509.Certificate]:
     return certs
 
 
-def read_key(path: Path) -> ca.CAPrivateKey:
+def read_key(path: Path) -> authority.CAPrivateKey:
     try:
         key = serialization.load_pem_private_key(_read(path), password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
@@ -126,8 +126,8 @@ def _ensure_ca(certs_dir: Path, trust_domain: str, now: dt.datetime) -> None:
         raise CertsError(f"{certs_dir}: incomplete CA ({', '.join(sorted(present))} without "
                          f"{CA_CERT} and {CA_KEY})")
     else:
-        key = ca.generate_key()
-        _write_new(paths[CA_KEY], ca.key_to_pem(key), KEY_MODE)
+        key = authority.generate_key()
+        _write_new(paths[CA_KEY], authority.key_to_pem(key), KEY_MODE)
         key = read_key(paths[CA_KEY])  # whoever won a race to create it, use that key
     if CA_CERT in present:
         ca_cert = read_certs(paths[CA_CERT])[0]
@@ -136,17 +136,16 @@ def _ensure_ca(certs_dir: Path, trust_domain: str, now: dt.datetime) -> None:
             raise CertsError(f"{certs_dir}: incomplete CA ({CA_KEY} and "
                              f"{', '.join(sorted(present - {CA_KEY}))} without {CA_CERT})")
         # Left by an interrupted bootstrap: finish the self-signed root with the existing key.
-        _write_new(paths[CA_CERT],
-                   ca.cert_to_pem(ca.make_root(key, trust_domain=trust_domain, now=now)),
-                   CERT_MODE)
+        root = authority.make_root(key, trust_domain=trust_domain, now=now)
+        _write_new(paths[CA_CERT], authority.cert_to_pem(root), CERT_MODE)
         ca_cert = read_certs(paths[CA_CERT])[0]
-    if not ca.public_keys_match(key, ca_cert):
+    if not authority.public_keys_match(key, ca_cert):
         raise CertsError(f"{paths[CA_KEY]} does not match {paths[CA_CERT]}")
-    if not ca.is_self_signed(ca_cert):
+    if not authority.is_self_signed(ca_cert):
         missing = [name for name in (ROOT_CERT, CERT_CHAIN) if name not in present]
         raise CertsError(f"{certs_dir}: intermediate CA in {CA_CERT} needs "
                          f"{' and '.join(missing)} as well")
-    pem = ca.cert_to_pem(ca_cert)
+    pem = authority.cert_to_pem(ca_cert)
     for name in (ROOT_CERT, CERT_CHAIN):
         if name not in present:
             _write_new(paths[name], pem, CERT_MODE)
@@ -161,24 +160,24 @@ def _ensure_serving(certs_dir: Path, namespace: str, dns_names: Sequence[str],
     if cert_path.exists():
         raise CertsError(f"{cert_path} exists without {TLS_KEY}: remove it to make a new one")
     if not key_path.exists():
-        _write_new(key_path, ca.key_to_pem(ca.generate_key()), KEY_MODE)
+        _write_new(key_path, authority.key_to_pem(authority.generate_key()), KEY_MODE)
     key = read_key(key_path)
     issuer_cert = read_certs(certs_dir / CA_CERT)[0]
     if issuer_cert.not_valid_after_utc <= now:
         raise CertsError(f"{certs_dir / CA_CERT}: the CA expired at "
-                         f"{ca.rfc3339(issuer_cert.not_valid_after_utc)}; it cannot issue "
+                         f"{authority.rfc3339(issuer_cert.not_valid_after_utc)}; it cannot issue "
                          f"{TLS_CERT}")
     issuer_key = read_key(certs_dir / CA_KEY)
-    if not ca.public_keys_match(issuer_key, issuer_cert):
+    if not authority.public_keys_match(issuer_key, issuer_cert):
         raise CertsError(f"{certs_dir / CA_KEY} does not match {certs_dir / CA_CERT}")
     chain = read_certs(certs_dir / CERT_CHAIN)
     roots = read_certs(certs_dir / ROOT_CERT)
-    serving = ca.make_serving_cert(key, issuer_cert=issuer_cert, issuer_key=issuer_key,
+    serving = authority.make_serving_cert(key, issuer_cert=issuer_cert, issuer_key=issuer_key,
                                    namespace=namespace, dns_names=dns_names, now=now)
     # Clients trust only the root: send the intermediates with the leaf so they can build a path.
     below_root = [issuer_cert, *(c for c in chain if c != issuer_cert)]
     below_root = [c for c in below_root if c not in roots]
-    _write_new(cert_path, b"".join(ca.cert_to_pem(c) for c in (serving, *below_root)),
+    _write_new(cert_path, b"".join(authority.cert_to_pem(c) for c in (serving, *below_root)),
                CERT_MODE)
 
 
@@ -191,7 +190,7 @@ def _warn_about_missing_names(cert_path: Path, namespace: str, dns_names: Sequen
             x509.SubjectAlternativeName).value)
     except (CertsError, x509.ExtensionNotFound, ValueError):
         return  # whether it is usable at all is for the TLS server to say
-    missing = [str(name.value) for name in ca.serving_names(namespace, dns_names)
+    missing = [str(name.value) for name in authority.serving_names(namespace, dns_names)
                if name not in present]
     if missing:
         log.warning("%s does not cover %s; it is kept (never overwritten): remove %s and %s "
@@ -243,7 +242,7 @@ def adopt_ca_files(certs_dir: Path, files: dict[str, bytes]) -> None:
         _write_new(certs_dir / name, files[name], KEY_MODE if name == CA_KEY else CERT_MODE)
 
 
-def load_authority(certs_dir: Path, trust_domain: str) -> ca.Authority:
+def load_authority(certs_dir: Path, trust_domain: str) -> authority.Authority:
     """Load the signing CA, checking that its key matches and its chain verifies to a root."""
     certs_dir = Path(certs_dir)
     signing_cert = read_certs(certs_dir / CA_CERT)[0]
@@ -251,9 +250,9 @@ def load_authority(certs_dir: Path, trust_domain: str) -> ca.Authority:
     chain = read_certs(certs_dir / CERT_CHAIN)
     roots = read_certs(certs_dir / ROOT_CERT)
     try:
-        return ca.Authority.build(signing_cert=signing_cert, signing_key=signing_key,
+        return authority.Authority.build(signing_cert=signing_cert, signing_key=signing_key,
                                   chain=chain, roots=roots, trust_domain=trust_domain)
-    except (ca.ChainError, SpiffeIdError) as error:
+    except (authority.ChainError, SpiffeIdError) as error:
         raise CertsError(f"{certs_dir}: {error}") from None
     except (ValueError, TypeError, UnsupportedAlgorithm) as error:
         raise _unusable(certs_dir, error) from None

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from injector.ca.authn import AuthenticationUnavailable, Caller, TokenReviewAuthenticator
-from injector.kube import client as kube
+from injector.kube.client import KubeConfigError, api_client
 from injector.kube.tokenreview import KubeTokenReviewer
 from tests.support.fakeapi import RunningFakeKube, TokenInfo, https_material, write_kubeconfig
 from tests.support.servers import free_port
@@ -25,7 +25,7 @@ def _jwt(claims: dict[str, object]) -> str:
 
 
 def _reviewer(fake: RunningFakeKube, **kwargs: object) -> TokenReviewAuthenticator:
-    client = kube.api_client(str(fake.kubeconfig))
+    client = api_client(str(fake.kubeconfig))
     assert client is not None
     return TokenReviewAuthenticator(KubeTokenReviewer(client), **kwargs)  # type: ignore[arg-type]
 
@@ -71,7 +71,7 @@ def test_tokenreview_api_down_is_unavailable_not_unauthenticated(tmp_path: Path,
                                                                  ) -> None:
     down = write_kubeconfig(tmp_path / "down.kubeconfig",
                             f"https://127.0.0.1:{free_port()}", fake_kube.ca_pem)
-    client = kube.api_client(str(down))
+    client = api_client(str(down))
     assert client is not None
     with pytest.raises(AuthenticationUnavailable):
         reviewer = KubeTokenReviewer(client, request_timeout_seconds=2)
@@ -89,7 +89,7 @@ def test_the_api_servers_certificate_is_verified(tmp_path: Path,
                                                  fake_kube: RunningFakeKube) -> None:
     stranger = https_material(tmp_path / "other-ca").ca_pem
     wrong_ca = write_kubeconfig(tmp_path / "wrong-ca.kubeconfig", fake_kube.server.url, stranger)
-    client = kube.api_client(str(wrong_ca))
+    client = api_client(str(wrong_ca))
     assert client is not None
     fake_kube.api.add_service_account_token("pod-token", "shop", "web")
     with pytest.raises(AuthenticationUnavailable):
@@ -140,15 +140,15 @@ def test_tokens_are_never_logged(fake_kube: RunningFakeKube,
 
 def test_kube_api_client_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    assert kube.api_client(None) is None
-    with pytest.raises(kube.KubeConfigError, match="no such file"):
-        kube.api_client(str(tmp_path / "absent"))
+    assert api_client(None) is None
+    with pytest.raises(KubeConfigError, match="no such file"):
+        api_client(str(tmp_path / "absent"))
     broken = tmp_path / "broken"
     broken.write_text("clusters: [\n")
-    with pytest.raises(kube.KubeConfigError) as error:
-        kube.api_client(str(broken))
+    with pytest.raises(KubeConfigError) as error:
+        api_client(str(broken))
     assert "\n" not in str(error.value)
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
-    with pytest.raises(kube.KubeConfigError, match="in-cluster"):
-        kube.api_client(None)  # no service account files outside a pod
+    with pytest.raises(KubeConfigError, match="in-cluster"):
+        api_client(None)  # no service account files outside a pod
