@@ -9,7 +9,9 @@
 `ensure_certs_dir` creates what is missing and never overwrites what exists, so a restart keeps
 the same root and every SVID issued before still verifies. Files appear atomically (written to a
 temporary file, then linked into place, which fails rather than replace a file that appeared in
-the meantime), and keys are mode 0600 from the moment they exist.
+the meantime), and keys are mode 0600 from the moment they exist. A directory made here is 0700
+whatever the umask. `check_certs_dir` loads a directory as `serve` does, so that `certs init`
+never calls a directory ready that `serve` would refuse.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ log = logging.getLogger("injector.certs")
 
 KEY_MODE = 0o600
 CERT_MODE = 0o644
+DIR_MODE = 0o700  # the CA key lives here: no one else lists, adds or swaps files
 
 
 class CertsError(ConfigError):
@@ -83,6 +86,29 @@ def read_key(path: Path) -> authority.CAPrivateKey:
 
 
 # --- writing ------------------------------------------------------------------------------------
+
+def make_private_dir(path: Path) -> None:
+    """Create `path` and its missing parents, each 0700 whatever the umask (a umask of 000
+    would otherwise leave the CA key's directory writable by anyone). A directory that already
+    exists is left as it is: a mounted volume's mode is its owner's choice."""
+    path = Path(path)
+    missing: list[Path] = []
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            break
+        missing.append(candidate)
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=DIR_MODE)
+        except FileExistsError:
+            continue  # made meanwhile by another process: theirs, as it is
+        except OSError as error:
+            raise CertsError(f"{directory}: cannot create directory ({error.strerror})") from None
+        # mkdir's mode is masked by the umask; chmod is not.
+        directory.chmod(DIR_MODE)
+    if not path.is_dir():
+        raise CertsError(f"{path}: not a directory")
+
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
     """Create `path` with `data`, atomically and with `mode` from the start; never replace."""
@@ -206,12 +232,7 @@ def ensure_certs_dir(certs_dir: Path, *, trust_domain: str = names.DEFAULT_TRUST
     there cannot be completed (a certificate without its key, a corrupt key, ...).
     """
     certs_dir = Path(certs_dir)
-    try:
-        certs_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CertsError(f"{certs_dir}: cannot create directory ({error.strerror})") from None
-    if not certs_dir.is_dir():
-        raise CertsError(f"{certs_dir}: not a directory")
+    make_private_dir(certs_dir)
     try:
         validate_trust_domain(trust_domain)
     except ValueError as error:
@@ -234,10 +255,7 @@ def generate_ca_files(trust_domain: str) -> dict[str, bytes]:
 def adopt_ca_files(certs_dir: Path, files: dict[str, bytes]) -> None:
     """Write the CA files given (a CA shared by the replicas), keys 0600; never overwrite."""
     certs_dir = Path(certs_dir)
-    try:
-        certs_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise CertsError(f"{certs_dir}: cannot create directory ({error.strerror})") from None
+    make_private_dir(certs_dir)
     for name in CA_FILES:
         _write_new(certs_dir / name, files[name], KEY_MODE if name == CA_KEY else CERT_MODE)
 
@@ -256,6 +274,23 @@ def load_authority(certs_dir: Path, trust_domain: str) -> authority.Authority:
         raise CertsError(f"{certs_dir}: {error}") from None
     except (ValueError, TypeError, UnsupportedAlgorithm) as error:
         raise _unusable(certs_dir, error) from None
+
+
+def check_certs_dir(certs_dir: Path, trust_domain: str) -> None:
+    """Load the directory as `serve` does: the signing CA (key matches, chain verifies to a root)
+    and the serving pair (both parse, the key is the certificate's). CertsError, one line, for
+    the first thing that does not load; a file that exists is never taken on trust."""
+    certs_dir = Path(certs_dir)
+    load_authority(certs_dir, trust_domain)
+    cert_path, key_path = certs_dir / TLS_CERT, certs_dir / TLS_KEY
+    serving = read_certs(cert_path)[0]
+    key = read_key(key_path)
+    try:
+        matches = authority.public_keys_match(key, serving)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as error:
+        raise _unusable(certs_dir, error) from None
+    if not matches:
+        raise CertsError(f"{key_path} does not match {cert_path}")
 
 
 def _unusable(certs_dir: Path, error: Exception) -> CertsError:

@@ -1,11 +1,12 @@
-"""`injector certs init`: create the certificates directory's missing files (SPEC section 2)."""
+"""`injector certs init`: create the certificates directory's missing files (SPEC section 2),
+then load the whole directory as `serve` would: "ready" means `serve` will start with it."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from injector.ca.certsdir import CertsError, ensure_certs_dir
+from injector.ca.certsdir import CertsError, check_certs_dir, ensure_certs_dir
 from injector.commands.cli import CommandParser, UsageError
 from injector.mesh import names
 
@@ -37,9 +38,13 @@ def run(args: argparse.Namespace) -> int:
     config_namespace = getattr(args, "config_data", {}).get("injectorNamespace")
     if namespace == names.DEFAULT_NAMESPACE and isinstance(config_namespace, str):
         namespace = config_namespace
+    certs_dir = Path(args.certs_dir)
     try:
-        ensure_certs_dir(Path(args.certs_dir), trust_domain=args.trust_domain,
+        ensure_certs_dir(certs_dir, trust_domain=args.trust_domain,
                          dns_names=tuple(args.dns_name), namespace=namespace)
+        # Files that existed were kept as they are: an empty key or a truncated certificate
+        # among them is found here, not when serve starts.
+        check_certs_dir(certs_dir, args.trust_domain)
     except CertsError as error:
         raise UsageError(str(error)) from None
     print(f"certificates ready in {args.certs_dir}")

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import os
+import shutil
+import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _injector(*args: str, env: dict[str, str] | None = None,
-              cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+              cwd: Path | None = None, umask: int = 0o022) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     full_env = {k: v for k, v in full_env.items()
                 if not k.startswith("INJECTOR_") or k in (env or {})}
     return subprocess.run([sys.executable, "-m", "injector", *args], capture_output=True,
-                          text=True, env=full_env, cwd=cwd, timeout=60, check=False)
+                          text=True, env=full_env, cwd=cwd, timeout=60, check=False,
+                          umask=umask)
 
 
 def test_init_creates_the_directory_and_is_idempotent(tmp_path: Path) -> None:
@@ -72,3 +77,62 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.startswith("injector")
     assert not (corrupt / "ca-cert.pem").exists()
+
+
+# --- an existing directory is loaded as serve loads it (issue 13) -------------------------------
+
+def _empty_ca_key(certs: Path) -> None:
+    (certs / "ca-key.pem").write_bytes(b"")
+
+
+def _truncated_ca_cert(certs: Path) -> None:
+    pem = (certs / "ca-cert.pem").read_bytes()
+    (certs / "ca-cert.pem").write_bytes(pem[: len(pem) // 2])
+
+
+def _a_ca_key_from_elsewhere(certs: Path) -> None:
+    other = certs.parent / "other"
+    assert _injector("certs", "init", "--certs-dir", str(other)).returncode == 0
+    shutil.copy(other / "ca-key.pem", certs / "ca-key.pem")
+
+
+def _a_serving_key_from_elsewhere(certs: Path) -> None:
+    other = certs.parent / "other"
+    assert _injector("certs", "init", "--certs-dir", str(other)).returncode == 0
+    shutil.copy(other / "tls.key", certs / "tls.key")
+
+
+def _empty_serving_cert(certs: Path) -> None:
+    (certs / "tls.crt").write_bytes(b"")
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (_empty_ca_key, "ca-key.pem: not an unencrypted PEM private key"),
+    (_truncated_ca_cert, "ca-cert.pem: not a PEM certificate file"),
+    (_a_ca_key_from_elsewhere, "the CA key does not match the CA certificate"),
+    (_a_serving_key_from_elsewhere, "tls.key does not match"),
+    (_empty_serving_cert, "tls.crt: not a PEM certificate file"),
+])
+def test_a_broken_existing_directory_is_one_line_and_exit_2(
+        tmp_path: Path, damage: Callable[[Path], None], message: str) -> None:
+    # Before issue 13, every file existing meant "certificates ready", exit 0, whatever was in
+    # them; serve then refused to start.
+    certs = tmp_path / "certs"
+    assert _injector("certs", "init", "--certs-dir", str(certs)).returncode == 0
+    damage(certs)
+    result = _injector("certs", "init", "--certs-dir", str(certs))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "ready" not in result.stdout
+
+
+def test_directories_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    certs = tmp_path / "made" / "certs"
+    result = _injector("certs", "init", "--certs-dir", str(certs), umask=0o000)
+    assert result.returncode == 0, result.stderr
+    for directory in (tmp_path / "made", certs):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+    for key in ("ca-key.pem", "tls.key"):
+        assert stat.S_IMODE((certs / key).stat().st_mode) == 0o600, key
+    for cert in ("root-cert.pem", "ca-cert.pem", "cert-chain.pem", "tls.crt"):
+        assert stat.S_IMODE((certs / cert).stat().st_mode) == 0o644, cert
