@@ -14,8 +14,11 @@ IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 def parse_port(text: str) -> int:
     """A TCP port, 1..65535."""
     stripped = text.strip()
-    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
-    if not (stripped.isascii() and stripped.isdigit()) or not 0 < int(stripped) < 65536:
+    # isascii: str.isdigit() also accepts digits such as superscript two (U+00B2) or a
+    # fullwidth five (U+FF15) that Kubernetes and iptables refuse. The length first: int() of
+    # a long digit string is not free.
+    if (len(stripped) > 5 or not (stripped.isascii() and stripped.isdigit())
+            or not 0 < int(stripped) < 65536):
         raise ValueError(f"not a port: {text!r}")
     return int(stripped)
 

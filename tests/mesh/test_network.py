@@ -17,7 +17,7 @@ from injector.mesh.network import (
 )
 
 
-@pytest.mark.parametrize("text", ["", "0", "65536", "-1", "http", "80a", "²", "1.5"])
+@pytest.mark.parametrize("text", ["", "0", "65536", "-1", "http", "80a", "\u00b2", "1.5"])
 def test_bad_ports_are_refused(text: str) -> None:
     with pytest.raises(ValueError, match="not a port"):
         parse_port(text)
@@ -41,3 +41,16 @@ def test_cidrs() -> None:
     for bad in ("10.0.0.0/33", "10.0.0", "*", "example.org"):
         with pytest.raises(ValueError, match="not a CIDR"):
             parse_cidrs(bad)
+
+
+@pytest.mark.parametrize("text", ["\uff18\uff10", "\u0668\u0660", "0" * 5000 + "80", "9" * 5000])
+def test_ports_are_ascii_digits_and_short(text: str) -> None:
+    # A 5,000-digit port used to reach int(), whose own error (or cost) is not ours to pass on.
+    with pytest.raises(ValueError, match="not a port"):
+        parse_port(text)
+
+
+@pytest.mark.parametrize("text", ["\uff11\uff10.0.0.0/8", "10.0.0.0/\uff18", "fd00::/\u0668"])
+def test_cidrs_are_ascii_digits(text: str) -> None:
+    with pytest.raises(ValueError, match="not a CIDR"):
+        parse_cidr(text)
