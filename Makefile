@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PYTHON ?= python3
 DEBS   := iptables iproute2 openssl wrk util-linux
 
-.PHONY: run test lint bench demo image deploy system-deps clean
+.PHONY: run test lint bench demo image deploy system-deps cluster-binaries clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,12 @@ system-deps:
 	  fi; \
 	fi
 
-test: lint system-deps
+# The real kube-apiserver and etcd of the cluster tests, built with Go from tests/cluster/go.mod
+# into ~/.cache/injector/cluster/<versions>/ (outside the work tree); only what is missing is built.
+cluster-binaries:
+	bash tests/cluster/build.sh
+
+test: lint system-deps cluster-binaries
 	$(PY) -m pytest -q -n 2
 
 # Style, types, and the import contract (pyproject.toml): the core never imports the shell,
