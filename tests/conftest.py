@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.cluster import Cluster, Mesh, cluster_for_session, install_mesh
 from tests.support.fakeapi import RunningFakeKube, start_fake_kube
 from tests.support.servers import Server, start_ca_server, start_server
 
@@ -51,6 +52,25 @@ def fake_kube(tmp_path: Path) -> Iterator[RunningFakeKube]:
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="session")
+def kube_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The real kube-apiserver and etcd (tests/support/cluster.py), one per test session (per
+    xdist worker): it takes seconds to start, so each test takes a namespace of its own
+    (`kube_cluster.namespace(...)`) instead of a cluster. Stopped, ports closed, at the end."""
+    yield from cluster_for_session(tmp_path_factory.mktemp("cluster"))
+
+
+@pytest.fixture(scope="session")
+def kube_mesh(kube_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+              ) -> Iterator[Mesh]:
+    """deploy/ applied to `kube_cluster` (its webhooks pointed at loopback) and the injector
+    serving behind them with its own ServiceAccount's token. A test that stops the injector
+    starts it again before it ends."""
+    mesh = install_mesh(kube_cluster, tmp_path_factory.mktemp("mesh"))
+    yield mesh
+    mesh.stop_injector()
 
 
 @pytest.hookimpl(hookwrapper=True)
