@@ -4,20 +4,26 @@ Each authenticator maps a bearer token to a `Caller` (namespace and service acco
 does not know the token (None), or raises `AuthenticationUnavailable` when it cannot decide right
 now (the Kubernetes API is down): that is a 503 the caller should retry, never a 401 that would
 make it give up. Tokens are secrets: they are never logged, and caches key on their SHA-256.
+
+An authenticator may also answer without I/O (`answer_without_io`): the static tokens always
+can, TokenReview can from its cache. The CA answers those on the event loop, so a caller whose
+answer is known never waits behind the ones that need the API server.
 """
 
 from __future__ import annotations
 
 import base64
+import enum
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Literal, Protocol
 
 import yaml
 
@@ -38,11 +44,25 @@ class Caller:
 
 
 class AuthenticationUnavailable(Unavailable):
-    """The authenticator cannot decide now (e.g. the Kubernetes API is unreachable): retry."""
+    """The authenticator cannot decide now (e.g. the Kubernetes API is unreachable): retry.
+    `reason` is the refusal's reason in metrics."""
 
-    def __init__(self, message: str, retry_after_seconds: int = 5) -> None:
+    def __init__(self, message: str, retry_after_seconds: int = 5,
+                 reason: str = "auth_unavailable") -> None:
         super().__init__(message)
         self.retry_after_seconds = retry_after_seconds
+        self.reason = reason
+
+
+class NeedsIo(enum.Enum):
+    """What `answer_without_io` says when only I/O (a TokenReview) can tell."""
+
+    NEEDS_IO = "needs-io"
+
+
+NEEDS_IO: Final = NeedsIo.NEEDS_IO
+# A Caller, None for a token known to be bad, or NEEDS_IO.
+Answer = Caller | None | Literal[NeedsIo.NEEDS_IO]
 
 
 class TokenFileError(ConfigError):
@@ -158,6 +178,9 @@ class StaticTokens:
     def authenticate(self, token: str) -> Caller | None:
         return self._by_digest.get(token_digest(token))
 
+    def answer_without_io(self, token: str) -> Answer:
+        return self._by_digest.get(token_digest(token))
+
 
 def jwt_expiry(token: str) -> float | None:
     """The `exp` claim of a JWT, read without verifying it (only to bound a cache entry)."""
@@ -199,58 +222,132 @@ class TokenReviewer(Protocol):
         ...
 
 
-class TokenReviewAuthenticator:
-    """Kubernetes TokenReview with audience `istio-ca`, positive answers cached briefly.
+# What a TokenReview authenticator remembers, and how much of the API server it may use at once.
+POSITIVE_CACHE_SECONDS: Final = 60.0
+NEGATIVE_CACHE_SECONDS: Final = 10.0
+MAX_CACHE_ENTRIES: Final = 4096  # each for positive and for negative answers (~100 B each)
+MAX_CONCURRENT_REVIEWS: Final = 8  # per serve process
+# A projected token is about 1 KiB; a much longer one is not one, and is not sent to the API.
+MAX_TOKEN_LENGTH: Final = 16 * 1024
+BUSY_RETRY_AFTER_SECONDS: Final = 1
+BUSY_LOG_INTERVAL_SECONDS: Final = 10.0  # "at the limit" said at most this often
 
-    The rules (audience, service accounts only, the cache) live here; the call itself is the
+
+class _BoundedCache:
+    """Answers by token digest until a deadline; at most `max_entries`, the oldest dropped first.
+
+    The lock is held for a dictionary operation only, never across a TokenReview: a lookup
+    never waits for the API server."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._max_entries = max_entries
+        self._entries: dict[bytes, tuple[Caller | None, float]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, digest: bytes, now: float) -> tuple[Caller | None] | None:
+        """(answer,) while it is valid; None when unknown or expired."""
+        with self._lock:
+            entry = self._entries.get(digest)
+        if entry is None or now >= entry[1]:
+            return None
+        return (entry[0],)
+
+    def put(self, digest: bytes, answer: Caller | None, valid_until: float, now: float) -> None:
+        with self._lock:
+            self._entries.pop(digest, None)  # re-inserted last: the newest
+            if len(self._entries) >= self._max_entries:
+                for key in [k for k, (_, until) in self._entries.items() if until <= now]:
+                    del self._entries[key]
+            while len(self._entries) >= self._max_entries:
+                del self._entries[next(iter(self._entries))]  # the oldest entry
+            self._entries[digest] = (answer, valid_until)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class TokenReviewAuthenticator:
+    """Kubernetes TokenReview with audience `istio-ca`; answers cached briefly by token digest.
+
+    Positive answers are kept `cache_seconds` (never past the token's own expiry), negative
+    ones `negative_cache_seconds`, each cache bounded in entries, so a token is reviewed at
+    most once per period however often it is sent. At most `max_concurrent_reviews` reviews
+    are in flight at once: beyond that the answer is "busy, retry in a second" (503), so a flood
+    of unknown tokens cannot take every worker thread or overload the API server.
+
+    The rules (audience, service accounts only, the caches) live here; the call itself is the
     `TokenReviewer`'s, so the CA knows nothing of the kubernetes client."""
 
     name = "tokenreview"
 
     def __init__(self, reviewer: TokenReviewer, *, audience: str = TOKEN_AUDIENCE,
-                 cache_seconds: float = 60.0, max_cache_entries: int = 4096,
+                 cache_seconds: float = POSITIVE_CACHE_SECONDS,
+                 negative_cache_seconds: float = NEGATIVE_CACHE_SECONDS,
+                 max_cache_entries: int = MAX_CACHE_ENTRIES,
+                 max_concurrent_reviews: int = MAX_CONCURRENT_REVIEWS,
                  clock: Callable[[], float] = time.time) -> None:
         self._reviewer = reviewer
         self._audience = audience
         self._cache_seconds = cache_seconds
-        self._max_cache_entries = max_cache_entries
+        self._negative_cache_seconds = negative_cache_seconds
         self._clock = clock
-        self._cache: dict[bytes, tuple[Caller, float]] = {}
-        self._lock = threading.Lock()
+        self._known = _BoundedCache(max_cache_entries)
+        self._refused = _BoundedCache(max_cache_entries)
+        self._max_concurrent_reviews = max_concurrent_reviews
+        self._in_flight = threading.BoundedSemaphore(max_concurrent_reviews)
+        self._busy_said_at = -math.inf
 
-    def authenticate(self, token: str) -> Caller | None:
+    def answer_without_io(self, token: str) -> Answer:
+        """The cached answer (a Caller, or None for a token refused a moment ago); NEEDS_IO
+        when only a review can tell. Never blocks: safe on the event loop."""
+        if len(token) > MAX_TOKEN_LENGTH:
+            return None
         digest = token_digest(token)
         now = self._clock()
-        with self._lock:
-            cached = self._cache.get(digest)
-        if cached is not None:
-            caller, valid_until = cached
-            if now < valid_until:
-                return caller
-        reviewed = self._review(token)
-        if reviewed is not None:
-            # Never trust a cached answer past the token's own expiry.
-            valid_until = now + self._cache_seconds
-            expiry = jwt_expiry(token)
-            if expiry is not None:
-                valid_until = min(valid_until, expiry)
-            if valid_until > now:
-                self._remember(digest, reviewed, valid_until, now)
+        for cache in (self._known, self._refused):
+            cached = cache.get(digest, now)
+            if cached is not None:
+                return cached[0]
+        return NEEDS_IO
+
+    def authenticate(self, token: str) -> Caller | None:
+        answer = self.answer_without_io(token)
+        if answer is not NEEDS_IO:
+            return answer
+        if not self._in_flight.acquire(blocking=False):
+            self._say_busy()
+            raise AuthenticationUnavailable(
+                "too many token reviews in flight", BUSY_RETRY_AFTER_SECONDS, "tokenreview_busy")
+        try:
+            reviewed = self._review(token)
+        finally:
+            self._in_flight.release()
+        now = self._clock()
+        digest = token_digest(token)
+        if reviewed is None:
+            self._refused.put(digest, None, now + self._negative_cache_seconds, now)
+            return None
+        # Never trust a cached answer past the token's own expiry.
+        valid_until = now + self._cache_seconds
+        expiry = jwt_expiry(token)
+        if expiry is not None:
+            valid_until = min(valid_until, expiry)
+        if valid_until > now:
+            self._known.put(digest, reviewed, valid_until, now)
         return reviewed
 
-    def _remember(self, digest: bytes, caller: Caller, valid_until: float, now: float) -> None:
-        with self._lock:
-            if len(self._cache) >= self._max_cache_entries:
-                for key in [k for k, (_, until) in self._cache.items() if until <= now]:
-                    del self._cache[key]
-            while len(self._cache) >= self._max_cache_entries:
-                del self._cache[next(iter(self._cache))]  # the oldest entry
-            self._cache[digest] = (caller, valid_until)
+    def _say_busy(self) -> None:
+        now = time.monotonic()
+        if now - self._busy_said_at >= BUSY_LOG_INTERVAL_SECONDS:
+            self._busy_said_at = now  # a race here only means one line more
+            log.warning("TokenReview: %d reviews in flight, the limit; refusing more (503, "
+                        "retry in %ds) until one ends", self._max_concurrent_reviews,
+                        BUSY_RETRY_AFTER_SECONDS)
 
     def _review(self, token: str) -> Caller | None:
         reviewed = self._reviewer.review(token, self._audience)
         if not reviewed.authenticated:
-            log.info("TokenReview: token not authenticated")
+            log.debug("TokenReview: token not authenticated")
             return None
         if self._audience not in reviewed.audiences:
             # An empty list means "valid for the API server", not for us (TokenReview docs).
@@ -269,6 +366,19 @@ class AuthenticatorChain:
 
     def __init__(self, authenticators: Sequence[Authenticator]) -> None:
         self.authenticators = tuple(authenticators)
+        # Each authenticator's lookup without I/O, or None for one that has none (every answer
+        # of it may need I/O). Looked up once here, not per request.
+        self._lookups: tuple[Callable[[str], Answer] | None, ...] = tuple(
+            getattr(authenticator, "answer_without_io", None)
+            for authenticator in self.authenticators)
+
+    def answer_without_io(self, token: str) -> Answer:
+        """What `authenticate` would answer, when that takes no I/O; else NEEDS_IO."""
+        for lookup in self._lookups:
+            answer = NEEDS_IO if lookup is None else lookup(token)
+            if answer is NEEDS_IO or answer is not None:
+                return answer  # this one knows, or only I/O can tell: the rest do not matter
+        return None
 
     def reload_if_changed(self) -> None:
         for authenticator in self.authenticators:

@@ -8,6 +8,11 @@ service also keeps the CA's metrics, so that every transport counts into the sam
 `build_ca_service` assembles it from the certificates directory and the settings.
 
 Tokens, keys and CSR bodies are never logged; every issuance is one log line.
+
+A client address (the transport's peer) that keeps failing to authenticate spends its failure
+budget; once spent, its tokens that only a TokenReview could check are refused (429) without
+asking the API server, until the budget refills. Answers known without I/O (static tokens,
+cached reviews) are never held back by it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from injector.ca import certsdir
 from injector.ca.authn import (
+    NEEDS_IO,
     AuthenticationUnavailable,
     Authenticator,
     AuthenticatorChain,
@@ -42,7 +48,7 @@ from injector.ca.authority import (
     rfc3339,
     sign_svid,
 )
-from injector.ca.ratelimit import RateLimiter
+from injector.ca.ratelimit import FailureBudget, RateLimiter
 from injector.ca.refusals import Refusal, RefusalKind
 from injector.errors import ConfigError
 from injector.mesh.config import MeshConfig
@@ -50,6 +56,14 @@ from injector.mesh.spiffe import SpiffeId, SpiffeIdError
 
 # What a caller is told to wait when the CA cannot sign now and has no better estimate.
 RETRY_AFTER_SECONDS: Final = 5
+# Failed authentications a client address may have before its unknown tokens are no longer
+# sent to the API server: this many at once, then one more every 2 s (per serve process:
+# divided among `serve --workers`).
+AUTH_FAILURE_BURST: Final = 10
+AUTH_FAILURE_RATE: Final = 0.5
+# Refusals a flood would repeat for every request: counted, not logged one by one (what caused
+# them is logged once, where it starts).
+UNLOGGED_REASONS: Final = frozenset({"auth_failures", "tokenreview_busy"})
 
 log = logging.getLogger("injector.ca")
 
@@ -81,11 +95,14 @@ class CAService:
     def __init__(self, authority: Authority, authenticator: AuthenticatorChain, *,
                  policy: SigningPolicy = DEFAULT_POLICY,
                  clock: Callable[[], dt.datetime] = _utcnow,
-                 rate_limiter: RateLimiter | None = None) -> None:
+                 rate_limiter: RateLimiter | None = None,
+                 failure_budget: FailureBudget | None = None) -> None:
         self.authority = authority
         self.authenticator = authenticator
         self.policy = policy
         self._rate_limiter = rate_limiter
+        self._failure_budget = failure_budget or FailureBudget(AUTH_FAILURE_RATE,
+                                                               AUTH_FAILURE_BURST)
         self._clock = clock
         ROOT_EXPIRY.set(authority.root_not_after.timestamp())
         SIGNING_CA_EXPIRY.set(authority.signing_cert.not_valid_after_utc.timestamp())
@@ -105,40 +122,58 @@ class CAService:
     def trust_bundle_pem(self) -> str:
         return "".join(self.authority.trust_bundle_pems)
 
-    def authenticate(self, authorization: str | None) -> Caller:
+    def authenticate(self, authorization: str | None, peer: str | None = None) -> Caller:
         """The caller behind an `authorization` value ("Bearer <token>", as an HTTP header or
-        gRPC metadata carries it), admitted under its rate; or Refusal.
+        gRPC metadata carries it), admitted under its rate; or Refusal. `peer` is the client's
+        address as the transport saw it (None: unknown, no failure budget applies).
 
         Blocking (TokenReview): call from a worker thread."""
         token = bearer_token(authorization)
-        try:
-            caller = self.authenticator.authenticate(token)
-        except AuthenticationUnavailable as error:
-            raise Refusal(RefusalKind.UNAVAILABLE, "auth_unavailable",
-                          f"cannot authenticate now: {error}",
-                          error.retry_after_seconds) from None
-        return self._admit(caller)
+        answer = self.authenticator.answer_without_io(token)
+        if answer is NEEDS_IO:
+            self._within_failure_budget(peer)
+            try:
+                answer = self.authenticator.authenticate(token)
+            except AuthenticationUnavailable as error:
+                raise Refusal(RefusalKind.UNAVAILABLE, error.reason,
+                              f"cannot authenticate now: {error}",
+                              error.retry_after_seconds) from None
+        return self._admit(answer, peer)
 
-    def authenticate_without_io(self, authorization: str | None) -> Caller | None:
-        """What `authenticate` answers, when that needs no I/O: the token is a static one (the
-        static authenticators leading the chain know it), or no authenticator does I/O. Safe
+    def authenticate_without_io(self, authorization: str | None,
+                                peer: str | None = None) -> Caller | None:
+        """What `authenticate` answers, when that needs no I/O: a static token, a token
+        TokenReview answered a moment ago (either way), a peer over its failure budget. Safe
         on the event loop; None means: call `authenticate` from a worker thread.
 
-        The thread hop costs about a sixth of the CA's throughput over HTTPS (bench_ca).
+        The thread hop costs about a sixth of the CA's throughput over HTTPS (bench_ca), and
+        the threads are few: a caller whose answer is known never queues for one.
         """
         token = bearer_token(authorization)
-        authenticators = self.authenticator.authenticators
-        for index, authenticator in enumerate(authenticators):
-            if not isinstance(authenticator, StaticTokens):
-                return None  # the rest of the chain may block
-            caller = authenticator.authenticate(token)
-            if caller is not None or index == len(authenticators) - 1:
-                return self._admit(caller)
-        return self._admit(None)
+        answer = self.authenticator.answer_without_io(token)
+        if answer is NEEDS_IO:
+            self._within_failure_budget(peer)
+            return None
+        return self._admit(answer, peer)
 
-    def _admit(self, caller: Caller | None) -> Caller:
+    def _within_failure_budget(self, peer: str | None) -> None:
+        """Refuse (429) a peer whose failed authentications spent its budget, before its token
+        costs a TokenReview."""
+        if peer is None:
+            return
+        wait = self._failure_budget.exhausted(peer)
+        if wait is not None:
+            raise Refusal(RefusalKind.EXHAUSTED, "auth_failures",
+                          f"too many failed authentications from {peer[:64]}; retry in "
+                          f"{wait}s", wait)
+
+    def _admit(self, caller: Caller | None, peer: str | None = None) -> Caller:
         """The authenticated caller, unless unknown or over its rate."""
         if caller is None:
+            if peer is not None and self._failure_budget.record_failure(peer):
+                log.warning("client %s: too many failed authentications; its tokens are "
+                            "refused (429) without a TokenReview until it has waited",
+                            peer[:64])
             raise Refusal(RefusalKind.UNAUTHENTICATED, "bad_token",
                           "the token is not valid for this CA")
         if self._rate_limiter is not None:
@@ -195,7 +230,7 @@ def record_refusal(refusal: Refusal) -> None:
     """Count a refusal by reason, and log it unless it is about the caller's credentials (a
     scanner would fill the log; the counter says how many)."""
     REFUSALS.labels(refusal.reason).inc()
-    if refusal.kind is not RefusalKind.UNAUTHENTICATED:
+    if refusal.kind is not RefusalKind.UNAUTHENTICATED and refusal.reason not in UNLOGGED_REASONS:
         log.info("refused certificate request: %s (%s)", refusal.reason, refusal.message[:200])
 
 
@@ -242,4 +277,6 @@ def build_ca_service(*, certs_dir: Path, mesh: MeshConfig, token_file: str | Non
         # config says, wherever a caller's connections land.
         rate_limiter=RateLimiter(mesh.csr_rate_per_second / workers,
                                  math.ceil(mesh.csr_burst / workers)),
+        failure_budget=FailureBudget(AUTH_FAILURE_RATE / workers,
+                                     math.ceil(AUTH_FAILURE_BURST / workers)),
     )

@@ -87,9 +87,12 @@ async def answer_certificate_request(service: CAService, scope: Any, receive: An
             record_refusal(too_large)
             return 413, [], json_error(too_large.message)
         authorization = asgi.header(scope, b"authorization")
-        caller = service.authenticate_without_io(authorization)
+        # The client's address: the service limits failed authentications per address.
+        client = scope.get("client")
+        peer = str(client[0]) if client else None
+        caller = service.authenticate_without_io(authorization, peer)
         if caller is None:
-            caller = await run_in_threadpool(service.authenticate, authorization)
+            caller = await run_in_threadpool(service.authenticate, authorization, peer)
         csr, ttl_seconds = _parse_request(body)
         svid = service.issue(caller, csr, ttl_seconds)
     except Refusal as refusal:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from injector.ca.ratelimit import RateLimiter
+from injector.ca.ratelimit import FailureBudget, RateLimiter
 from tests.support.certs import make_csr, p256, request_svid
 from tests.support.servers import API_TOKEN, WEB_TOKEN, start_ca_server, stopped
 
@@ -18,6 +18,26 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def test_a_failure_budget_is_spent_then_earned_back_per_client() -> None:
+    clock = Clock()
+    budget = FailureBudget(rate=0.5, burst=3, clock=clock)
+    assert budget.exhausted("10.0.0.7") is None
+    assert [budget.record_failure("10.0.0.7") for _ in range(4)] == [False, False, True, False]
+    assert budget.exhausted("10.0.0.7") == 2  # one failure more in 2 s
+    assert budget.exhausted("10.0.0.8") is None  # every client has its own budget
+    clock.now += 2
+    assert budget.exhausted("10.0.0.7") is None
+
+
+def test_a_failure_budget_remembers_a_bounded_number_of_clients() -> None:
+    clock = Clock()
+    budget = FailureBudget(rate=0.001, burst=1, max_clients=2, clock=clock)
+    for client in ("a", "b", "c"):
+        budget.record_failure(client)
+    assert budget.exhausted("a") is None  # the least recent, forgotten: a full budget again
+    assert budget.exhausted("b") and budget.exhausted("c")
 
 
 def test_a_burst_then_the_refill_rate() -> None:

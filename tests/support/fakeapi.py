@@ -15,7 +15,8 @@ namespace, name), so a test can check the deploy manifests allow exactly what th
 
 To extend it, add state to `FakeKubeAPI` and routes in a method called from `_install_routes` (or
 on `api.app` directly): every request is recorded in `api.requests`, and `api.fail_with` makes
-every route answer with that HTTP status (an API server in trouble).
+every route answer with that HTTP status (an API server in trouble); `api.delay_seconds` delays
+every answer, and `api.hold_token_reviews` holds TokenReviews unanswered until it is cleared.
 
 `ServerThread` runs any ASGI app with uvicorn over TLS in a background thread; `https_material`
 makes a throwaway CA and server certificate for it.
@@ -318,6 +319,11 @@ class FakeKubeAPI:
     # When set, TokenReview status.audiences is this instead of the honest intersection: an
     # API server that is not audience-aware, or one that misbehaves.
     status_audiences_override: list[str] | None = None
+    # While true, TokenReviews are held unanswered (an API server that has stopped answering
+    # them) until it is false again or the server closes; the counts say how many wait at once.
+    hold_token_reviews: bool = False
+    token_reviews_in_flight: int = 0
+    token_reviews_peak: int = 0
     app: FastAPI = field(init=False)
 
     def __post_init__(self) -> None:
@@ -353,6 +359,19 @@ class FakeKubeAPI:
     def _install_token_reviews(self) -> None:
         @self.app.post("/apis/authentication.k8s.io/v1/tokenreviews")
         async def create_token_review(request: Request) -> JSONResponse:
+            self.token_reviews_in_flight += 1  # one event loop: no lock needed
+            self.token_reviews_peak = max(self.token_reviews_peak, self.token_reviews_in_flight)
+            try:
+                await request.body()  # read first: a disconnect is then all there is to receive
+                while self.hold_token_reviews and not self.closing:
+                    if await request.is_disconnected():  # the client gave up waiting
+                        return _status(504, "Timeout", "the client went away")
+                    await asyncio.sleep(0.02)  # the API server's own wait, not the tests'
+                return await review_token(request)
+            finally:
+                self.token_reviews_in_flight -= 1
+
+        async def review_token(request: Request) -> JSONResponse:
             review = await request.json()
             spec = review.get("spec", {})
             wanted = list(spec.get("audiences") or [])
