@@ -43,7 +43,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-bench: $(VENV)/.installed system-deps
+bench: $(VENV)/.installed system-deps cluster-binaries
 	$(PY) -m bench
 
 # An offline mesh on this machine (root): control plane and two pods in network namespaces.
