@@ -525,6 +525,8 @@ class Mesh:
     workdir: Path
     port: int
     kubeconfig: Path
+    config: Path = MESH_CONFIG
+    serve_args: tuple[str, ...] = ()
     injector: Server | None = None
 
     @property
@@ -537,7 +539,7 @@ class Mesh:
         assert self.injector is None or self.injector.process.poll() is not None
         self.injector = start_server(
             self.workdir / "injector", "--kubeconfig", str(self.kubeconfig),
-            "--config", str(MESH_CONFIG), port=self.port,
+            "--config", str(self.config), *self.serve_args, port=self.port,
             certs_dir=self.workdir / "injector" / "certs")
         root = base64.b64encode(self.injector.root_cert.read_bytes()).decode()
         eventually(lambda: self.ca_bundles() == [root, root], 30,
@@ -552,21 +554,23 @@ class Mesh:
     def replica(self, name: str) -> Server:
         """Another replica of the injector, with the same credentials, on a port of its own."""
         return start_server(self.workdir / name, "--kubeconfig", str(self.kubeconfig),
-                            "--config", str(MESH_CONFIG))
+                            "--config", str(self.config), *self.serve_args)
 
     def ca_bundles(self) -> list[str | None]:
         configuration = self.cluster.get("mutatingwebhookconfiguration", "injector")
         return [webhook["clientConfig"].get("caBundle") for webhook in configuration["webhooks"]]
 
 
-def install_mesh(cluster: Cluster, workdir: Path) -> Mesh:
+def install_mesh(cluster: Cluster, workdir: Path, *, config: Path = MESH_CONFIG,
+                 serve_args: Sequence[str] = ()) -> Mesh:
     """`kubectl apply -k` of the loopback overlay of deploy/, a token for the injector's own
-    ServiceAccount from TokenRequest in a kubeconfig, and the injector started with it."""
+    ServiceAccount from TokenRequest in a kubeconfig, and the injector started with it (with
+    deploy/'s mesh config unless `config`, and `serve_args` besides)."""
     port = free_port()
     overlay = deploy_overlay(workdir / "overlay", f"https://127.0.0.1:{port}/inject")
     cluster.kubectl("apply", "-k", str(overlay))
     token = cluster.token(MESH_NAMESPACE, INJECTOR_SERVICE_ACCOUNT, seconds=6 * 3600)
     kubeconfig = cluster.token_kubeconfig(workdir / "injector.kubeconfig", token)
-    mesh = Mesh(cluster, workdir, port, kubeconfig)
+    mesh = Mesh(cluster, workdir, port, kubeconfig, config, tuple(serve_args))
     mesh.start_injector()
     return mesh
