@@ -117,10 +117,14 @@ def test_the_api_server_verifies_the_webhook_with_the_ca_bundle(kube_mesh: Mesh,
     foreign_bundle = base64.b64encode(foreign.public_bytes(serialization.Encoding.PEM)).decode()
     patch = [{"op": "replace", "path": f"/webhooks/{index}/clientConfig/caBundle",
               "value": foreign_bundle} for index in range(2)]
-    _patch_webhooks(cluster, patch)
     try:
         def refused() -> str:
-            result = cluster.create(_in(pod("untrusted"), namespace), check=False)
+            # Patched again on every try: the running injector puts its own root back when
+            # its periodic check comes round, and that must not make this test wait for ever.
+            _patch_webhooks(cluster, patch)
+            manifest = _in(pod(), namespace)
+            manifest["metadata"] = {"generateName": "untrusted-", "namespace": namespace}
+            result = cluster.create(manifest, check=False)
             return result.stderr if result.returncode != 0 else ""
 
         message = eventually(refused, 30, what="pod refused while the caBundle is foreign")
