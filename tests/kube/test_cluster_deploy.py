@@ -80,7 +80,7 @@ def test_the_injector_does_its_duties_with_its_own_service_account(kube_mesh: Me
     # And the injector saw nothing refused on the way.
     with kube_mesh.injector.client() as https:
         assert https.get("/readyz").json() == {"status": "ready"}
-    assert "403" not in kube_mesh.injector.log()
+    assert "HTTP 403" not in kube_mesh.injector.log()  # as injector.kube.client describes it
 
 
 @pytest.mark.parametrize("write", [
