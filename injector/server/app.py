@@ -24,6 +24,10 @@ from injector.injection.review import AdmissionReview, AdmissionReviewResponse
 from injector.mesh.config import MeshConfig
 from injector.server import asgi, logs
 from injector.server.httpio import (
+    BUSY_HEADERS,
+    BUSY_MESSAGE,
+    BUSY_STATUS,
+    Busy,
     TooLarge,
     error_response,
     json_error,
@@ -90,6 +94,10 @@ class Admission:
         self._count("rejected", "too-large")
         return 413, json_error(f"the body exceeds {MAX_ADMISSION_BYTES} bytes")
 
+    def busy(self) -> tuple[int, bytes]:
+        self._count("rejected", "busy")
+        return BUSY_STATUS, json_error(BUSY_MESSAGE)
+
     def answer(self, body: bytes, started: float) -> tuple[int, bytes]:
         """HTTP status and JSON body; `started` is when the request arrived (perf_counter)."""
         try:
@@ -116,6 +124,9 @@ class Admission:
             return None  # the client went away: nobody to answer
         if isinstance(body, TooLarge):
             status, answer = self.too_large()
+        elif isinstance(body, Busy):
+            status, answer = self.busy()
+            return status, BUSY_HEADERS, answer
         else:
             status, answer = self.answer(body, started)
         return status, [], answer
@@ -176,7 +187,9 @@ def create_app(
                   "application/json": {"schema": review_schema}}}},
               summary="The mutating admission webhook",
               responses=json_responses({400: "Not an AdmissionReview",
-                                        413: "Over 8 MiB"}, ok=answer_schema))
+                                        413: "Over 8 MiB",
+                                        503: "Too many bodies being read at once; retry"},
+                                       ok=answer_schema))
     async def inject(request: Request) -> Response:
         # Reached only past FastRoutes (which answers POST /inject itself), e.g. in a test
         # that mounts the FastAPI app alone; the same answer either way.
@@ -184,11 +197,16 @@ def create_app(
         body = await receive_body(request.scope, request.receive, MAX_ADMISSION_BYTES)
         if body is None:
             return Response(status_code=400)  # the client went away: nobody reads this
+        headers = None
         if isinstance(body, TooLarge):
             status, answer = admission.too_large()
+        elif isinstance(body, Busy):
+            status, answer = admission.busy()
+            headers = {name.decode(): value.decode() for name, value in BUSY_HEADERS}
         else:
             status, answer = admission.answer(body, started)
-        return Response(answer, status_code=status, media_type="application/json")
+        return Response(answer, status_code=status, media_type="application/json",
+                        headers=headers)
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:

@@ -20,7 +20,16 @@ from injector.ca.authority import IssuedSvid, rfc3339
 from injector.ca.refusals import Refusal, RefusalKind
 from injector.ca.service import CAService, count_request, internal_failure, record_refusal
 from injector.server import asgi
-from injector.server.httpio import TooLarge, json_error, json_responses, receive_body
+from injector.server.httpio import (
+    BUSY_HEADERS,
+    BUSY_MESSAGE,
+    BUSY_STATUS,
+    Busy,
+    TooLarge,
+    json_error,
+    json_responses,
+    receive_body,
+)
 
 MAX_CSR_REQUEST_BYTES: Final = 64 * 1024
 
@@ -86,6 +95,9 @@ async def answer_certificate_request(service: CAService, scope: Any, receive: An
                                 f"the body exceeds {MAX_CSR_REQUEST_BYTES} bytes")
             record_refusal(too_large)
             return 413, [], json_error(too_large.message)
+        if isinstance(body, Busy):
+            # The worker's memory for bodies is taken (injector.server.limits): HTTP's too.
+            return BUSY_STATUS, list(BUSY_HEADERS), json_error(BUSY_MESSAGE)
         authorization = asgi.header(scope, b"authorization")
         # The client's address: the service limits failed authentications per address.
         client = scope.get("client")

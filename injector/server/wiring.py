@@ -25,15 +25,19 @@ import signal
 import socket
 import ssl
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from injector.errors import ConfigError
 from injector.mesh.config import MeshConfig
+from injector.server.limits import Limits
+from injector.server.tls import server_tls_context
 
-# Forward-secret AEAD suites only for TLS 1.2 (TLS 1.3's are all of that kind already).
-TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+# server_tls_context is the benchmark's and the tests' way to serve as `serve` does.
+__all__ = ["ServeSettings", "Worker", "run_uvicorn", "serve", "server_tls_context",
+           "uvicorn_config"]
 
 
 @dataclass(frozen=True)
@@ -51,46 +55,57 @@ class ServeSettings:
     mesh: MeshConfig
 
 
-def server_tls_context(cert_path: Path, key_path: Path) -> ssl.SSLContext:
-    """TLS 1.2 or newer only, whatever the OpenSSL build's default, with strong suites."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_ciphers(TLS12_CIPHERS)
-    context.load_cert_chain(cert_path, key_path)
-    return context
-
-
 def uvicorn_config(app: Any, *, host: str, port: int, tls: ssl.SSLContext, cert_path: Path,
-                   key_path: Path) -> Any:
-    """serve's uvicorn settings, loaded, serving with `tls`. The benchmark's baselines use it
-    too, so that they measure the same server stack."""
-    import uvicorn
+                   key_path: Path, limits: Limits | None = None) -> Any:
+    """serve's uvicorn settings, loaded, serving with `tls`, its connections within `limits`
+    (by default those of this process: injector.server.limits). The benchmark's baselines use
+    it too, so that they measure the same server stack."""
+    from injector.server.connections import (
+        ConnectionGuard,
+        GuardedConfig,
+        GuardedHttpToolsProtocol,
+    )
 
-    from injector.server.coalesce import CoalescingHttpToolsProtocol
-
-    config = uvicorn.Config(
+    limits = limits or Limits.for_this_process()
+    config = GuardedConfig(
         app,
+        guard=ConnectionGuard(limits),
         host=host,
         port=port,
         ssl_certfile=str(cert_path),
         ssl_keyfile=str(key_path),
         # The fast implementations, by name: "auto" would fall back silently to asyncio and
         # h11, several times slower, if they were missing. httptools' protocol, writing each
-        # response in one piece (injector.server.coalesce).
+        # response in one piece and keeping each connection within its limits
+        # (injector.server.coalesce, injector.server.connections).
         loop="uvloop",
-        http=CoalescingHttpToolsProtocol,
+        http=GuardedHttpToolsProtocol,
         log_config=None,
         access_log=False,
         server_header=False,
         # The callers (the API server, sidecars) connect directly; X-Forwarded-For from them
         # means nothing, and its middleware is a layer on every request.
         proxy_headers=False,
+        timeout_keep_alive=int(limits.keep_alive_seconds),
         timeout_graceful_shutdown=20,
     )
     config.load()
-    # Our context, not uvicorn's: it is the one the serving-certificate watcher reloads.
+    # Our context, not uvicorn's: the one the serving certificate started with.
     config.ssl = tls
     return config
+
+
+def run_uvicorn(config: Any, listener: socket.socket,
+                tls_context: Callable[[], ssl.SSLContext]) -> None:
+    """Serve `config` (from uvicorn_config) on `listener` until SIGTERM or SIGINT, each new
+    connection with the context `tls_context` gives then, within the config's limits."""
+    from injector.server import httpio, limits, memory
+    from injector.server.connections import GuardedServer
+
+    limits.count_refusals()
+    memory.limit_heap_growth()
+    httpio.BODY_BUDGET.limit = config.guard.limits.body_budget_bytes
+    GuardedServer(config, tls_context).run(sockets=[listener])
 
 
 def serve(settings: ServeSettings) -> int:
@@ -186,22 +201,21 @@ class Worker:
         self.cert_path = settings.certs_dir / "tls.crt"
         self.key_path = settings.certs_dir / "tls.key"
         try:
-            self.tls = server_tls_context(self.cert_path, self.key_path)
-        except (OSError, ssl.SSLError) as error:
+            self.serving = ServingCertificate(self.cert_path, self.key_path,
+                                              settings.certs_dir / "root-cert.pem")
+        except (OSError, ssl.SSLError, ValueError) as error:
             raise ConfigError(
                 f"serving certificate {self.cert_path} with key {self.key_path}: they do not "
                 f"load, or do not match ({error.__class__.__name__})") from None
+        self.tls = self.serving.context
         self.ca_service = build_ca_service(
             certs_dir=settings.certs_dir, mesh=settings.mesh, token_file=settings.token_file,
             token_reviewer=None if api is None else KubeTokenReviewer(api),
             workers=settings.workers)
-        self.serving = ServingCertificate(self.tls, self.cert_path, self.key_path)
 
     def serve(self, listener: socket.socket, *, index: int) -> int:
         """Serve on `listener` until SIGTERM, then drain; 0. Worker 0 alone writes to the
         cluster (root ConfigMaps, the webhook's caBundle): one writer, N readers."""
-        import uvicorn
-
         from injector.server import ca_routes
         from injector.server.app import create_app
 
@@ -229,5 +243,5 @@ class Worker:
         # SIGTERM is how Kubernetes stops a pod: once drained, that is a clean exit (0), not a
         # death by signal.
         signal.signal(signal.SIGTERM, lambda signum, frame: None)
-        uvicorn.Server(config).run(sockets=[listener])
+        run_uvicorn(config, listener, self.serving.current)
         return 0
