@@ -3,6 +3,10 @@
 Callers pass their fields with `extra={"fields": {...}}`, or, on a hot path, through `line`.
 Nothing secret is ever a field: the admission line names the pod, never its content; the CA's
 names the SPIFFE ID and serial.
+
+Every field of a line is bounded (`bounded`): a pod's name is whatever its caller sent, and one
+7 MiB request made a 14.7 MB log line. A value longer than its bound is cut, with its length
+noted (`…[7340032 chars]`), so that a line says what it was about without carrying it.
 """
 
 from __future__ import annotations
@@ -38,6 +42,50 @@ class _Clock:
 
 _CLOCK = _Clock()
 
+# The bounds of a line's values, in characters: the message, a traceback, any other field.
+MAX_MESSAGE_CHARS = 4096
+MAX_EXCEPTION_CHARS = 16384
+MAX_FIELD_CHARS = 1024
+_BOUNDS = {"msg": MAX_MESSAGE_CHARS, "exception": MAX_EXCEPTION_CHARS}
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}…[{len(text)} chars]"
+
+
+def bounded(entry: Mapping[Any, Any]) -> dict[str, Any]:
+    """`entry` with each value within its bound: a string cut, anything else (a list, a
+    mapping, an object) cut as its JSON text; keys as strings, cut too."""
+    result: dict[str, Any] = {}
+    for key, value in entry.items():
+        name = _cut(key if isinstance(key, str) else str(key), MAX_FIELD_CHARS)
+        limit = _BOUNDS.get(name, MAX_FIELD_CHARS)
+        if isinstance(value, str):
+            result[name] = _cut(value, limit)
+        elif value is None or isinstance(value, bool | float) or (
+                isinstance(value, int) and -(2**63) <= value < 2**64):
+            result[name] = value
+        else:
+            try:
+                text = orjson.dumps(value, default=str).decode()
+            except (TypeError, orjson.JSONEncodeError):  # kept as text, then
+                result[name] = _cut(str(value), limit)
+                continue
+            result[name] = value if len(text) <= limit else _cut(text, limit)
+    return result
+
+
+def dumps(entry: Mapping[str, Any]) -> str:
+    """The JSON text of a log line, each value within its bound. The common line (a few
+    hundred characters) is serialised once; only a longer one is looked at field by field."""
+    try:
+        text = orjson.dumps(entry, default=str).decode()
+    except (TypeError, orjson.JSONEncodeError):  # a key or number JSON cannot hold
+        text = ""
+    if not text or len(text) > MAX_FIELD_CHARS:
+        text = orjson.dumps(bounded(entry), default=str).decode()
+    return text
+
 
 def _entry(created: float, level: int, logger: str, message: str,
            fields: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -59,7 +107,7 @@ class JsonFormatter(logging.Formatter):
                        fields if isinstance(fields, Mapping) else None)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        return dumps(entry)
 
 
 # StreamHandler is generic in typeshed only; at run time it takes no parameter.
@@ -78,7 +126,7 @@ class JsonLines(logging.StreamHandler):  # type: ignore[type-arg]
         self._flush_on: asyncio.AbstractEventLoop | None = None  # a loop that will flush
 
     def write(self, entry: dict[str, Any]) -> None:
-        text = orjson.dumps(entry, default=str).decode() + self.terminator
+        text = dumps(entry) + self.terminator
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:

@@ -170,3 +170,62 @@ def test_logs_are_json_lines_with_the_admission_fields(tmp_path: Path) -> None:
     assert admission[0]["reason"] == "namespace-enabled"
     assert admission[0]["duration_ms"] >= 0
     assert all({"time", "level", "logger", "msg"} <= entry.keys() for entry in entries)
+
+
+SEVEN_MIB = 7 * 1024 * 1024
+
+
+@pytest.mark.parametrize("path", ["direct", "logging"])
+def test_every_field_is_bounded_and_says_how_long_it_was(output: io.StringIO, path: str) -> None:
+    as_in_serve()
+    log = logging.getLogger("injector.webhook")
+    name = "p" * SEVEN_MIB
+    fields = {**FIELDS, "pod": name, "containers": ["c" * 100] * 1000, "serial": 2**70,
+              7: "a key that is not a string"}
+    message = f"admission shop/{name} injected"
+    if path == "direct":
+        logs.line(log, logging.INFO, message, fields)
+    else:
+        log.info(message, extra={"fields": fields})
+    text = output.getvalue()
+    assert len(text) < 16 * 1024
+    entry = lines(text)[0]
+    assert entry["pod"] == "p" * logs.MAX_FIELD_CHARS + f"…[{SEVEN_MIB} chars]"
+    assert entry["msg"].startswith("admission shop/ppp")
+    assert entry["msg"].endswith(f"…[{len(message)} chars]")
+    assert len(entry["msg"]) < logs.MAX_MESSAGE_CHARS + 32
+    assert entry["containers"].endswith("chars]")  # a list cut as its JSON text
+    assert entry["serial"] == str(2**70)
+    assert entry["7"] == "a key that is not a string"
+    assert entry["namespace"] == "shop" and entry["duration_ms"] == 0.123
+
+
+def test_a_traceback_is_bounded_too(output: io.StringIO) -> None:
+    as_in_serve()
+    try:
+        raise ValueError("x" * SEVEN_MIB)
+    except ValueError:
+        logging.getLogger("injector").exception("internal error")
+    entry = lines(output.getvalue())[0]
+    assert entry["msg"] == "internal error"
+    assert len(entry["exception"]) < logs.MAX_EXCEPTION_CHARS + 32
+    assert entry["exception"].startswith("Traceback")
+
+
+def test_one_7_mib_request_makes_no_7_mib_log_line(tmp_path: Path) -> None:
+    # The pod's name is in the review twice (the object's and the request's): 7 MiB in all.
+    name = "p" * (SEVEN_MIB // 2 - 4096)
+    body = json.dumps(review(pod(name=name), namespace="shop")).encode()
+    assert 6 * 1024 * 1024 < len(body) <= SEVEN_MIB
+    server = start_server(tmp_path)
+    try:
+        with server.client(timeout=60) as client:
+            answered = client.post("/inject", content=body,
+                                   headers={"content-type": "application/json"})
+            assert answered.status_code == 200
+            assert client.get("/healthz").status_code == 200
+    finally:
+        server.stop()
+    entries = lines(server.log())
+    assert [entry["logger"] for entry in entries].count("injector.webhook") == 1
+    assert max(len(json.dumps(entry)) for entry in entries) < 16 * 1024
