@@ -127,12 +127,12 @@ def run_agent(settings: Settings, stop: threading.Event) -> int:
     backoff = Backoff()
     # The first certificate: Envoy starts only with it, so readiness stays false until then.
     while True:
-        attempt = ca.request_certificate(backoff)
+        attempt = ca.request_certificate(backoff, stop)
         received = time.time()
         if attempt.issued is not None and _installed(settings, attempt):
             break
         delay = attempt.retry_in if attempt.issued is None else backoff.next_delay(
-            REFUSAL_MIN_DELAY)
+            start=REFUSAL_MIN_DELAY)
         if stop.wait(delay):
             log.info("stopped before the first certificate arrived")
             return 0
@@ -160,12 +160,14 @@ def run_agent(settings: Settings, stop: threading.Event) -> int:
                 log.info("stopped")
                 return 0
             if time.time() >= renew_at:
-                attempt = ca.request_certificate(backoff)
+                # An answer that is not a usable SVID is refused by the CA client: the SVID
+                # installed stays, and the next attempt comes after a growing delay.
+                attempt = ca.request_certificate(backoff, stop)
                 received = time.time()
                 if attempt.issued is None:
                     renew_at = received + attempt.retry_in
                 elif not _installed(settings, attempt):
-                    renew_at = received + backoff.next_delay(REFUSAL_MIN_DELAY)
+                    renew_at = received + backoff.next_delay(start=REFUSAL_MIN_DELAY)
                 else:
                     not_after = attempt.issued.not_after
                     renew_at = received + renewal_delay(received, attempt.issued.not_after,

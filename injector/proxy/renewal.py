@@ -31,9 +31,13 @@ def renewal_delay(received_at: float, not_after: float, jitter: float) -> float:
 
 @dataclass
 class Backoff:
-    """Capped exponential backoff with jitter: first, doubling up to `cap`; `reset()` on success.
+    """Capped exponential backoff with jitter: `first`, doubling with every failure since the
+    last success up to `cap`; `reset()` on success.
 
-    A delay suggested by the server (Retry-After) is honoured as a floor.
+    A kind of failure may start from a longer delay than `first` (`start`: a refusal waits at
+    least REFUSAL_MIN_DELAY, then doubles from there), and a delay the server asked for
+    (Retry-After) is honoured as a `floor`, even beyond the cap. Jitter takes up to 20 % off,
+    never below `start` or `floor`, so agents failing together do not retry in lockstep.
     """
 
     first: float = 0.5
@@ -41,12 +45,12 @@ class Backoff:
     random: Callable[[], float] = random.random
     attempts: int = 0
 
-    def next_delay(self, floor: float = 0.0) -> float:
-        base = min(self.cap, self.first * 2.0 ** min(self.attempts, 32))
+    def next_delay(self, floor: float = 0.0, *, start: float | None = None) -> float:
+        least = self.first if start is None else start
+        exponential = min(self.cap, least * 2.0 ** min(self.attempts, 32))
         self.attempts += 1
-        # Up to 20 % less, so many agents waiting on one CA do not retry in lockstep.
-        delay = base * (1 - 0.2 * self.random())
-        return min(max(delay, floor), max(self.cap, floor))
+        jittered = exponential * (1 - 0.2 * self.random())
+        return max(jittered, floor, 0.0 if start is None else min(start, self.cap))
 
     def reset(self) -> None:
         self.attempts = 0

@@ -2,14 +2,18 @@
 
 On free ports, so it needs no root and no network namespace: the certificate files and their
 modes, the bootstrap it wrote (through `envoy --mode validate`), readiness, refusals, renewal,
-expiry, SIGTERM and Envoy's exit status. Traffic interception and mTLS between pods are in
-tests/e2e/test_mesh.py; the command line alone is in tests/commands/test_agent.py.
+expiry, SIGTERM and Envoy's exit status; and, against a CA that answers badly
+(tests/support/hostile_ca.py), that the agent keeps its SVID and heeds SIGTERM. Traffic
+interception and mTLS between pods are in tests/e2e/test_mesh.py; the command line alone is in
+tests/commands/test_agent.py.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,6 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tests.support.eventually import eventually
+from tests.support.hostile_ca import HostileCA
 from tests.support.servers import WEB_TOKEN, Server, free_port, start_server, write_tokens
 
 ENVOY = shutil.which("envoy") or shutil.which("envoy", path=str(Path(sys.executable).parent))
@@ -83,7 +88,7 @@ class Agent:
 def start_agent(tmp_path: Path, ca_server: Server) -> Iterator[Callable[..., Agent]]:
     started: list[Agent] = []
 
-    def start(token: str = WEB_TOKEN, *extra: str, ca: Server = ca_server) -> Agent:
+    def start(token: str = WEB_TOKEN, *extra: str, ca: Server | HostileCA = ca_server) -> Agent:
         (tmp_path / "token").write_text(token)
         certs, envoy_dir = tmp_path / "certs", tmp_path / "envoy"
         certs.mkdir(exist_ok=True)
@@ -191,3 +196,85 @@ def test_the_agent_exits_with_envoys_status(start_agent: Callable[..., Agent]) -
     os.kill(envoy_pid, signal.SIGKILL)
     assert agent.process.wait(timeout=10) == 128 + signal.SIGKILL
     assert "Envoy exited" in agent.log()
+
+
+# --- a CA that answers badly (issue 13) ----------------------------------------------------------
+
+@pytest.fixture
+def hostile(tmp_path: Path) -> Iterator[HostileCA]:
+    ca = HostileCA(tmp_path / "hostile")
+    yield ca
+    ca.stop()
+
+
+def _retry_delays(log: str) -> list[float]:
+    return [float(delay) for delay in re.findall(
+        r"the CA's answer is unusable: .*; retrying in ([0-9.]+)s", log)]
+
+
+@pytest.mark.parametrize("kind", ["v2", "duplicate-extensions"])
+def test_an_unparsable_certificate_is_a_log_line_not_a_crash(
+        start_agent: Callable[..., Agent], hostile: HostileCA, kind: str) -> None:
+    # Issue 13: an X.509 v2 leaf, or duplicate extensions, was a traceback and exit 1.
+    hostile.mode = kind
+    agent = start_agent(WEB_TOKEN, ca=hostile)
+    agent.wait_for(lambda: _retry_delays(agent.log()), "the answer refused")
+    assert agent.process.poll() is None
+    assert not agent.ready()
+    assert "Traceback" not in agent.log()
+    assert not (agent.certs / "cert-chain.pem").exists()
+    assert agent.stop() == 0
+
+
+def test_an_expired_renewal_keeps_the_good_svid_and_backs_off(
+        start_agent: Callable[..., Agent], hostile: HostileCA) -> None:
+    # Issue 13: the good SVID was replaced by the expired one, and the agent asked again every
+    # second.
+    hostile.ttl_seconds = 6  # renewed after 3 s
+    agent = start_agent(WEB_TOKEN, ca=hostile)
+    agent.wait_ready()
+    good = agent.serial()
+    hostile.mode = "expired"
+    switched = len(hostile.requests)
+    agent.wait_for(lambda: len(_retry_delays(agent.log())) >= 2, "two expired answers refused",
+                   timeout=30)
+    assert agent.serial() == good
+    assert "expired at" in agent.log()
+    first, second = _retry_delays(agent.log())[:2]
+    assert first >= 5.0 and second > first  # at least 5 s, then longer
+    asked = hostile.requests[switched:]
+    assert all(later - earlier >= 4.9 for earlier, later in itertools.pairwise(asked))
+    assert agent.process.poll() is None
+
+
+def test_sigterm_ends_a_request_to_a_trickling_ca_at_once(
+        start_agent: Callable[..., Agent], hostile: HostileCA) -> None:
+    # Issue 13: a CA sending one byte every 3 s held the first request for over 65 s, and
+    # SIGTERM went unheeded for over 45 s.
+    hostile.mode = "trickle"
+    agent = start_agent(WEB_TOKEN, ca=hostile)
+    agent.wait_for(lambda: hostile.requests, "the request at the CA")
+    agent.process.send_signal(signal.SIGTERM)
+    try:
+        assert agent.process.wait(timeout=3) == 0  # 2 s promised, and a moment to exit
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"SIGTERM not honoured within 3 s:\n{agent.log()}") from None
+    assert "abandoned: stopping" in agent.log()
+
+
+def test_sigterm_during_a_trickling_renewal_drains_at_once(
+        start_agent: Callable[..., Agent], hostile: HostileCA) -> None:
+    hostile.ttl_seconds = 4
+    agent = start_agent(WEB_TOKEN, ca=hostile)
+    agent.wait_ready()
+    hostile.mode = "trickle"
+    asked = len(hostile.requests)
+    agent.wait_for(lambda: len(hostile.requests) > asked, "the renewal at the CA")
+    agent.process.send_signal(signal.SIGTERM)
+    try:
+        # Within 2 s the drain begins; it lasts --drain-seconds (1), then Envoy stops.
+        assert agent.process.wait(timeout=10) == 0
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"SIGTERM not honoured:\n{agent.log()}") from None
+    log = agent.log()
+    assert "abandoned: stopping" in log and "draining" in log

@@ -41,3 +41,15 @@ def test_backoff_jitter_and_floor() -> None:
     assert Backoff(first=0.5, random=lambda: 0.0).next_delay(floor=5.0) == 5.0
     # A server's Retry-After beyond the cap is still honoured.
     assert Backoff(first=0.5, cap=30.0, random=lambda: 0.0).next_delay(floor=60.0) == 60.0
+
+
+def test_a_refusal_starts_longer_and_doubles_from_there_jittered_but_never_below() -> None:
+    # Issue 13: an unusable answer was asked for again every second, in lockstep.
+    never = Backoff(first=0.5, cap=30.0, random=lambda: 0.0)
+    assert [never.next_delay(start=5.0) for _ in range(5)] == [5.0, 10.0, 20.0, 30.0, 30.0]
+    most = Backoff(first=0.5, cap=30.0, random=lambda: 1.0)
+    assert [most.next_delay(start=5.0) for _ in range(4)] == [5.0, 8.0, 16.0, 24.0]
+    # Spread: agents refused together do not come back together.
+    spread = {Backoff(random=lambda value=value: value, attempts=3).next_delay(start=5.0)
+              for value in (0.0, 0.5, 1.0)}
+    assert spread == {30.0, 27.0, 24.0}
