@@ -14,9 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import yaml
-
 from injector.errors import InvalidInput
+from injector.injection import proxyconfig
 from injector.mesh.config import MeshConfig
 from injector.mesh.names import (
     EXCLUDE_INBOUND_PORTS,
@@ -51,13 +50,33 @@ ANNOTATIONS: tuple[str, ...] = (
 
 _Parsed = TypeVar("_Parsed")
 
+# Bounds on what one annotation may hold, checked before it is parsed, so that no pod makes an
+# admission slow (each is read on the webhook's event loop): at these bounds all the overrides
+# of a pod are read in well under a millisecond (bench/bench_fuzz.py). Kubernetes bounds them
+# only as a whole (256 KiB of annotations). The ProxyConfig's bounds are in
+# `injector.injection.proxyconfig`; a quantity's in `injector.mesh.quantity`.
+MAX_IMAGE_CHARS = 1024  # an image reference: registry, repository, tag and digest
+MAX_LIST_CHARS = 4096  # a CIDR or port list
+MAX_CIDRS = 64
+MAX_PORTS = 128
+
 
 class InvalidAnnotation(InvalidInput):
     """A pod annotation that cannot be honoured; the pod is refused rather than injected wrong."""
 
     def __init__(self, annotation: str, value: object, problem: str) -> None:
-        super().__init__(f"annotation {annotation}={value!r}: {problem}")
+        super().__init__(f"annotation {annotation}={_shown(value)}: {problem}")
         self.annotation = annotation
+
+
+def _shown(value: object) -> str:
+    """The value for a message: short (the pod's author may have sent 256 KiB), and never
+    the repr of a structure (which recurses, and may be deep)."""
+    if not isinstance(value, str):
+        return f"(a {type(value).__name__})"
+    if len(value) <= 80:
+        return repr(value)
+    return f"{value[:60]!r}... ({len(value)} characters)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +122,19 @@ def _parsed(
         raise InvalidAnnotation(key, value, str(error)) from None
 
 
+def _list(annotations: Mapping[str, Any], key: str, default: str, parse: Callable[[str], _Parsed],
+          max_items: int) -> _Parsed:
+    """A CIDR or port list, refused unread past MAX_LIST_CHARS characters or `max_items`
+    entries (the mesh config's default is the operator's, and not bounded here)."""
+    value = annotations.get(key)
+    if isinstance(value, str):
+        if len(value) > MAX_LIST_CHARS:
+            raise InvalidAnnotation(key, value, f"longer than {MAX_LIST_CHARS} characters")
+        if value.count(",") >= max_items:
+            raise InvalidAnnotation(key, value, f"more than {max_items} entries")
+    return _parsed(annotations, key, default, parse)
+
+
 def _quantity(annotations: Mapping[str, Any], key: str, default: str) -> str:
     value = _annotation(annotations, key, default)
     try:
@@ -128,9 +160,9 @@ def _hold_application(annotations: Mapping[str, Any]) -> bool:
     if not isinstance(text, str):
         raise InvalidAnnotation(PROXY_CONFIG, text, "must be a string")
     try:
-        config = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raise InvalidAnnotation(PROXY_CONFIG, text, "not valid YAML") from None
+        config = proxyconfig.parse(text)
+    except proxyconfig.ProxyConfigError as error:
+        raise InvalidAnnotation(PROXY_CONFIG, text, f"not read as YAML: {error}") from None
     if config is None:
         return False
     if not isinstance(config, dict):
@@ -168,8 +200,8 @@ def _resources(annotations: Mapping[str, Any], mesh: MeshConfig) -> Resources:
 def traffic_options(annotations: Mapping[str, Any], mesh: MeshConfig) -> TrafficOptions:
     """The init container's redirection options: mesh config, overridden by annotations."""
     # The proxy's own ports are always excluded; an annotation adds to them, as in Istio.
-    excluded_inbound = _parsed(
-        annotations, EXCLUDE_INBOUND_PORTS, mesh.exclude_inbound_ports, parse_ports
+    excluded_inbound = _list(
+        annotations, EXCLUDE_INBOUND_PORTS, mesh.exclude_inbound_ports, parse_ports, MAX_PORTS
     )
     always_excluded = (mesh.prometheus_port, mesh.status_port, mesh.agent_port)
     return TrafficOptions(
@@ -178,20 +210,22 @@ def traffic_options(annotations: Mapping[str, Any], mesh: MeshConfig) -> Traffic
         proxy_uid=mesh.proxy_uid,
         proxy_gid=mesh.proxy_gid,
         mode=TrafficOptions().mode,
-        include_outbound_cidrs=_parsed(
+        include_outbound_cidrs=_list(
             annotations, INCLUDE_OUTBOUND_IP_RANGES, mesh.include_outbound_ip_ranges,
-            parse_cidr_set,
+            parse_cidr_set, MAX_CIDRS,
         ),
-        exclude_outbound_cidrs=_parsed(
+        exclude_outbound_cidrs=_list(
             annotations, EXCLUDE_OUTBOUND_IP_RANGES, mesh.exclude_outbound_ip_ranges,
-            parse_cidrs,
+            parse_cidrs, MAX_CIDRS,
         ),
-        include_inbound_ports=_parsed(
-            annotations, INCLUDE_INBOUND_PORTS, mesh.include_inbound_ports, parse_port_set
+        include_inbound_ports=_list(
+            annotations, INCLUDE_INBOUND_PORTS, mesh.include_inbound_ports, parse_port_set,
+            MAX_PORTS,
         ),
         exclude_inbound_ports=tuple(dict.fromkeys((*always_excluded, *excluded_inbound))),
-        exclude_outbound_ports=_parsed(
-            annotations, EXCLUDE_OUTBOUND_PORTS, mesh.exclude_outbound_ports, parse_ports
+        exclude_outbound_ports=_list(
+            annotations, EXCLUDE_OUTBOUND_PORTS, mesh.exclude_outbound_ports, parse_ports,
+            MAX_PORTS,
         ),
     )
 
@@ -209,6 +243,8 @@ def read(annotations: Mapping[str, Any], mesh: MeshConfig) -> Overrides:
     image = _annotation(annotations, PROXY_IMAGE, mesh.proxy_image).strip()
     if not image:
         raise InvalidAnnotation(PROXY_IMAGE, image, "must not be empty")
+    if len(image) > MAX_IMAGE_CHARS:
+        raise InvalidAnnotation(PROXY_IMAGE, image, f"longer than {MAX_IMAGE_CHARS} characters")
     log_level = _annotation(annotations, LOG_LEVEL, mesh.proxy_log_level)
     if log_level not in LOG_LEVELS:
         raise InvalidAnnotation(LOG_LEVEL, log_level, f"expected one of {sorted(LOG_LEVELS)}")

@@ -144,3 +144,36 @@ def test_of_several_bad_overrides_the_same_one_is_named_every_time() -> None:
         with pytest.raises(InvalidAnnotation) as refused:
             read(order, MESH)
         assert refused.value.annotation == names.NATIVE_SIDECAR
+
+
+@pytest.mark.parametrize(
+    ("annotation", "value", "bound"),
+    [
+        (names.PROXY_CONFIG, "[" + "1," * 130_000 + "1]", "longer than 4096 characters"),
+        (names.PROXY_CONFIG, "".join("  " * level + "k:\n" for level in range(20)),
+         "deeper than 16"),
+        (names.EXCLUDE_OUTBOUND_IP_RANGES, ",".join(["10.0.0.0/8"] * 65), "more than 64"),
+        (names.INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/8," * 500, "longer than 4096"),
+        (names.INCLUDE_INBOUND_PORTS, ",".join(["80"] * 129), "more than 128"),
+        (names.EXCLUDE_OUTBOUND_PORTS, " " * 5000, "longer than 4096"),
+        (names.PROXY_IMAGE, "registry.local/" + "a" * 1024, "longer than 1024"),
+        (names.PROXY_CPU, "1" * 65, "longer than 64"),
+        (names.PROXY_CPU, "\uff11\uff10\uff10m", "not a resource quantity"),
+        (names.PROXY_MEMORY, "\uff11Gi", "not a resource quantity"),
+    ],
+)
+def test_an_override_past_its_bound_is_refused_unread_with_a_short_message(
+        annotation: str, value: str, bound: str) -> None:
+    with pytest.raises(InvalidAnnotation, match=bound) as refused:
+        read({annotation: value}, MESH)
+    assert refused.value.annotation == annotation
+    assert len(str(refused.value)) < 400  # the value is cut, its length noted
+
+
+def test_lists_at_their_bounds_are_read() -> None:
+    ranges = ",".join(f"10.{index}.0.0/16" for index in range(64))
+    ports = ",".join(str(8000 + index) for index in range(128))
+    options = traffic_options({names.EXCLUDE_OUTBOUND_IP_RANGES: ranges,
+                               names.INCLUDE_INBOUND_PORTS: ports}, MESH)
+    assert len(options.exclude_outbound_cidrs) == 64
+    assert options.include_inbound_ports is not None and len(options.include_inbound_ports) == 128
