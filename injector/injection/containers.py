@@ -160,6 +160,12 @@ class Template:
     native: bool
     hold: bool
 
+    @property
+    def size(self) -> int:
+        """The bytes of its JSON: what a cache holding it is charged."""
+        return (len(self.init_container) + len(self.proxy_container)
+                + sum(len(volume) for volume in self.volumes) + len(self.status))
+
 
 def _make_template(annotations: Mapping[str, Any], mesh: MeshConfig) -> Template:
     settings = overrides.read(annotations, mesh)
@@ -186,9 +192,21 @@ _Key = tuple[tuple[str, str], ...]
 _Table = dict[_Key, Template]
 
 
+def _key_size(key: _Key) -> int:
+    return sum(len(name) + len(value) for name, value in key)
+
+
 class TemplateCache:
-    """Templates by mesh config, then by override annotations; bounded whatever pods carry
-    (at most MAX_MESHES tables of MAX_PER_MESH templates).
+    """Templates by mesh config, then by override annotations; bounded in bytes whatever pods
+    carry: a template is kept only if it and its key (the annotation values) come to at most
+    MAX_ENTRY_BYTES, and all kept come to at most MAX_BYTES (counted as the lengths of the
+    keys' strings and the templates' JSON), in at most MAX_MESHES tables of MAX_PER_MESH.
+    When a bound would be passed, everything is dropped and the cache fills again: simple, and
+    a server's working set (a few templates) is back after as many admissions.
+
+    A default template is about 3.5 KiB; annotations at their bounds (ProxyConfig 4 KiB, CIDR
+    lists 4 KiB, ...) can make one bigger than MAX_ENTRY_BYTES: it is then built for each pod
+    that has it, which costs well under a millisecond, rather than kept.
 
     Configs are keyed by value: a config is immutable (a frozen model), so two equal ones
     rightly share templates, and no other config can be mistaken for one (an `id()` could be,
@@ -199,12 +217,15 @@ class TemplateCache:
 
     MAX_MESHES = 4
     MAX_PER_MESH = 512
+    MAX_ENTRY_BYTES = 16 * 1024
+    MAX_BYTES = 2 * 1024 * 1024
 
     def __init__(self) -> None:
         self._tables: dict[MeshConfig, _Table] = {}
         # One tuple, replaced whole: a thread never sees one config with another's table. It
         # holds the config, so no other object can take its identity while it is here.
         self._last: tuple[MeshConfig, _Table] | None = None
+        self.bytes = 0  # held by the entries of every table
 
     def get(self, key: _Key, mesh: MeshConfig) -> Template:
         last = self._last
@@ -212,15 +233,24 @@ class TemplateCache:
         cached = table.get(key)
         if cached is None:
             cached = _make_template(dict(key), mesh)
-            if len(table) >= self.MAX_PER_MESH:
-                table.clear()
-            table[key] = cached
+            size = cached.size + _key_size(key)
+            if size <= self.MAX_ENTRY_BYTES:
+                if len(table) >= self.MAX_PER_MESH or self.bytes + size > self.MAX_BYTES:
+                    self._drop_entries()
+                table[key] = cached
+                self.bytes += size
         return cached
+
+    def _drop_entries(self) -> None:
+        for table in self._tables.values():
+            table.clear()  # in place: `_last` may hold one of them
+        self.bytes = 0
 
     def _table(self, mesh: MeshConfig) -> _Table:
         table = self._tables.get(mesh)
         if table is None:
             if len(self._tables) >= self.MAX_MESHES:
+                self._drop_entries()
                 self._tables.clear()
             table = self._tables[mesh] = {}
         self._last = (mesh, table)

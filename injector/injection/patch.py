@@ -98,27 +98,61 @@ def _shape(pod: Mapping[str, Any]) -> tuple[Any, ...]:
             isinstance(volumes, list))
 
 
-_ENCODED: dict[tuple[Any, ...], str] = {}
-_MAX_ENCODED = 1024
+class PatchCache:
+    """Encoded patches by everything `build` reads (see `encoded`), bounded in bytes: a patch
+    is kept only if it, its template and the labels and annotations it adds come to at most
+    MAX_ENTRY_BYTES, and all kept to at most MAX_BYTES (counted as string and JSON lengths; a
+    template shared by several entries is charged to each), and at most MAX_ENTRIES. When a
+    bound would be passed everything is dropped, and the working set (one patch per kind of
+    pod) is back after as many admissions. A default patch is about 8 KiB with its template.
+    """
+
+    MAX_ENTRIES = 1024
+    MAX_ENTRY_BYTES = 32 * 1024
+    MAX_BYTES = 4 * 1024 * 1024
+
+    def __init__(self) -> None:
+        # Read directly by `encoded` (`entries.get`: a method call less per admission).
+        self.entries: dict[tuple[Any, ...], str] = {}
+        self.bytes = 0
+
+    def put(self, key: tuple[Any, ...], template_size: int, added: int, patch: str) -> None:
+        size = len(patch) + template_size + added
+        if size > self.MAX_ENTRY_BYTES:
+            return
+        if len(self.entries) >= self.MAX_ENTRIES or self.bytes + size > self.MAX_BYTES:
+            self.entries.clear()
+            self.bytes = 0
+        self.entries[key] = patch
+        self.bytes += size
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+PATCHES = PatchCache()
+
+
+def _strings_size(entries: tuple[tuple[str, str], ...]) -> int:
+    return sum(len(key) + len(value) for key, value in entries)
 
 
 def encoded(pod: Mapping[str, Any], injection: Injection) -> str:
     """`build`'s patch as base64 of its JSON, as an AdmissionReview carries it.
 
     For an injection in JSON form (`sidecar.build(..., as_json=True)`) the answer is cached
-    by everything `build` reads: the pod's shape, the labels and annotations to add, and the
-    template the containers, volumes, `native` and `hold` came from. The pods of one ReplicaSet
-    all get the same patch: it is built once.
+    (`PATCHES`) by everything `build` reads: the pod's shape, the labels and annotations to
+    add, and the template the containers, volumes, `native` and `hold` came from. The pods of
+    one ReplicaSet all get the same patch: it is built once.
     """
     # Dicts may have been changed since the template made them; Fragments cannot be.
     if injection.template is None or type(injection.proxy_container) is not orjson.Fragment:
         return base64.b64encode(orjson.dumps(build(pod, injection))).decode()
-    key = (_shape(pod), injection.template, tuple(injection.labels.items()),
-           tuple(injection.annotations.items()))
-    cached = _ENCODED.get(key)
+    labels, annotations = tuple(injection.labels.items()), tuple(injection.annotations.items())
+    key = (_shape(pod), injection.template, labels, annotations)
+    cached = PATCHES.entries.get(key)
     if cached is None:
         cached = base64.b64encode(orjson.dumps(build(pod, injection))).decode()
-        if len(_ENCODED) >= _MAX_ENCODED:
-            _ENCODED.clear()  # bounded, whatever labels pods carry
-        _ENCODED[key] = cached
+        PATCHES.put(key, injection.template.size,
+                    _strings_size(labels) + _strings_size(annotations), cached)
     return cached

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import tracemalloc
 from typing import Any, NamedTuple
 
 import orjson
@@ -254,3 +255,66 @@ def test_a_bad_override_is_refused_every_time(attempt: int) -> None:
 def test_an_override_that_is_not_a_string_is_refused_not_cached() -> None:
     with pytest.raises(InvalidAnnotation, match="must be a string"):
         containers.template({"sidecar.istio.io/proxyCPU": 1}, MESH)
+
+
+def retained_by(work: Any) -> int:
+    """Bytes still allocated once `work()` is done and its garbage collected."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        work()
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    return sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+
+
+# Overrides at their bounds: a template and key of about 20 KiB, over MAX_ENTRY_BYTES.
+def big_overrides(index: int) -> dict[str, str]:
+    cidrs = ",".join(f"fd00:{index:x}:5678:9abc:def0:1234:{n:x}:9a00/120" for n in range(64))
+    return {
+        "sidecar.istio.io/proxyImage": f"registry.local/{'p' * 900}:{index}",
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges": cidrs,
+        "traffic.sidecar.istio.io/includeOutboundIPRanges": cidrs,
+        "proxy.istio.io/config": "proxyMetadata: {" + ", ".join(
+            f"K{n}: '{'v' * 40}'" for n in range(60)) + "}",
+    }
+
+
+def test_a_template_over_the_entry_bound_is_built_but_not_kept() -> None:
+    cache = containers.TemplateCache()
+    key = tuple(sorted(big_overrides(0).items()))
+    first = cache.get(key, MESH)
+    assert first.size + sum(len(name) + len(value) for name, value in key) > (
+        cache.MAX_ENTRY_BYTES)
+    assert len(cache) == 0 and cache.bytes == 0
+    assert cache.get(key, MESH) == first  # built again, the same
+
+    def admit_many() -> None:
+        for index in range(60):
+            assert sidecar.build(pod(annotations=big_overrides(index)), MESH)
+
+    # Each kept would hold about 30 KiB: 1.8 MB for these, when the cache counted entries.
+    assert retained_by(admit_many) < 300_000
+
+
+def test_the_cache_is_bounded_in_bytes_whatever_pods_carry() -> None:
+    cache = containers.TemplateCache()
+    for index in range(3 * cache.MAX_PER_MESH):
+        key = (("sidecar.istio.io/proxyImage", f"registry.local/{'i' * 1000}:{index}"),)
+        cache.get(key, MESH)
+        assert cache.bytes <= cache.MAX_BYTES
+    assert 0 < len(cache) < cache.MAX_PER_MESH
+
+
+def test_twenty_7_mib_proxy_images_leave_nothing_behind() -> None:
+    # The issue's row: each was kept, twice over (key and template), and RSS grew by 490 MB.
+    def admit_images() -> None:
+        for index in range(20):
+            image = f"registry.local/{index}/" + "i" * (7 * 1024 * 1024)
+            with pytest.raises(InvalidAnnotation, match="longer than 1024"):
+                sidecar.build(pod(annotations={"sidecar.istio.io/proxyImage": image}), MESH)
+
+    assert retained_by(admit_images) < 1_000_000

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import copy
+import gc
+import tracemalloc
 from typing import Any
 
 import jsonpatch
@@ -49,9 +51,11 @@ def pods(draw: st.DrawFn) -> dict[str, Any]:
     elif draw(st.booleans()):
         metadata["annotations"] = {**(metadata.get("annotations") or {}),
                                    "proxy.istio.io/config": "holdApplicationUntilProxyStarts: true"}
+    # Container names unique across containers and initContainers, as Kubernetes wants them.
+    container_names = draw(st.lists(names, min_size=4, max_size=7, unique=True))
     spec: dict[str, Any] = {
         "containers": [{"name": name, "image": "app:1"}
-                       for name in draw(st.lists(names, min_size=1, max_size=4, unique=True))]
+                       for name in container_names[:draw(st.integers(1, 4))]]
     }
     for field in ("initContainers", "volumes"):
         shape = draw(absent_null_or_empty | st.just("some"))
@@ -60,7 +64,8 @@ def pods(draw: st.DrawFn) -> dict[str, Any]:
         elif shape == "empty":
             spec[field] = []
         elif shape == "some":
-            items = draw(st.lists(names, min_size=1, max_size=3, unique=True))
+            items = (container_names[len(spec["containers"]):][:3] if field == "initContainers"
+                     else draw(st.lists(names, min_size=1, max_size=3, unique=True)))
             spec[field] = [{"name": name, "image": "init:1"} if field == "initContainers"
                            else {"name": name, "emptyDir": {}} for name in items]
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
@@ -151,3 +156,38 @@ def test_the_cached_patch_is_the_patch_built_afresh() -> None:
             fresh = patch.build(manifest, sidecar.build(manifest, MESH))
             cached = patch.encoded(manifest, sidecar.build(manifest, MESH, as_json=True))
             assert orjson.loads(base64.b64decode(cached)) == fresh, name
+
+
+def test_the_patch_cache_is_bounded_in_bytes() -> None:
+    cache = patch.PatchCache()
+    for index in range(3 * cache.MAX_ENTRIES):
+        cache.put(("key", index), 5000, 200, "p" * 3000)
+        assert cache.bytes <= cache.MAX_BYTES and len(cache) <= cache.MAX_ENTRIES
+    cache.put(("big",), 30_000, 0, "p" * 3000)  # over MAX_ENTRY_BYTES with its template
+    assert cache.entries.get(("big",)) is None
+
+
+def test_patches_of_many_kinds_of_pod_hold_a_bounded_memory() -> None:
+    # One ReplicaSet's pods share a patch; a cluster of 1,000 apps with long CIDR lists does
+    # not keep 1,024 patches of 12 KiB each (12 MB, when the cache counted entries).
+    cidrs = ",".join(f"fd00:5678:9abc:def0:1234:5678:{n:x}:9a00/120" for n in range(64))
+
+    def admit_apps() -> None:
+        for index in range(1000):
+            manifest = pod(labels={"app": f"shop-{index}"}, annotations={
+                "traffic.sidecar.istio.io/excludeOutboundIPRanges": cidrs,
+                "traffic.sidecar.istio.io/includeOutboundIPRanges": cidrs})
+            patch.encoded(manifest, sidecar.build(manifest, MESH, as_json=True))
+            assert patch.PATCHES.bytes <= patch.PATCHES.MAX_BYTES
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        admit_apps()
+        gc.collect()
+        retained = sum(stat.size_diff for stat in
+                       tracemalloc.take_snapshot().compare_to(before, "filename"))
+    finally:
+        tracemalloc.stop()
+    assert retained < 5_000_000
