@@ -66,9 +66,19 @@ def _names(items: Any) -> set[object]:
 
 
 def _check_names(spec: Mapping[str, Any]) -> None:
-    init_names = _names(spec.get("initContainers"))
-    if INIT_CONTAINER in init_names:
-        raise NameConflict(f"the pod already has an init container named {INIT_CONTAINER}")
+    """Container names are unique across containers and initContainers (which
+    `injector.injection.limits` checks of the pod's own), and volume names among volumes:
+    refuse a pod whose names the sidecar's would clash with. (A pod with a container named
+    istio-proxy is already injected: `policy` skips it.)"""
+    for field in ("initContainers", "containers"):
+        items = spec.get(field)
+        if not items:
+            continue
+        for container in items:
+            if type(container) is dict and container.get("name") == INIT_CONTAINER:
+                kind = "an init container" if field == "initContainers" else "a container"
+                raise NameConflict(f"the pod already has {kind} named {INIT_CONTAINER}, "
+                                   "which the sidecar needs")
     volume_names = _names(spec.get("volumes"))
     taken = sorted(name for name in VOLUME_NAMES if name in volume_names)
     if taken:

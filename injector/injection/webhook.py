@@ -13,7 +13,8 @@ from typing import Any, NamedTuple, cast
 import orjson
 
 from injector.errors import InvalidInput
-from injector.injection import patch, policy, sidecar
+from injector.injection import limits, patch, policy, sidecar
+from injector.injection.limits import MAX_NAME_CHARS, MAX_NAMESPACE_CHARS
 from injector.injection.overrides import InvalidAnnotation
 from injector.injection.review import (
     API_VERSIONS,
@@ -53,14 +54,19 @@ def parse(body: bytes) -> AdmissionReview:
     """
     try:
         review = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise BadReview("the body is not JSON") from None
+    except orjson.JSONDecodeError as error:
+        # orjson's reason is short and names no content ("recursion limit reached: ...").
+        raise BadReview(f"the body is not JSON ({str(error)[:120]})") from None
     if not isinstance(review, dict) or review.get("kind") != KIND:
         raise BadReview("the body is not an AdmissionReview")
-    if review.get("apiVersion") not in API_VERSIONS:
+    api_version = review.get("apiVersion")
+    # A string before the set lookup: an object or a list here is unhashable (it was a 500).
+    if type(api_version) is not str or api_version not in API_VERSIONS:
+        shown = (repr(api_version) if type(api_version) is str and len(api_version) <= 80
+                 else f"(a {type(api_version).__name__})" if type(api_version) is not str
+                 else f"{api_version[:60]!r}...")
         raise BadReview(
-            f"unsupported apiVersion {review.get('apiVersion')!r}: "
-            f"expected {' or '.join(sorted(API_VERSIONS))}"
+            f"unsupported apiVersion {shown}: expected {' or '.join(sorted(API_VERSIONS))}"
         )
     request = review.get("request")
     if not isinstance(request, dict):
@@ -69,38 +75,6 @@ def parse(body: bytes) -> AdmissionReview:
     if not isinstance(uid, str) or not uid:
         raise BadReview("the AdmissionReview's request has no uid")
     return cast(AdmissionReview, review)  # as far as the checks above go
-
-
-def _invalid_pod(pod: Any) -> str | None:
-    """What makes `pod` unusable for injection, or None. Checks only what injection reads."""
-    if not isinstance(pod, dict):
-        return "request.object is not a Pod"
-    metadata = pod.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        return "metadata must be an object"
-    for field in ("labels", "annotations"):
-        entries = (metadata or {}).get(field)
-        if entries is None:
-            continue
-        if not isinstance(entries, dict) or not all(
-            isinstance(value, str) for value in entries.values()
-        ):
-            return f"metadata.{field} must map strings to strings"
-    spec = pod.get("spec")
-    if not isinstance(spec, dict):
-        return "spec must be an object"
-    containers = spec.get("containers")
-    if not isinstance(containers, list) or not containers:
-        return "spec.containers must be a non-empty list"
-    for field in ("containers", "initContainers", "volumes"):
-        items = spec.get(field)
-        if items is None:
-            continue
-        if not isinstance(items, list) or not all(
-            isinstance(item, dict) and isinstance(item.get("name"), str) for item in items
-        ):
-            return f"spec.{field} must be a list of objects with a name"
-    return None
 
 
 def _answer(review: AdmissionReview, response: Response) -> bytes:
@@ -135,25 +109,27 @@ def admit(review: AdmissionReview, mesh: MeshConfig, namespace_labels: Namespace
     metadata = pod.get("metadata") if isinstance(pod, dict) else None
     metadata = metadata if isinstance(metadata, dict) else {}
     namespace = request.get("namespace") or metadata.get("namespace") or "default"
-    name = str(metadata.get("name") or metadata.get("generateName") or "")
-    if not isinstance(namespace, str):
-        return Outcome(
-            _denied(review, "request.namespace must be a string"),
-            "denied",
-            "invalid-request",
-            "",
-            name,
-        )
+    # Only a string is a name: str() of a nested object recurses (and may be huge). Cut for the
+    # log line; the limit on names is checked with the rest of the pod, below.
+    name = metadata.get("name") or metadata.get("generateName") or ""
+    name = name[:MAX_NAME_CHARS] if type(name) is str else ""
+    if type(namespace) is not str or len(namespace) > MAX_NAMESPACE_CHARS:
+        where = "request.namespace" if request.get("namespace") else "metadata.namespace"
+        message = (f"{where} must be a string" if type(namespace) is not str else
+                   f"{where} is {len(namespace)} characters long, over Kubernetes' limit of "
+                   f"{MAX_NAMESPACE_CHARS}")
+        return Outcome(_denied(review, message), "denied", "invalid-request", "", name)
     kind = request.get("kind")
     if not isinstance(kind, dict) or kind.get("kind") != "Pod" or kind.get("group", "") != "":
         return Outcome(_allowed(review), "ignored", "not-a-pod", namespace, name)
     if request.get("operation", "CREATE") != "CREATE":
         return Outcome(_allowed(review), "ignored", "not-a-create", namespace, name)
-    problem = _invalid_pod(pod)
+    # What injection reads, and Kubernetes' own limits: before any value is parsed or anything
+    # is built.
+    problem = limits.check(pod)
     if problem is not None:
-        return Outcome(
-            _denied(review, f"invalid pod: {problem}"), "denied", "invalid-pod", namespace, name
-        )
+        return Outcome(_denied(review, f"invalid pod: {problem.message}"), "denied",
+                       problem.reason, namespace, name)
     decision = policy.decide(pod, namespace, namespace_labels(namespace), mesh)
     if not decision.inject:
         return Outcome(_allowed(review), "skipped", decision.reason, namespace, name)

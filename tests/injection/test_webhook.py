@@ -10,8 +10,9 @@ import jsonpatch
 import orjson
 import pytest
 
-from injector.injection import webhook
+from injector.injection import containers, patch, webhook
 from injector.mesh.config import MeshConfig
+from tests.support import mutator
 from tests.support.pods import pod, replicaset_pod, review
 
 MESH = MeshConfig()
@@ -163,3 +164,92 @@ def test_a_body_that_is_not_a_review_is_a_bad_review(body: bytes, message: str) 
 def test_the_rest_of_the_review_passes_through_parse_untouched() -> None:
     body = review(pod())
     assert webhook.parse(orjson.dumps(body)) == body
+
+
+@pytest.mark.parametrize("api_version", [{"a": 1}, ["admission.k8s.io/v1"], 1, None, True,
+                                         "x" * 100_000])
+def test_an_api_version_of_any_type_is_a_bad_review_not_a_crash(api_version: Any) -> None:
+    # An object or a list here was unhashable in the set lookup: HTTP 500.
+    body = review(pod())
+    body["apiVersion"] = api_version
+    with pytest.raises(webhook.BadReview, match="unsupported apiVersion") as refused:
+        webhook.parse(orjson.dumps(body))
+    assert len(str(refused.value)) < 300
+
+
+@pytest.mark.parametrize("field", ["name", "generateName", "namespace"])
+def test_a_name_nested_1000_deep_is_refused_not_a_crash(field: str) -> None:
+    # str() of it recursed past Python's limit: HTTP 500. (Written as JSON text: orjson
+    # writes no more than 254 levels, and reads up to 1,024.)
+    body = review(pod())
+    body["request"]["object"]["metadata"][field] = orjson.Fragment(
+        b'{"a":[' * 500 + b'"bottom"' + b"]}" * 500)
+    body["request"].pop("namespace")
+    outcome = webhook.admit(webhook.parse(orjson.dumps(body)), MESH, unknown)
+    response = orjson.loads(outcome.body)["response"]
+    assert response["allowed"] is False
+    assert f"metadata.{field} must be a string" in response["status"]["message"]
+    assert outcome.pod in ("", "web-7d4b9c-x2x9z")  # only a string is logged as the name
+
+
+def test_non_ascii_digits_in_a_quantity_are_refused_naming_the_annotation() -> None:
+    # A fullwidth '100m' was injected, and the patched pod no longer decoded in Kubernetes.
+    bad = pod(annotations={"sidecar.istio.io/proxyCPU": "\uff11\uff10\uff10m"})
+    outcome, response = answer(review(bad))
+    assert response["allowed"] is False
+    assert "sidecar.istio.io/proxyCPU" in response["status"]["message"]
+    assert (outcome.result, outcome.reason) == ("denied", "invalid-annotation")
+
+
+@pytest.mark.parametrize("field", ["containers", "initContainers"])
+def test_an_app_container_named_istio_init_is_refused_naming_the_clash(field: str) -> None:
+    # It used to get a second container of that name (names are unique across both lists).
+    app = {"name": "istio-init", "image": "app:1"}
+    clashing = pod(containers=[app]) if field == "containers" else pod(init_containers=[app])
+    outcome, response = answer(review(clashing))
+    assert response["allowed"] is False
+    assert "istio-init" in response["status"]["message"]
+    assert (outcome.result, outcome.reason) == ("denied", "name-conflict")
+
+
+def test_a_pod_istio_injected_already_is_skipped_not_refused_for_its_istio_init() -> None:
+    injected = pod(init_containers=[{"name": "istio-init", "image": "proxyv2"}],
+                   containers=[{"name": "app", "image": "a"},
+                               {"name": "istio-proxy", "image": "proxyv2"}])
+    outcome, response = answer(review(injected))
+    assert response["allowed"] is True and "patch" not in response
+    assert (outcome.result, outcome.reason) == ("skipped", "already-injected")
+
+
+@pytest.mark.parametrize(("annotations", "labels", "words"), [
+    ({"sidecar.istio.io/proxyImage": "x" * 7 * 1024 * 1024}, None, "limit of 262144"),
+    ({"proxy.istio.io/config": "[" + "1," * 120_000 + "1]"}, None, "longer than 4096"),
+    (None, {"app": "x" * 64}, "limit of 63"),
+])
+def test_a_pod_over_a_limit_is_refused_naming_it_before_anything_is_built(
+        annotations: dict[str, str] | None, labels: dict[str, str] | None, words: str) -> None:
+    before = len(containers.TEMPLATES), len(patch.PATCHES)
+    outcome, response = answer(review(pod(annotations=annotations, labels=labels)))
+    assert response["allowed"] is False and words in response["status"]["message"]
+    assert len(response["status"]["message"]) < 400
+    assert outcome.result == "denied"
+    assert (len(containers.TEMPLATES), len(patch.PATCHES)) == before
+
+
+def test_every_json_type_in_every_position_gets_an_answer_or_a_bad_review() -> None:
+    document = review(replicaset_pod())
+    document["request"]["object"]["metadata"]["annotations"] = {
+        "sidecar.istio.io/proxyCPU": "200m", "proxy.istio.io/config": "{a: [b]}",
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.0.0.0/8"}
+    count = 0
+    for case in mutator.cases(document, mutator.systematic_count(document)):
+        count += 1
+        try:
+            review_in = webhook.parse(mutator.encode(case.document))
+        except webhook.BadReview:
+            continue
+        outcome = webhook.admit(review_in, MESH, unknown)
+        sent = orjson.loads(outcome.body)
+        assert sent["response"]["uid"] == review_in["request"]["uid"], case.description
+        assert outcome.result in ("injected", "skipped", "denied", "ignored"), case.description
+    assert count >= 21 * 80  # every hostile value at every one of the review's positions
