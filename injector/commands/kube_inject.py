@@ -13,7 +13,7 @@ from pathlib import Path
 
 from injector.commands.cli import CommandParser, UsageError
 from injector.errors import ConfigError
-from injector.injection.manifests import ManifestError, inject_yaml
+from injector.injection.manifests import MAX_MANIFEST_BYTES, ManifestError, inject_yaml
 from injector.mesh.config import load_mesh_config
 
 
@@ -24,14 +24,26 @@ def add_arguments(parser: CommandParser) -> None:
 
 
 def _read(filename: str) -> str:
-    if filename == "-":
-        return sys.stdin.read()
+    """The manifest's text, read no further than MAX_MANIFEST_BYTES: `-f /dev/zero` (or a
+    endless pipe) is refused once past it, not read until memory runs out."""
+    name = "stdin" if filename == "-" else filename
     try:
-        return Path(filename).read_text(encoding="utf-8")
+        if filename == "-":
+            data = sys.stdin.buffer.read(MAX_MANIFEST_BYTES + 1)
+        else:
+            with Path(filename).open("rb") as stream:
+                data = stream.read(MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError:
         raise UsageError(f"{filename}: no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"{filename}: cannot read: {error}") from None
+    except OSError as error:
+        raise UsageError(f"{name}: cannot read: {error.strerror or error}") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise UsageError(f"{name}: larger than {MAX_MANIFEST_BYTES // (1024 * 1024)} MiB, "
+                         "the most kube-inject reads")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{name}: not UTF-8 text (byte {error.start})") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,11 +58,20 @@ def run(args: argparse.Namespace) -> int:
         output = inject_yaml(text, mesh, args.filename)
     except ManifestError as error:
         raise UsageError(str(error)) from None
+    # Encoded here, not by the stream: a lone surrogate from a "\ud800" escape in the input
+    # is a one-line error, not a traceback halfway through the output.
+    try:
+        data = output.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{args.filename}: holds text that is not Unicode (a lone surrogate "
+                         "escape)") from None
     if args.output == "-":
-        sys.stdout.write(output)
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
     else:
         try:
-            Path(args.output).write_text(output, encoding="utf-8")
+            Path(args.output).write_bytes(data)
         except OSError as error:
             raise UsageError(f"{args.output}: cannot write: {error.strerror}") from None
     return 0

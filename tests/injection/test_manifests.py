@@ -12,6 +12,7 @@ import yaml
 
 from injector.injection.manifests import ManifestError, inject_document, inject_yaml
 from injector.mesh.config import MeshConfig
+from tests.support import mutator
 from tests.support.pods import pod
 
 MESH = MeshConfig()
@@ -145,3 +146,69 @@ def test_an_error_names_the_document(text: str, message: str) -> None:
 
 def test_an_empty_stream_stays_empty() -> None:
     assert list(yaml.safe_load_all(inject_yaml("", MESH, "empty.yaml"))) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("kind: Pod\nmetadata: [a, b]\nspec: {containers: [{name: a}]}\n",
+         "the Pod's metadata must be an object"),
+        ("kind: Pod\nmetadata: {annotations: {1: x}}\nspec: {containers: [{name: a}]}\n",
+         "metadata.annotations must map strings to strings"),
+        ("kind: Pod\nmetadata: {name: {a: 1}}\nspec: {containers: [{name: a}]}\n",
+         "metadata.name must be a string"),
+        ("kind: Pod\nmetadata: {namespace: [a]}\nspec: {containers: [{name: a}]}\n",
+         "metadata.namespace must be a string"),
+        ("kind: Deployment\nmetadata: {name: d}\nspec: [1]\n", "spec must be an object"),
+        ("kind: Deployment\nmetadata: {name: d}\nspec: {template: [1]}\n",
+         "pod template must be an object"),
+        ("kind: Pod\nspec: {containers: [{name: a}, {name: a}]}\n", "two containers named 'a'"),
+        ("kind: Pod\nspec: {containers: [{name: istio-init}]}\n", "istio-init"),
+        ("kind: Pod\nmetadata: {labels: {app: " + "x" * 64 + "}}\n"
+         "spec: {containers: [{name: a}]}\n", "limit of 63"),
+        ("".join(" " * depth + "a:\n" for depth in range(300)), "nested deeper than 100"),
+        ("a: " + "[" * 5000 + "]" * 5000, "line 1"),
+        ("a: " + "{a: " * 5000 + "1" + "}" * 5000, "line 1"),
+        ("a: " + "[" * 500 + "]" * 500, "nested deeper than 100"),
+        ("a: &x " + "[" * 60 + "]" * 60 + "\nb: " + "[" * 60 + "*x" + "]" * 60,
+         "nested deeper than 100"),
+        ("&a [*a]", "contains itself"),
+        ("a: 2001-13-45\n", "a value cannot be read"),
+        ("a: " + "1" * 5000 + "\n", "a value cannot be read"),
+        ("\x00", "app.yaml"),
+        ("x" * (8 * 1024 * 1024 + 1), "larger than 8 MiB"),
+    ],
+)
+def test_a_malformed_manifest_is_a_one_line_error_naming_where(text: str, words: str) -> None:
+    # Each was a traceback (AttributeError, TypeError, RecursionError, ValueError) before.
+    with pytest.raises(ManifestError) as refused:
+        inject_yaml(text, MESH, "app.yaml")
+    message = str(refused.value)
+    assert words in message and message.startswith("app.yaml")
+    assert "\n" not in message and len(message) < 500
+
+
+def test_nesting_up_to_the_bound_is_injected() -> None:
+    manifest = pod()
+    deep: Any = "bottom"
+    for _ in range(90):
+        deep = {"a": deep}
+    manifest["metadata"]["annotations"] = {"note": "kept"}
+    manifest["spec"]["containers"][0]["x-deep"] = deep
+    out = yaml.safe_load(inject_yaml(yaml.safe_dump(manifest), MESH, "deep.yaml"))
+    assert out["spec"]["containers"][-1]["name"] == "istio-proxy"
+
+
+def test_every_json_type_in_every_position_is_injected_or_refused() -> None:
+    documents = 0
+    for case in mutator.cases(workload("Deployment"), mutator.systematic_count(
+            workload("Deployment"))):
+        documents += 1
+        text = mutator.encode(case.document).decode()
+        try:
+            out = inject_yaml(text, MESH, "fuzz.yaml")
+        except ManifestError as error:
+            assert "\n" not in str(error), case.description
+            continue
+        assert isinstance(out, str), case.description
+    assert documents >= 21 * 15
