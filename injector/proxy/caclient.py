@@ -185,7 +185,7 @@ class CaClient:
             log.error("the CA's answer is unusable: over %d bytes; retrying in %.1fs",
                       MAX_ANSWER_BYTES, delay)
             return Attempt(retry_in=delay)
-        except httpx.HTTPError as error:
+        except (httpx.HTTPError, OSError) as error:  # OSError: whatever httpx did not wrap
             delay = backoff.next_delay()
             log.warning("the CA at %s is unreachable (%s: %s); not ready, retrying in %.1fs",
                         url, type(error).__name__, error or "no detail", delay)
