@@ -112,26 +112,34 @@ def stream_until_answered(connection: ssl.SSLSocket, head: bytes, chunk: bytes,
     server answers or closes; then read what it answered. The answer and the bytes sent."""
     connection.sendall(head)
     sent = len(head)
-    raw = connection  # select on the TCP socket; pending() for what TLS already decrypted
+    answer = b""
+    timeout = connection.gettimeout()
     while sent < total:
-        readable, _, _ = select.select([raw], [], [], 0)
+        readable, _, _ = select.select([connection], [], [], 0)
         if readable or connection.pending():
-            break
+            # Maybe only TLS 1.3's session tickets: then there is nothing to read yet.
+            connection.setblocking(False)
+            try:
+                answer = connection.recv(65536)
+                break
+            except ssl.SSLWantReadError:
+                pass
+            except OSError:
+                break
+            finally:
+                connection.settimeout(timeout)
         try:
             connection.sendall(chunk)
         except OSError:
             break
         sent += len(chunk)
-    answer = b""
     connection.settimeout(10)
     with contextlib.suppress(OSError):
-        while True:
+        while not (b"\r\n\r\n" in answer and _complete(answer)):
             data = connection.recv(65536)
             if not data:
                 break
             answer += data
-            if b"\r\n\r\n" in answer and _complete(answer):
-                break
     return answer, sent
 
 
