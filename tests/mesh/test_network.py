@@ -6,6 +6,8 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from injector.mesh.network import (
     parse_cidr,
@@ -54,3 +56,31 @@ def test_ports_are_ascii_digits_and_short(text: str) -> None:
 def test_cidrs_are_ascii_digits(text: str) -> None:
     with pytest.raises(ValueError, match="not a CIDR"):
         parse_cidr(text)
+
+
+def reference_cidr(text: str) -> object:
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError:
+        return "refused"
+
+
+def ours(text: str) -> object:
+    try:
+        return parse_cidr(text)
+    except ValueError:
+        return "refused"
+
+
+address_like = st.lists(st.sampled_from([*"0123456789abcdefABCDEF:./% \t", "\uff11",
+                                          "%eth0", "::ffff:", "/0", "::", "1.2.3.4"]),
+                        max_size=20).map("".join)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(text=address_like | st.builds(str, st.ip_addresses()) | st.builds(
+    lambda address, length: f"{address}/{length}", st.ip_addresses(),
+    st.integers(0, 140).map(str) | st.sampled_from(["08", "00", "+8", "255.0.0.0", ""])))
+def test_cidrs_are_read_exactly_as_ipaddress_reads_them(text: str) -> None:
+    # parse_cidr reads common forms with inet_pton, for speed: it must agree with ipaddress.
+    assert ours(text) == reference_cidr(text)
