@@ -57,8 +57,8 @@ _Parsed = TypeVar("_Parsed")
 # `injector.injection.proxyconfig`; a quantity's in `injector.mesh.quantity`.
 MAX_IMAGE_CHARS = 1024  # an image reference: registry, repository, tag and digest
 MAX_LIST_CHARS = 4096  # a CIDR or port list
-MAX_CIDRS = 64
-MAX_PORTS = 128
+MAX_CIDRS = 32
+MAX_PORTS = 64
 
 
 class InvalidAnnotation(InvalidInput):

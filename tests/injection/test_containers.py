@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import orjson
 import pytest
 
-from injector.injection import containers, sidecar
+from injector.injection import containers, overrides, sidecar
 from injector.injection.overrides import InvalidAnnotation
 from injector.mesh.config import MeshConfig
 from injector.traffic.iptables import TrafficOptions
@@ -271,15 +271,19 @@ def retained_by(work: Any) -> int:
     return sum(stat.size_diff for stat in after.compare_to(before, "filename"))
 
 
-# Overrides at their bounds: a template and key of about 20 KiB, over MAX_ENTRY_BYTES.
+# Overrides at their bounds: a template and key of about 17 KiB, over MAX_ENTRY_BYTES.
 def big_overrides(index: int) -> dict[str, str]:
-    cidrs = ",".join(f"fd00:{index:x}:5678:9abc:def0:1234:{n:x}:9a00/120" for n in range(64))
+    cidrs = ",".join(f"fd00:{index:x}:5678:9abc:def0:1234:{n:x}:9a00/120"
+                     for n in range(overrides.MAX_CIDRS))
+    ports = ",".join(str(10000 + n) for n in range(overrides.MAX_PORTS))
     return {
-        "sidecar.istio.io/proxyImage": f"registry.local/{'p' * 900}:{index}",
+        "sidecar.istio.io/proxyImage": f"registry.local/{'p' * 990}:{index}",
         "traffic.sidecar.istio.io/excludeOutboundIPRanges": cidrs,
         "traffic.sidecar.istio.io/includeOutboundIPRanges": cidrs,
-        "proxy.istio.io/config": "proxyMetadata: {" + ", ".join(
-            f"K{n}: '{'v' * 40}'" for n in range(60)) + "}",
+        "traffic.sidecar.istio.io/includeInboundPorts": ports,
+        "traffic.sidecar.istio.io/excludeInboundPorts": ports,
+        "traffic.sidecar.istio.io/excludeOutboundPorts": ports,
+        "proxy.istio.io/config": "proxyMetadata: {A: " + "v" * 4070 + "}",
     }
 
 

@@ -8,6 +8,8 @@ import pytest
 
 from injector.injection.overrides import (
     ANNOTATIONS,
+    MAX_CIDRS,
+    MAX_PORTS,
     InvalidAnnotation,
     Resources,
     read,
@@ -152,9 +154,9 @@ def test_of_several_bad_overrides_the_same_one_is_named_every_time() -> None:
         (names.PROXY_CONFIG, "[" + "1," * 130_000 + "1]", "longer than 4096 characters"),
         (names.PROXY_CONFIG, "".join("  " * level + "k:\n" for level in range(20)),
          "deeper than 16"),
-        (names.EXCLUDE_OUTBOUND_IP_RANGES, ",".join(["10.0.0.0/8"] * 65), "more than 64"),
+        (names.EXCLUDE_OUTBOUND_IP_RANGES, ",".join(["10.0.0.0/8"] * 33), "more than 32"),
         (names.INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/8," * 500, "longer than 4096"),
-        (names.INCLUDE_INBOUND_PORTS, ",".join(["80"] * 129), "more than 128"),
+        (names.INCLUDE_INBOUND_PORTS, ",".join(["80"] * 65), "more than 64"),
         (names.EXCLUDE_OUTBOUND_PORTS, " " * 5000, "longer than 4096"),
         (names.PROXY_IMAGE, "registry.local/" + "a" * 1024, "longer than 1024"),
         (names.PROXY_CPU, "1" * 65, "longer than 64"),
@@ -171,9 +173,10 @@ def test_an_override_past_its_bound_is_refused_unread_with_a_short_message(
 
 
 def test_lists_at_their_bounds_are_read() -> None:
-    ranges = ",".join(f"10.{index}.0.0/16" for index in range(64))
-    ports = ",".join(str(8000 + index) for index in range(128))
+    ranges = ",".join(f"10.{index}.0.0/16" for index in range(MAX_CIDRS))
+    ports = ",".join(str(8000 + index) for index in range(MAX_PORTS))
     options = traffic_options({names.EXCLUDE_OUTBOUND_IP_RANGES: ranges,
                                names.INCLUDE_INBOUND_PORTS: ports}, MESH)
-    assert len(options.exclude_outbound_cidrs) == 64
-    assert options.include_inbound_ports is not None and len(options.include_inbound_ports) == 128
+    assert len(options.exclude_outbound_cidrs) == MAX_CIDRS == 32
+    assert options.include_inbound_ports is not None
+    assert len(options.include_inbound_ports) == MAX_PORTS == 64

@@ -169,8 +169,8 @@ def test_the_patch_cache_is_bounded_in_bytes() -> None:
 
 def test_patches_of_many_kinds_of_pod_hold_a_bounded_memory() -> None:
     # One ReplicaSet's pods share a patch; a cluster of 1,000 apps with long CIDR lists does
-    # not keep 1,024 patches of 12 KiB each (12 MB, when the cache counted entries).
-    cidrs = ",".join(f"fd00:5678:9abc:def0:1234:5678:{n:x}:9a00/120" for n in range(64))
+    # not keep 1,000 patches of 9 KiB each (9 MB, when the cache counted entries).
+    cidrs = ",".join(f"fd00:5678:9abc:def0:1234:5678:{n:x}:9a00/120" for n in range(32))
 
     def admit_apps() -> None:
         for index in range(1000):
