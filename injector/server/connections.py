@@ -108,11 +108,6 @@ class ConnectionGuard:
         memory.return_freed_memory_if_due()
         self._sweeping = loop.call_later(SWEEP_SECONDS, self._sweep, loop)
 
-    def stop(self) -> None:
-        if self._sweeping is not None:
-            self._sweeping.cancel()
-            self._sweeping = None
-
 
 class GuardedConfig(uvicorn.Config):
     """uvicorn's Config, carrying the worker's ConnectionGuard to its protocols."""
@@ -352,11 +347,12 @@ class Listener:
     # The asyncio Server interface uvicorn's shutdown uses.
 
     def close(self) -> None:
+        # The guard's sweep goes on: while uvicorn drains, a connection that stalls is still
+        # cut on its deadline rather than holding the shutdown for its 20 s.
         self._closed = True
         self._stop_accepting()
         for task in self._handshakes:
             task.cancel()
-        self._guard.stop()
 
     async def wait_closed(self) -> None:
         if self._handshakes:
