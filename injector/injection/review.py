@@ -8,8 +8,10 @@ derived from them (`injector.server.app`), so the two cannot drift apart.
 
 They are types only: nothing validates a review against them at run time (a full validation
 costs more than the whole injection). `webhook.parse` checks what every answer needs (the
-`apiVersion`, `kind` and `request.uid`); the rest is kube-apiserver's word, and is checked
-where it is read.
+`apiVersion`, `kind` and `request.uid`, each of any JSON type until checked); the pod is
+checked once, for what injection reads and for Kubernetes' own limits, by
+`injector.injection.limits` before anything reads it; the rest is kube-apiserver's word, and
+passes through untouched.
 """
 
 from typing import Annotated, Any, Final, Literal, NotRequired, get_args
