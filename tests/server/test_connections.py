@@ -245,3 +245,21 @@ def test_forty_slow_8_mib_bodies_are_bounded_and_their_memory_returned(serve: Se
     # And the memory goes back once they are gone (main kept 350 MB).
     eventually(lambda: hostile.memory_kib(pid)["VmRSS"] - idle_kib < 48 * 1024, timeout=20,
                what=f"RSS back near idle ({idle_kib} KiB): {hostile.memory_kib(pid)}")
+
+
+def test_a_stalled_request_does_not_hold_a_shutdown_past_its_deadline(serve: Server) -> None:
+    head = (b"POST /inject HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: 100000\r\n\r\n{")
+    stall = hostile.Stall(lambda: hostile.tls(serve.port, serve.root_cert), every=0.2,
+                          send=lambda tick: head if tick == 0 else b" ")
+    stall.start()
+    eventually(lambda: stall.ending.response == b"" and stall.is_alive(), timeout=5)
+    time.sleep(1)  # the body is being trickled
+    stopping = time.monotonic()
+    serve.process.terminate()
+    # uvicorn would wait 20 s for it; the body's own deadline (10 s) cuts it first.
+    serve.process.wait(timeout=30)
+    assert time.monotonic() - stopping < 15
+    assert serve.process.returncode == 0
+    stall.join(timeout=30)
+    assert stall.ending.status == 408
