@@ -191,19 +191,17 @@ def _flow(text: str, depth: int, budget: _Budget, where: str) -> Any:
             top = frames[-1] if frames else None
             state = top[1] if top is not None else None
         elif kind == "comma":
-            if state == _LIST_SEPARATOR:
-                top[1] = _LIST_VALUE  # type: ignore[index]
-            elif state in (_MAP_SEPARATOR, _MAP_COLON, _MAP_VALUE):
-                if state != _MAP_SEPARATOR:
-                    top[0][top[2]] = None  # type: ignore[index]
-                top[1] = _MAP_KEY  # type: ignore[index]
-            else:
+            if top is None or state not in (_LIST_SEPARATOR, _MAP_SEPARATOR, _MAP_COLON,
+                                            _MAP_VALUE):
                 raise ProxyConfigError(f"{where}: an unexpected ',' at offset {token.start()}")
+            if state in (_MAP_COLON, _MAP_VALUE):
+                top[0][top[2]] = None  # `{a, b}` and `{a: , b}`: a null value
+            top[1] = _LIST_VALUE if state == _LIST_SEPARATOR else _MAP_KEY
             continue
         else:  # colon
-            if state != _MAP_COLON:
+            if top is None or state != _MAP_COLON:
                 raise ProxyConfigError(f"{where}: an unexpected ':' at offset {token.start()}")
-            top[1] = _MAP_VALUE  # type: ignore[index]
+            top[1] = _MAP_VALUE
             continue
         # A whole value: a scalar, or a collection just closed.
         if top is None:
@@ -315,7 +313,8 @@ def _block(lines: list[str], first: int, budget: _Budget) -> Any:
         where = f"line {number}"
         line = raw.rstrip("\r")
         content = line.lstrip(" ")
-        if not content or content[0] == "#":
+        significant = content.lstrip(" \t")  # tabs may stand in blank and comment lines
+        if not significant or significant[0] == "#":
             continue
         indent = len(line) - len(content)
         if content[0] == "\t":
