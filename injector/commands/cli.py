@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "iptables": ("injector.commands.iptables", "program the pod's traffic redirection"),
     "certs": ("injector.commands.certs", "manage the certificates directory"),
     "agent": ("injector.commands.agent", "the sidecar's agent: certificates and Envoy"),
+    "check": ("injector.commands.check", "why a pod is (not) injected; is the webhook healthy"),
 }
 
 
