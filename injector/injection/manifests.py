@@ -106,7 +106,9 @@ def inject_document(document: Any, mesh: MeshConfig, where: str) -> Any:
     if message is None and len(namespace) > limits.MAX_NAMESPACE_CHARS:
         message = (f"metadata.namespace is {len(namespace)} characters long, over Kubernetes' "
                    f"limit of {limits.MAX_NAMESPACE_CHARS}")
-    shown = name if name is None or len(name) <= 80 else f"{name[:60]}..."
+    # The name as written when it is plain, else quoted and cut: the message is one line.
+    shown = name if name is None or (name.isprintable() and len(name) <= 80) else (
+        limits.shown(name))
     if message is not None:
         raise ManifestError(f"{where} ({kind} {shown}): {message}")
     decision = policy.decide(pod, namespace, None, mesh)

@@ -177,6 +177,10 @@ def test_an_empty_stream_stays_empty() -> None:
         ("a: " + "1" * 5000 + "\n", "a value cannot be read"),
         ("\x00", "app.yaml"),
         ("x" * (8 * 1024 * 1024 + 1), "larger than 8 MiB"),
+        # Found by bench_fuzz: the workload's name, with a line break, was in the message whole.
+        ('kind: Deployment\nmetadata: {name: "a\\nb\\u2028"}\n'
+         "spec: {template: {spec: {containers: [{name: a}, {name: a}]}}}\n",
+         "(Deployment 'a\\nb\\u2028')"),
     ],
 )
 def test_a_malformed_manifest_is_a_one_line_error_naming_where(text: str, words: str) -> None:
