@@ -47,6 +47,8 @@ log = logging.getLogger("injector.webhook")
 
 # A readiness check returns None when ready, else why not.
 ReadinessCheck = Callable[[], str | None]
+# Told of each answered admission (its outcome and the parsed review).
+AdmissionObserver = Callable[[webhook.Outcome, Any], None]
 
 
 def _inlined(schema: dict[str, Any]) -> dict[str, Any]:
@@ -93,9 +95,11 @@ class Admission:
     """The webhook's answer to one request body, with its metrics and log line: the one
     implementation behind both the fast path and the FastAPI route."""
 
-    def __init__(self, mesh: MeshConfig, namespace_labels: webhook.NamespaceLabels) -> None:
+    def __init__(self, mesh: MeshConfig, namespace_labels: webhook.NamespaceLabels,
+                 observe: AdmissionObserver | None = None) -> None:
         self.mesh = mesh
         self.namespace_labels = namespace_labels
+        self.observe = observe  # the cluster's Events (injector.kube.events): never blocks
         self._counters: dict[tuple[str, str], Any] = {}
 
     def _count(self, result: str, reason: str) -> None:
@@ -129,6 +133,8 @@ class Admission:
         elapsed = time.perf_counter() - started
         INJECTION_SECONDS.observe(elapsed)
         self._count(outcome.result, outcome.reason)
+        if self.observe is not None:
+            self.observe(outcome, review)
         logs.line(log, logging.INFO,
                   f"admission {outcome.namespace}/{outcome.pod} {outcome.result} "
                   f"({outcome.reason})",
@@ -161,6 +167,7 @@ def create_app(
     routers: Sequence[APIRouter] = (),
     fast_routes: Mapping[tuple[str, str], asgi.FastRoute] | None = None,
     background: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
+    observe_admission: AdmissionObserver | None = None,
 ) -> asgi.FastRoutes:
     """The ASGI app; `background` tasks (watchers) run while it serves and never block a
     request. `POST /inject` and the `fast_routes` (the CA's) skip FastAPI (injector.asgi);
@@ -184,7 +191,7 @@ def create_app(
     app = FastAPI(title="injector", version="0.1.0", docs_url=None, redoc_url=None,
                   lifespan=lifespan)
     review_schema, answer_schema = inject_schemas()
-    admission = Admission(mesh, namespace_labels)
+    admission = Admission(mesh, namespace_labels, observe_admission)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, error: StarletteHTTPException) -> Response:

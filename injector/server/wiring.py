@@ -220,6 +220,7 @@ class Worker:
         from injector.server.app import create_app
 
         sync = None
+        events = None
         if self.api is not None:
             from injector.ca import certsdir
             from injector.kube.sync import ClusterSync
@@ -228,6 +229,11 @@ class Worker:
             sync = ClusterSync(self.api, root_pem=root_pem, mesh=self.settings.mesh,
                                problems=self.problems, writer=index == 0)
             sync.start()
+            from injector.kube.client import Rest
+            from injector.kube.events import EventRecorder
+
+            events = EventRecorder(Rest(self.api))
+            events.start()
         app = create_app(
             mesh=self.settings.mesh,
             namespace_labels=sync.namespace_labels if sync else lambda namespace: None,
@@ -236,6 +242,7 @@ class Worker:
             routers=[ca_routes.router(self.ca_service)],
             fast_routes=ca_routes.fast_routes(self.ca_service),
             background=[self.serving.watch, self.ca_service.watch_token_file],
+            observe_admission=events.observe if events else None,
         )
         config = uvicorn_config(app, host=self.settings.host, port=self.settings.port,
                                 tls=self.tls, cert_path=self.cert_path, key_path=self.key_path)

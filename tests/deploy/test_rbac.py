@@ -16,6 +16,7 @@ EXPECTED_RULES = {
      ("get", "list", "patch", "watch")),
     ("ClusterRole", "", "configmaps", (), ("create",)),
     ("ClusterRole", "authentication.k8s.io", "tokenreviews", (), ("create",)),
+    ("ClusterRole", "", "events", (), ("create",)),
     ("Role", "", "secrets", ("istio-ca-secret",), ("get",)),
     ("Role", "", "secrets", (), ("create",)),
 }

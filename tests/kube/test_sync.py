@@ -15,7 +15,7 @@ import yaml
 
 from tests.support.eventually import eventually
 from tests.support.fakeapi import ApiCall, RunningFakeKube
-from tests.support.pods import pod, review
+from tests.support.pods import pod, replicaset_pod, review
 from tests.support.servers import Server, start_server, stopped
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -185,6 +185,11 @@ def test_rbac_allows_every_call_the_server_makes(
     tampered["data"] = {}
     cluster.api.store.put("configmaps", tampered)
     eventually(lambda: (configmap(cluster, "plain") or {}).get("data"), what="corrected")
+    # An owned pod injected: its Event (injector.kube.events) is among the calls.
+    with serving.client() as https:
+        assert https.post("/inject", json=review(replicaset_pod())).status_code == 200
+    eventually(lambda: any(call.resource == "events" for call in cluster.api.calls),
+               what="an Event written")
     # The shared CA Secret's calls (injector.kube.ca_secret, at start) are among them.
     made = set(cluster.api.calls)
     verbs = {(call.resource, call.verb) for call in made}
