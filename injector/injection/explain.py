@@ -486,16 +486,20 @@ def pod_findings(pod: Mapping[str, Any], namespace: str, namespace_labels: Mappi
     status = injection_status(pod)
     hint = restart_hint(pod, namespace)
     found: list[Finding] = []
+    # A pod another mesh's webhook injects is that injector's business, not a problem of ours.
+    foreign = any(match.called and not match.ours for match in now.webhooks)
+    ours = any(match.called and match.ours for match in now.webhooks)
     if status is None and now.injected:
         found.append(Finding(
             "pod-not-injected", "problem", subject,
             "has no sidecar, but would be injected if created now (it was created before the "
             "namespace or pod was labelled, or while the webhook was not called)", hint))
-    elif status is not None and not now.injected and now.decision.reason != "host-network":
+    elif (status is not None and not now.injected and not foreign
+          and now.decision.reason != "host-network"):
         found.append(Finding(
             "pod-injected-unwanted", "problem", subject,
             f"has a sidecar, but would not be injected if created now ({now.verdict})", hint))
-    elif status is not None:
+    elif status is not None and ours:
         revision = status.get("revision")
         if revision is not None and revision != mesh.revision:
             found.append(Finding(

@@ -142,6 +142,22 @@ def test_a_stored_pod_against_what_it_would_get_now(
     assert [finding.code for finding in findings] == [code]
 
 
+def test_a_pod_another_meshs_webhook_injects_is_not_ours_to_judge() -> None:
+    configuration, _ = shipped_webhooks()
+    istio = {"metadata": {"name": "istio-sidecar-injector"}, "webhooks": [{
+        "name": "namespace.sidecar-injector.istio.io",
+        "clientConfig": {"service": {"name": "istiod", "namespace": "istio-system",
+                                     "path": "/inject"}},
+        "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                   "resources": ["pods"]}],
+        "namespaceSelector": {"matchLabels": {"istio.io/rev": "1-22"}}}]}
+    webhooks = explain.webhooks_of([configuration, istio])
+    _, findings = explain.pod_findings(injected_pod(revision="1-22", image="istio/proxyv2"),
+                                       "shop", {"istio.io/rev": "1-22"}, MESH, webhooks,
+                                       "injector")
+    assert [finding.code for finding in findings] == ["pod-current"]
+
+
 def test_the_restart_hint_names_the_workload() -> None:
     replica = pod("reviews-v1-5d8c9f7b4-abcde", labels={"pod-template-hash": "5d8c9f7b4"})
     replica["metadata"]["ownerReferences"] = [
