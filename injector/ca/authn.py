@@ -61,8 +61,19 @@ class NeedsIo(enum.Enum):
 
 
 NEEDS_IO: Final = NeedsIo.NEEDS_IO
-# A Caller, None for a token known to be bad, or NEEDS_IO.
-Answer = Caller | None | Literal[NeedsIo.NEEDS_IO]
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A token an authenticator knows and refuses, and why, in one line the caller may see
+    (it is the caller's own token: the reason helps it, and tells nobody else anything)."""
+
+    why: str
+
+
+# A Caller; Rejected (with why) or None (unknown) for a token that is not good; or NEEDS_IO.
+Answer = Caller | Rejected | None | Literal[NeedsIo.NEEDS_IO]
+MAX_REASON_LENGTH: Final = 200
 
 
 class TokenFileError(ConfigError):
@@ -72,8 +83,9 @@ class TokenFileError(ConfigError):
 class Authenticator(Protocol):
     name: str
 
-    def authenticate(self, token: str) -> Caller | None:
-        """The caller the token belongs to; None if unknown; AuthenticationUnavailable."""
+    def authenticate(self, token: str) -> Caller | Rejected | None:
+        """The caller the token belongs to; Rejected (why) if it knows the token is not good;
+        None if it does not know it; AuthenticationUnavailable if it cannot tell now."""
         ...
 
 
@@ -213,6 +225,7 @@ class ReviewedToken:
     authenticated: bool
     audiences: tuple[str, ...]
     username: str
+    error: str = ""  # the API server's reason when not authenticated
 
 
 class TokenReviewer(Protocol):
@@ -241,10 +254,10 @@ class _BoundedCache:
 
     def __init__(self, max_entries: int) -> None:
         self._max_entries = max_entries
-        self._entries: dict[bytes, tuple[Caller | None, float]] = {}
+        self._entries: dict[bytes, tuple[Caller | Rejected, float]] = {}
         self._lock = threading.Lock()
 
-    def get(self, digest: bytes, now: float) -> tuple[Caller | None] | None:
+    def get(self, digest: bytes, now: float) -> tuple[Caller | Rejected] | None:
         """(answer,) while it is valid; None when unknown or expired."""
         with self._lock:
             entry = self._entries.get(digest)
@@ -252,7 +265,8 @@ class _BoundedCache:
             return None
         return (entry[0],)
 
-    def put(self, digest: bytes, answer: Caller | None, valid_until: float, now: float) -> None:
+    def put(self, digest: bytes, answer: Caller | Rejected, valid_until: float,
+            now: float) -> None:
         with self._lock:
             self._entries.pop(digest, None)  # re-inserted last: the newest
             if len(self._entries) >= self._max_entries:
@@ -298,10 +312,10 @@ class TokenReviewAuthenticator:
         self._busy_said_at = -math.inf
 
     def answer_without_io(self, token: str) -> Answer:
-        """The cached answer (a Caller, or None for a token refused a moment ago); NEEDS_IO
+        """The cached answer (a Caller, or Rejected for a token refused a moment ago); NEEDS_IO
         when only a review can tell. Never blocks: safe on the event loop."""
         if len(token) > MAX_TOKEN_LENGTH:
-            return None
+            return Rejected(f"it is over {MAX_TOKEN_LENGTH} bytes: no service-account token is")
         digest = token_digest(token)
         now = self._clock()
         for cache in (self._known, self._refused):
@@ -310,7 +324,7 @@ class TokenReviewAuthenticator:
                 return cached[0]
         return NEEDS_IO
 
-    def authenticate(self, token: str) -> Caller | None:
+    def authenticate(self, token: str) -> Caller | Rejected | None:
         answer = self.answer_without_io(token)
         if answer is not NEEDS_IO:
             return answer
@@ -324,9 +338,9 @@ class TokenReviewAuthenticator:
             self._in_flight.release()
         now = self._clock()
         digest = token_digest(token)
-        if reviewed is None:
-            self._refused.put(digest, None, now + self._negative_cache_seconds, now)
-            return None
+        if isinstance(reviewed, Rejected):
+            self._refused.put(digest, reviewed, now + self._negative_cache_seconds, now)
+            return reviewed
         # Never trust a cached answer past the token's own expiry.
         valid_until = now + self._cache_seconds
         expiry = jwt_expiry(token)
@@ -344,19 +358,21 @@ class TokenReviewAuthenticator:
                         "retry in %ds) until one ends", self._max_concurrent_reviews,
                         BUSY_RETRY_AFTER_SECONDS)
 
-    def _review(self, token: str) -> Caller | None:
+    def _review(self, token: str) -> Caller | Rejected:
         reviewed = self._reviewer.review(token, self._audience)
         if not reviewed.authenticated:
             log.debug("TokenReview: token not authenticated")
-            return None
+            why = " ".join(reviewed.error.split())[:MAX_REASON_LENGTH]
+            return Rejected(f"the Kubernetes API did not authenticate it ({why})" if why else
+                            "the Kubernetes API did not authenticate it")
         if self._audience not in reviewed.audiences:
             # An empty list means "valid for the API server", not for us (TokenReview docs).
             log.info("TokenReview: token not valid for audience %s", self._audience)
-            return None
+            return Rejected(f"it is not valid for audience {self._audience}")
         identity = parse_service_account_username(reviewed.username)
         if identity is None:
             log.info("TokenReview: %r is not a service account", reviewed.username[:200])
-            return None
+            return Rejected("it is not a service account's token")
         namespace, service_account = identity
         return Caller(namespace, service_account, self.name)
 
@@ -385,16 +401,18 @@ class AuthenticatorChain:
             if isinstance(authenticator, StaticTokens):
                 authenticator.reload_if_changed()
 
-    def authenticate(self, token: str) -> Caller | None:
+    def authenticate(self, token: str) -> Caller | Rejected | None:
         unavailable: AuthenticationUnavailable | None = None
+        rejected: Rejected | None = None
         for authenticator in self.authenticators:
             try:
-                caller = authenticator.authenticate(token)
+                answer = authenticator.authenticate(token)
             except AuthenticationUnavailable as error:
                 unavailable = unavailable or error
                 continue
-            if caller is not None:
-                return caller
+            if isinstance(answer, Caller):
+                return answer
+            rejected = rejected or answer
         if unavailable is not None:
             raise unavailable
-        return None
+        return rejected

@@ -35,6 +35,7 @@ from injector.ca.authn import (
     Authenticator,
     AuthenticatorChain,
     Caller,
+    Rejected,
     StaticTokens,
     TokenFileError,
     TokenReviewAuthenticator,
@@ -167,15 +168,16 @@ class CAService:
                           f"too many failed authentications from {peer[:64]}; retry in "
                           f"{wait}s", wait)
 
-    def _admit(self, caller: Caller | None, peer: str | None = None) -> Caller:
-        """The authenticated caller, unless unknown or over its rate."""
-        if caller is None:
+    def _admit(self, caller: Caller | Rejected | None, peer: str | None = None) -> Caller:
+        """The authenticated caller, unless unknown, rejected or over its rate."""
+        if not isinstance(caller, Caller):
             if peer is not None and self._failure_budget.record_failure(peer):
                 log.warning("client %s: too many failed authentications; its tokens are "
                             "refused (429) without a TokenReview until it has waited",
                             peer[:64])
+            why = f": {caller.why}" if isinstance(caller, Rejected) else ""
             raise Refusal(RefusalKind.UNAUTHENTICATED, "bad_token",
-                          "the token is not valid for this CA")
+                          f"the token is not valid for this CA{why}")
         if self._rate_limiter is not None:
             wait = self._rate_limiter.acquire(f"{caller.namespace}/{caller.service_account}")
             if wait is not None:

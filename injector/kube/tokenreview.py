@@ -40,4 +40,5 @@ class KubeTokenReviewer:
             return ReviewedToken(False, (), "")
         user = status.user
         return ReviewedToken(bool(status.authenticated), tuple(status.audiences or ()),
-                             (user.username if user is not None else None) or "")
+                             (user.username if user is not None else None) or "",
+                             status.error or "")

@@ -21,6 +21,7 @@ from injector.ca.authn import (
     NEEDS_IO,
     AuthenticationUnavailable,
     Caller,
+    Rejected,
     TokenReviewAuthenticator,
 )
 from injector.kube.client import KubeConfigError, api_client
@@ -51,13 +52,16 @@ def test_tokenreview_authenticates_a_service_account(fake_kube: RunningFakeKube)
 
 
 def test_tokenreview_refuses_an_unknown_token(fake_kube: RunningFakeKube) -> None:
-    assert _reviewer(fake_kube).authenticate("nobody-knows-me") is None
+    assert _reviewer(fake_kube).authenticate("nobody-knows-me") == Rejected(
+        "the Kubernetes API did not authenticate it (invalid bearer token)")
 
 
 def test_tokenreview_refuses_a_token_for_another_audience(fake_kube: RunningFakeKube) -> None:
     fake_kube.api.add_service_account_token("api-token", "shop", "web",
                                             audiences=("https://kubernetes.default.svc",))
-    assert _reviewer(fake_kube).authenticate("api-token") is None
+    # The API server itself refuses a token for another audience, and says so.
+    refused = _reviewer(fake_kube).authenticate("api-token")
+    assert isinstance(refused, Rejected) and "audience" in refused.why
 
 
 def test_tokenreview_requires_the_audience_in_the_answer(fake_kube: RunningFakeKube) -> None:
@@ -65,9 +69,9 @@ def test_tokenreview_requires_the_audience_in_the_answer(fake_kube: RunningFakeK
     # an empty status.audiences means the token is only good for the API server itself.
     fake_kube.api.add_service_account_token("pod-token", "shop", "web")
     fake_kube.api.status_audiences_override = []
-    assert _reviewer(fake_kube).authenticate("pod-token") is None
+    assert isinstance(_reviewer(fake_kube).authenticate("pod-token"), Rejected)
     fake_kube.api.status_audiences_override = ["something-else"]
-    assert _reviewer(fake_kube).authenticate("pod-token") is None
+    assert isinstance(_reviewer(fake_kube).authenticate("pod-token"), Rejected)
 
 
 @pytest.mark.parametrize("username", ["jane@example.com", "system:node:worker-1",
@@ -76,7 +80,8 @@ def test_tokenreview_requires_the_audience_in_the_answer(fake_kube: RunningFakeK
 def test_tokenreview_refuses_what_is_not_a_service_account(fake_kube: RunningFakeKube,
                                                            username: str) -> None:
     fake_kube.api.tokens["user-token"] = TokenInfo(username)
-    assert _reviewer(fake_kube).authenticate("user-token") is None
+    assert _reviewer(fake_kube).authenticate("user-token") == Rejected(
+        "it is not a service account's token")
 
 
 def test_tokenreview_api_down_is_unavailable_not_unauthenticated(tmp_path: Path,
@@ -129,7 +134,7 @@ def test_positive_answers_are_cached_briefly_and_not_past_the_token_expiry(
 
     now[0] += 50  # past the cache time
     del fake_kube.api.tokens[long_lived]  # revoked meanwhile
-    assert reviewer.authenticate(long_lived) is None
+    assert isinstance(reviewer.authenticate(long_lived), Rejected)
     assert fake_kube.api.token_reviews() == 5
 
 
@@ -138,11 +143,12 @@ def test_negative_answers_are_cached_briefly(fake_kube: RunningFakeKube) -> None
     now = [1_000_000.0]
     reviewer = _reviewer(fake_kube, negative_cache_seconds=10.0, clock=lambda: now[0])
     for _ in range(5):
-        assert reviewer.authenticate("late-token") is None
+        assert isinstance(reviewer.authenticate("late-token"), Rejected)
     assert fake_kube.api.token_reviews() == 1
     fake_kube.api.add_service_account_token("late-token", "shop", "web")
     now[0] += 9
-    assert reviewer.authenticate("late-token") is None  # still the answer of a moment ago
+    # Still the answer of a moment ago:
+    assert isinstance(reviewer.authenticate("late-token"), Rejected)
     now[0] += 1  # past the negative cache time: asked again
     assert reviewer.authenticate("late-token") == Caller("shop", "web", "tokenreview")
     assert fake_kube.api.token_reviews() == 2
@@ -154,17 +160,18 @@ def test_the_caches_are_bounded_and_junk_does_not_evict_good_answers(
     reviewer = _reviewer(fake_kube, max_cache_entries=4)
     assert reviewer.authenticate("good-token") is not None
     for index in range(10):
-        assert reviewer.authenticate(f"junk-{index}") is None
+        assert isinstance(reviewer.authenticate(f"junk-{index}"), Rejected)
     reviews = fake_kube.api.token_reviews()
     assert reviews == 11
     assert reviewer.answer_without_io("good-token") == Caller("shop", "web", "tokenreview")
-    assert reviewer.answer_without_io("junk-9") is None  # the newest junk is remembered
+    # The newest junk is remembered:
+    assert isinstance(reviewer.answer_without_io("junk-9"), Rejected)
     assert reviewer.answer_without_io("junk-0") is NEEDS_IO  # the oldest is not: bounded
 
 
 def test_an_oversized_token_is_refused_without_a_review(fake_kube: RunningFakeKube) -> None:
     reviewer = _reviewer(fake_kube)
-    assert reviewer.authenticate("x" * (MAX_TOKEN_LENGTH + 1)) is None
+    assert isinstance(reviewer.authenticate("x" * (MAX_TOKEN_LENGTH + 1)), Rejected)
     assert fake_kube.api.token_reviews() == 0
 
 
@@ -182,7 +189,8 @@ def test_reviews_in_flight_are_bounded_and_the_cache_never_waits_for_them(
 
     def authenticate(token: str) -> None:
         try:
-            outcomes.append(repr(reviewer.authenticate(token)))
+            answer = reviewer.authenticate(token)
+            outcomes.append("rejected" if isinstance(answer, Rejected) else repr(answer))
         except AuthenticationUnavailable as error:
             outcomes.append(error.reason)
 
@@ -200,7 +208,7 @@ def test_reviews_in_flight_are_bounded_and_the_cache_never_waits_for_them(
         fake_kube.api.hold_token_reviews = False
         for thread in threads:
             thread.join(timeout=30)
-    assert sorted(outcomes) == ["None"] * 3 + ["tokenreview_busy"] * 7
+    assert sorted(outcomes) == ["rejected"] * 3 + ["tokenreview_busy"] * 7
     assert fake_kube.api.token_reviews() == 4  # good-token once, then 3 junk ones
     assert fake_kube.api.token_reviews_peak == 3
 
