@@ -263,3 +263,24 @@ def test_a_stalled_request_does_not_hold_a_shutdown_past_its_deadline(serve: Ser
     assert serve.process.returncode == 0
     stall.join(timeout=30)
     assert stall.ending.status == 408
+
+
+def test_no_file_descriptor_left_pauses_accepting_and_says_so(serve: Server) -> None:
+    before = refusals(serve)
+    # Fewer files than the 1,000 connections serve allows: the kernel refuses before we do.
+    soft, hard = resource.prlimit(serve.process.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(serve.process.pid, resource.RLIMIT_NOFILE, (48, hard))
+    held: list[socket.socket] = []
+    try:
+        held += [hostile.tcp(serve.port, "127.0.0.6") for _ in range(64)]
+        eventually(lambda: any(line["reason"] == "no-file-descriptors"
+                               for line in limit_lines(serve)), timeout=10,
+                   what="accepting paused, and said")
+        assert serve.process.poll() is None
+    finally:
+        for connection in held:
+            connection.close()
+        resource.prlimit(serve.process.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    # Accepting resumes once files are free again.
+    eventually(lambda: served(serve, "127.0.0.2"), timeout=20, what="served again")
+    assert grown(before, refusals(serve)).get("no-file-descriptors", 0) >= 1
