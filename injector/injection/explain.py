@@ -28,6 +28,8 @@ from typing import Any, Literal
 from injector.errors import InvalidInput
 from injector.injection import overrides
 from injector.injection.policy import Decision, decide
+from injector.injection.review import AdmissionReview
+from injector.injection.webhook import admit
 from injector.mesh.config import MeshConfig
 from injector.mesh.names import (
     INIT_CONTAINER,
@@ -312,6 +314,24 @@ def pod_name(pod: Mapping[str, Any]) -> str:
     return str(metadata.get("name") or f"{metadata.get('generateName') or 'pod-'}(generated)")
 
 
+def webhook_refusal(pod: Mapping[str, Any], namespace: str,
+                    namespace_labels: Mapping[str, str], mesh: MeshConfig) -> str | None:
+    """Why the webhook would refuse this pod (its message), or None: the webhook's own answer
+    to the review the API server would send, so every check it makes (Kubernetes' limits, the
+    annotations, name clashes) is the one `check` reports. A pod we injected is judged as its
+    owner would create it again."""
+    review: AdmissionReview = {
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": "injector-check", "namespace": namespace, "operation": "CREATE",
+                    "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                    "object": as_created(pod) if injection_status(pod) is not None else pod}}
+    outcome = admit(review, mesh, lambda _: dict(namespace_labels))
+    if outcome.result != "denied":
+        return None
+    message: str = json.loads(outcome.body)["response"]["status"]["message"]
+    return message
+
+
 def explain(pod: Mapping[str, Any], namespace: str, namespace_labels: Mapping[str, str],
             mesh: MeshConfig, webhooks: Sequence[Webhook], our_configuration: str,
             ) -> Explanation:
@@ -342,14 +362,13 @@ def explain(pod: Mapping[str, Any], namespace: str, namespace_labels: Mapping[st
         injected = True
         verdict = (f"injected: {ours_called[0].webhook} is called and the injector decides to "
                    f"inject ({decision.reason})")
-        try:
-            overrides.read((pod.get("metadata") or {}).get("annotations") or {}, mesh)
-        except InvalidInput as error:
+        refusal = webhook_refusal(pod, namespace, namespace_labels, mesh)
+        if refusal is not None:
             injected = False
-            verdict = f"refused: the injector would refuse to create this pod: {error}"
+            verdict = f"refused: the injector would refuse to create this pod: {refusal}"
             findings.append(Finding(
-                "pod-refused", "problem", subject, f"its creation would be refused: {error}",
-                "fix or remove that annotation"))
+                "pod-refused", "problem", subject, f"its creation would be refused: {refusal}",
+                "fix what the message names (an annotation, a name, a limit)"))
     if len(called) > 1:
         findings.append(Finding(
             "webhooks-overlap", "problem", subject,

@@ -181,3 +181,23 @@ def test_the_text_report_ends_with_the_count_of_problems() -> None:
         "PROBLEM pod shop/a: no sidecar", "        fix: restart it",
         "info    all namespaces: 1 pod checked", "1 problem found"]
     assert report.as_json()["problems"] == 1
+
+
+@pytest.mark.parametrize(("changes", "named"), [
+    ({"annotations": {"sidecar.istio.io/proxyCPU": "lots"}}, "sidecar.istio.io/proxyCPU"),
+    ({"containers": ["istio-init"]}, "istio-init"),
+    ({"labels": {"app": "x" * 64}}, "63"),
+])
+def test_a_pod_the_webhook_would_refuse_is_reported_as_refused_with_its_words(
+        changes: dict[str, Any], named: str) -> None:
+    """`check` asks the webhook itself: a refusal for any reason it has (an annotation, a name
+    clash with what it adds, a Kubernetes limit) is what check reports, in the same words."""
+    _, webhooks = shipped_webhooks()
+    refused = pod(annotations=changes.get("annotations"), labels=changes.get("labels"))
+    for name in changes.get("containers", ()):
+        refused["spec"]["containers"].append({"name": name, "image": "app:1"})
+    explanation = explain.explain(refused, "shop", NS_ENABLED, MESH, webhooks, "injector")
+    assert not explanation.injected
+    assert explanation.verdict.startswith("refused: ")
+    assert named in explanation.verdict
+    assert [f.code for f in explanation.findings] == ["pod-refused"]
