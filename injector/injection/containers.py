@@ -29,10 +29,18 @@ from injector.mesh.names import (
 
 
 def _resources(resources: Resources) -> dict[str, Any]:
-    return {
-        "requests": {"cpu": resources.cpu, "memory": resources.memory},
-        "limits": {"cpu": resources.cpu_limit, "memory": resources.memory_limit},
-    }
+    """Requests and limits of the quantities set; a section with none is left out."""
+    requests = {name: value for name, value in (("cpu", resources.cpu),
+                                                ("memory", resources.memory)) if value is not None}
+    limits = {name: value for name, value in (("cpu", resources.cpu_limit),
+                                              ("memory", resources.memory_limit))
+              if value is not None}
+    built: dict[str, Any] = {}
+    if requests:
+        built["requests"] = requests
+    if limits:
+        built["limits"] = limits
+    return built
 
 
 def _field_env(name: str, path: str) -> dict[str, Any]:

@@ -82,12 +82,18 @@ def _shown(value: object) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Resources:
-    """The proxy's (and istio-init's) requests and limits, as the Kubernetes quantities given."""
+    """The proxy's (and istio-init's) requests and limits, as the Kubernetes quantities given.
 
-    cpu: str
-    memory: str
-    cpu_limit: str
-    memory_limit: str
+    None is a quantity the pod does not get: as in Istio, once a pod sets any of the four
+    resource annotations, it gets the ones it set and none of the mesh config's defaults (so
+    `proxyCPU: "4"` is not held to the default 2000m limit; Kubernetes takes a missing request
+    to be the limit).
+    """
+
+    cpu: str | None
+    memory: str | None
+    cpu_limit: str | None
+    memory_limit: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,26 +182,29 @@ def _hold_application(annotations: Mapping[str, Any]) -> bool:
     return hold
 
 
+_RESOURCE_ANNOTATIONS = (PROXY_CPU, PROXY_MEMORY, PROXY_CPU_LIMIT, PROXY_MEMORY_LIMIT)
+
+
 def _resources(annotations: Mapping[str, Any], mesh: MeshConfig) -> Resources:
     defaults = mesh.resources
-    resources = Resources(
-        cpu=_quantity(annotations, PROXY_CPU, defaults.cpu),
-        memory=_quantity(annotations, PROXY_MEMORY, defaults.memory),
-        cpu_limit=_quantity(annotations, PROXY_CPU_LIMIT, defaults.cpu_limit),
-        memory_limit=_quantity(annotations, PROXY_MEMORY_LIMIT, defaults.memory_limit),
+    if not any(key in annotations for key in _RESOURCE_ANNOTATIONS):
+        return Resources(defaults.cpu, defaults.memory, defaults.cpu_limit, defaults.memory_limit)
+    # Istio's template: the annotations set, and only those.
+    cpu, memory, cpu_limit, memory_limit = (
+        _quantity(annotations, key, "") if key in annotations else None
+        for key in _RESOURCE_ANNOTATIONS
     )
     # Kubernetes refuses a request above its limit; say which annotation to fix instead.
-    for request_key, request, limit_key, limit in (
-        (PROXY_CPU, resources.cpu, PROXY_CPU_LIMIT, resources.cpu_limit),
-        (PROXY_MEMORY, resources.memory, PROXY_MEMORY_LIMIT, resources.memory_limit),
+    for request_key, request, limit in (
+        (PROXY_CPU, cpu, cpu_limit),
+        (PROXY_MEMORY, memory, memory_limit),
     ):
-        if parse_quantity(request) > parse_quantity(limit):
-            raise InvalidAnnotation(
-                request_key if request_key in annotations else limit_key,
-                annotations.get(request_key, annotations.get(limit_key)),
-                f"the request {request} exceeds the limit {limit}",
-            )
-    return resources
+        if request is not None and limit is not None and (
+            parse_quantity(request) > parse_quantity(limit)
+        ):
+            raise InvalidAnnotation(request_key, request,
+                                    f"the request {request} exceeds the limit {limit}")
+    return Resources(cpu, memory, cpu_limit, memory_limit)
 
 
 def traffic_options(annotations: Mapping[str, Any], mesh: MeshConfig) -> TrafficOptions:

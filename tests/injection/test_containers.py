@@ -157,6 +157,22 @@ def test_resource_and_image_overrides() -> None:
     assert parts.init["image"] == MESH.proxy_image
 
 
+@pytest.mark.parametrize(
+    ("annotations", "resources"),
+    [
+        ({"sidecar.istio.io/proxyCPU": "4"}, {"requests": {"cpu": "4"}}),
+        ({"sidecar.istio.io/proxyMemory": "2Gi", "sidecar.istio.io/proxyCPULimit": "3"},
+         {"requests": {"memory": "2Gi"}, "limits": {"cpu": "3"}}),
+        ({"sidecar.istio.io/proxyMemoryLimit": "64Mi"}, {"limits": {"memory": "64Mi"}}),
+    ],
+)
+def test_the_resource_annotations_set_are_the_only_resources(
+        annotations: dict[str, str], resources: dict[str, Any]) -> None:
+    # As Istio: `proxyCPU: "4"` is not mixed with (and refused by) the default 2000m limit.
+    parts = made(annotations)
+    assert parts.proxy["resources"] == parts.init["resources"] == resources
+
+
 def test_traffic_annotations_reach_the_init_container() -> None:
     args = made({
         "traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/8,fd00::/8",

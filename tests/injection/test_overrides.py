@@ -104,7 +104,7 @@ def test_the_mesh_configs_ports_and_user_reach_the_traffic_options() -> None:
         ("sidecar.istio.io/proxyMemory", "1Gb"),
         ("sidecar.istio.io/proxyCPULimit", "-1"),
         ("sidecar.istio.io/proxyMemoryLimit", ""),
-        ("sidecar.istio.io/proxyCPU", "3"),  # over the default 2000m limit
+        ("sidecar.istio.io/proxyMemoryLimit", "1Gi\n1Gi"),
         ("sidecar.istio.io/logLevel", "verbose"),
         ("sidecar.istio.io/mtlsMode", "DISABLE"),
         ("sidecar.istio.io/nativeSidecar", "maybe"),
@@ -133,10 +133,25 @@ def test_an_override_that_is_not_a_string_is_refused_by_name(annotation: str) ->
     assert refused.value.annotation == annotation
 
 
-def test_a_limit_below_the_default_request_names_the_limit() -> None:
+@pytest.mark.parametrize(
+    ("annotations", "expected"),
+    [
+        # Istio's template: any resource annotation drops all four of the mesh's defaults.
+        ({names.PROXY_CPU: "4"}, Resources("4", None, None, None)),
+        ({names.PROXY_MEMORY: "2Gi"}, Resources(None, "2Gi", None, None)),
+        ({names.PROXY_MEMORY_LIMIT: "64Mi"}, Resources(None, None, None, "64Mi")),
+        ({names.PROXY_CPU: "3", names.PROXY_CPU_LIMIT: "3"}, Resources("3", None, "3", None)),
+    ],
+)
+def test_any_resource_annotation_takes_the_place_of_every_default(
+        annotations: dict[str, str], expected: Resources) -> None:
+    assert read(annotations, MESH).resources == expected
+
+
+def test_a_request_above_its_own_limit_names_the_request() -> None:
     with pytest.raises(InvalidAnnotation) as refused:
-        read({names.PROXY_MEMORY_LIMIT: "64Mi"}, MESH)
-    assert refused.value.annotation == names.PROXY_MEMORY_LIMIT
+        read({names.PROXY_MEMORY: "1Gi", names.PROXY_MEMORY_LIMIT: "64Mi"}, MESH)
+    assert refused.value.annotation == names.PROXY_MEMORY
     assert "exceeds the limit 64Mi" in str(refused.value)
 
 
