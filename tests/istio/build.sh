@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Builds the Istio peers of the tests, each a small main package of ours over Istio's own Go code
+# (caclient/: Istio's CA client, as pilot-agent uses it), from the one module pinned in go.mod
+# beside this script, into a cache outside the work tree keyed by Istio's version:
+#   ~/.cache/injector/istio/<istio version>/<tool>
+# A binary already there is reused; only what is missing is built. `make cluster-binaries` (and
+# so `make test`) runs this after tests/cluster/build.sh. `build.sh --dir` prints the directory
+# and builds nothing. Istio's files are never copied here: tests read its test data from the Go
+# module cache (`go env GOMODCACHE`) at test time.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+# The version comes from go.mod alone, so that bumping Istio there is the whole upgrade.
+istio_version="$(awk '$1 == "require" { $1 = ""; $0 = $0 } $1 == "istio.io/istio" && $2 ~ /^v/ { print $2; exit }' \
+	"$here/go.mod")"
+if [[ -z "$istio_version" ]]; then
+	echo "build.sh: cannot read Istio's pinned version from $here/go.mod" >&2
+	exit 2
+fi
+cache_root="${INJECTOR_ISTIO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/injector/istio}"
+dir="$cache_root/$istio_version"
+
+if [[ "${1:-}" == "--dir" ]]; then
+	echo "$dir"
+	exit 0
+fi
+
+# Go's own installer puts it in /usr/local/go/bin, which a non-login shell may not have on PATH.
+if ! command -v go >/dev/null && [[ -x /usr/local/go/bin/go ]]; then
+	PATH="$PATH:/usr/local/go/bin"
+fi
+if ! command -v go >/dev/null; then
+	echo "build.sh: the Istio peers of the tests are built with Go, and 'go' is not on PATH" >&2
+	exit 2
+fi
+
+mkdir -p "$dir"
+
+# build NAME: ./NAME of this module into $dir/NAME, written under a temporary name and renamed
+# when complete, so that an interrupted build never leaves a half-written binary that looks
+# reusable. A tool's directory that is not there yet (another main package in flight) is skipped.
+build() {
+	local name="$1"
+	if [[ -x "$dir/$name" || ! -d "$here/$name" ]]; then
+		return
+	fi
+	echo "building $name (Istio $istio_version) into $dir" >&2
+	local started=$SECONDS
+	(cd "$here" && nice -n 10 go build -trimpath -buildvcs=false -mod=readonly \
+		-ldflags "-s -w" -o "$dir/.$name.partial" "./$name")
+	mv -f "$dir/.$name.partial" "$dir/$name"
+	echo "built $name in $((SECONDS - started))s" >&2
+}
+
+for tool in caclient inject; do
+	build "$tool"
+done
