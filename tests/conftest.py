@@ -14,6 +14,10 @@ from tests.support.cluster import Cluster, Mesh, cluster_for_session, install_me
 from tests.support.fakeapi import RunningFakeKube, start_fake_kube
 from tests.support.servers import Server, start_ca_server, start_server
 
+# Every `injector serve` the tests start serves no gRPC CA unless it asks (`--grpc-port`): the
+# default port, 15012, is one for the whole machine, and tests run in parallel.
+os.environ.setdefault("INJECTOR_GRPC_PORT", "0")
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
@@ -42,6 +46,14 @@ def ca_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 def ca_client(ca_server: Server) -> Iterator[httpx.Client]:
     with ca_server.client() as https:
         yield https
+
+
+@pytest.fixture(scope="module")
+def grpc_ca_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`ca_server`, serving Istio's gRPC CA protocol too, on `grpc_ca_server.grpc_port`."""
+    running = start_ca_server(tmp_path_factory.mktemp("grpc-ca-serve"), grpc=True)
+    yield running
+    running.stop()
 
 
 @pytest.fixture

@@ -23,11 +23,12 @@ from typing import Any
 from injector.commands.cli import CommandParser, UsageError
 from injector.errors import InjectorError
 from injector.mesh.network import (
-    parse_cidr_set,
-    parse_cidrs,
+    parse_interfaces,
     parse_port,
     parse_port_set,
     parse_ports,
+    parse_written_cidr_set,
+    parse_written_cidrs,
 )
 from injector.traffic.iptables import (
     TrafficOptions,
@@ -72,11 +73,12 @@ FLAGS: tuple[_Flag, ...] = (
     _Flag("-g", "--proxy-gid", "--proxy-gid", "proxy_gid", parse_id,
           "gid of the proxy, whose traffic is not redirected (1337)"),
     _Flag("-m", "--mode", "--istio-inbound-interception-mode", "mode", parse_mode,
-          "inbound interception mode: REDIRECT only"),
+          "interception mode: REDIRECT only (Istio's TPROXY is refused)"),
     _Flag("-i", "--include-outbound-cidrs", "--istio-service-cidr", "include_outbound_cidrs",
-          parse_cidr_set, "outbound CIDRs to redirect, comma-separated, `*` for all (`*`)"),
+          parse_written_cidr_set,
+          "outbound CIDRs to redirect, comma-separated, `*` for all (`*`)"),
     _Flag("-x", "--exclude-outbound-cidrs", "--istio-service-exclude-cidr",
-          "exclude_outbound_cidrs", parse_cidrs, "outbound CIDRs never redirected"),
+          "exclude_outbound_cidrs", parse_written_cidrs, "outbound CIDRs never redirected"),
     _Flag("-b", "--include-inbound-ports", "--istio-inbound-ports", "include_inbound_ports",
           parse_port_set, "inbound ports to redirect, `*` for all, empty for none (`*`)"),
     _Flag("-d", "--exclude-inbound-ports", "--istio-local-exclude-ports", "exclude_inbound_ports",
@@ -85,6 +87,11 @@ FLAGS: tuple[_Flag, ...] = (
           "exclude_outbound_ports", parse_ports, "outbound ports never redirected"),
     _Flag("-q", "--include-outbound-ports", "--istio-outbound-ports", "include_outbound_ports",
           parse_ports, "outbound ports redirected whatever the destination"),
+    _Flag("-c", "--exclude-interfaces", "--istio-exclude-interfaces", "exclude_interfaces",
+          parse_interfaces, "interfaces whose traffic, in or out, is never redirected"),
+    _Flag("-k", "--reroute-virtual-interfaces", "--kube-virt-interfaces",
+          "reroute_virtual_interfaces", parse_interfaces,
+          "virtual interfaces (a VM's) whose incoming traffic is redirected as outbound"),
 )
 
 

@@ -1,4 +1,5 @@
-"""`injector serve`: the webhook and the CA on one HTTPS port.
+"""`injector serve`: the webhook and the CA on one HTTPS port, and the CA over Istio's gRPC
+protocol on a second.
 
 The flags and their checks; `injector.server.wiring` builds the server and runs it.
 """
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from injector.commands.cli import CommandParser, UsageError
 from injector.errors import ConfigError
+from injector.mesh import names
 from injector.mesh.config import load_mesh_config
 from injector.server import wiring
 
@@ -19,6 +21,11 @@ MAX_WORKERS = 64
 def add_arguments(parser: CommandParser) -> None:
     parser.option("--host", default="127.0.0.1", help="address to listen on")
     parser.option("--port", default=15017, type=int, help="HTTPS port")
+    parser.option("--grpc-port", default=names.GRPC_CA_PORT, type=int,
+                  help=f"port of Istio's gRPC CA protocol (0: off); default {names.GRPC_CA_PORT}")
+    parser.option("--cluster-id", default=names.DEFAULT_CLUSTER_ID,
+                  help="the cluster ID Istio's sidecars send (ClusterID) that the gRPC CA "
+                       f"accepts; default {names.DEFAULT_CLUSTER_ID}")
     parser.option("--certs-dir", default="certs",
                   help="the certificates directory (Istio cacerts layout)")
     parser.option("--dns-name", default=[], multiple=True,
@@ -37,6 +44,12 @@ def add_arguments(parser: CommandParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port}: not a port")
+    if not 0 <= args.grpc_port < 65536:
+        raise UsageError(f"--grpc-port {args.grpc_port}: not a port (0: off)")
+    if args.grpc_port and args.grpc_port == args.port:
+        raise UsageError(f"--grpc-port {args.grpc_port}: the same as --port")
+    if not args.cluster_id.strip():
+        raise UsageError("--cluster-id: must not be empty")
     if not 1 <= args.workers <= MAX_WORKERS:
         raise UsageError(f"--workers {args.workers}: must be 1 to {MAX_WORKERS}")
     try:
@@ -46,4 +59,5 @@ def run(args: argparse.Namespace) -> int:
     return wiring.serve(wiring.ServeSettings(
         host=args.host, port=args.port, certs_dir=Path(args.certs_dir),
         dns_names=tuple(args.dns_name), token_file=args.token_file,
-        kubeconfig=args.kubeconfig, workers=args.workers, log_level=args.log_level, mesh=mesh))
+        kubeconfig=args.kubeconfig, workers=args.workers, log_level=args.log_level, mesh=mesh,
+        grpc_port=args.grpc_port, cluster_id=args.cluster_id))

@@ -105,8 +105,7 @@ def init_container(mesh: MeshConfig, settings: Overrides) -> dict[str, Any]:
     """istio-init: programs the pod's iptables to send its traffic through the proxy."""
     return {
         "name": INIT_CONTAINER,
-        # Only the proxy's image can be overridden per pod; istio-init keeps the mesh's.
-        "image": mesh.init_image or mesh.proxy_image,
+        "image": settings.init_image,
         "imagePullPolicy": mesh.image_pull_policy,
         "command": ["injector", "iptables"],
         "args": settings.traffic.to_args(),
@@ -161,7 +160,7 @@ class Template:
     """The part of an injection fixed by the mesh config and the override annotations, as JSON
     (immutable: the cache can hand it to every pod, and it can key other caches)."""
 
-    init_container: bytes
+    init_container: bytes | None  # None: no istio-init (interceptionMode NONE)
     proxy_container: bytes
     volumes: tuple[bytes, ...]
     status: str  # the sidecar.istio.io/status annotation
@@ -171,21 +170,22 @@ class Template:
     @property
     def size(self) -> int:
         """The bytes of its JSON: what a cache holding it is charged."""
-        return (len(self.init_container) + len(self.proxy_container)
+        return (len(self.init_container or b"") + len(self.proxy_container)
                 + sum(len(volume) for volume in self.volumes) + len(self.status))
 
 
 def _make_template(annotations: Mapping[str, Any], mesh: MeshConfig) -> Template:
     settings = overrides.read(annotations, mesh)
+    inits = [INIT_CONTAINER] if settings.capture else []
     status = {
-        "initContainers": [INIT_CONTAINER, PROXY_CONTAINER] if settings.native
-        else [INIT_CONTAINER],
+        "initContainers": [*inits, PROXY_CONTAINER] if settings.native else inits,
         "containers": [] if settings.native else [PROXY_CONTAINER],
         "volumes": list(VOLUME_NAMES),
         "revision": mesh.revision,
     }
     return Template(
-        init_container=orjson.dumps(init_container(mesh, settings)),
+        init_container=(orjson.dumps(init_container(mesh, settings)) if settings.capture
+                        else None),
         proxy_container=orjson.dumps(proxy_container(mesh, settings)),
         volumes=tuple(orjson.dumps(volume) for volume in volumes()),
         status=orjson.dumps(status).decode(),

@@ -19,10 +19,15 @@ from injector.injection import proxyconfig
 from injector.mesh.config import MeshConfig
 from injector.mesh.names import (
     EXCLUDE_INBOUND_PORTS,
+    EXCLUDE_INTERFACES,
     EXCLUDE_OUTBOUND_IP_RANGES,
     EXCLUDE_OUTBOUND_PORTS,
     INCLUDE_INBOUND_PORTS,
     INCLUDE_OUTBOUND_IP_RANGES,
+    INCLUDE_OUTBOUND_PORTS,
+    INTERCEPTION_MODE,
+    INTERCEPTION_NONE,
+    KUBEVIRT_INTERFACES,
     LOG_LEVEL,
     LOG_LEVELS,
     MTLS_MODE,
@@ -34,10 +39,17 @@ from injector.mesh.names import (
     PROXY_IMAGE,
     PROXY_MEMORY,
     PROXY_MEMORY_LIMIT,
+    REROUTE_VIRTUAL_INTERFACES,
 )
-from injector.mesh.network import parse_cidr_set, parse_cidrs, parse_port_set, parse_ports
+from injector.mesh.network import (
+    parse_interfaces,
+    parse_port_set,
+    parse_ports,
+    parse_written_cidr_set,
+    parse_written_cidrs,
+)
 from injector.mesh.quantity import parse_quantity
-from injector.traffic.iptables import TrafficOptions
+from injector.traffic.iptables import TrafficOptions, parse_mode
 
 # Every annotation read here: nothing else of a pod changes its sidecar's containers or volumes
 # (so they are all the template cache needs to key on).
@@ -45,7 +57,8 @@ ANNOTATIONS: tuple[str, ...] = (
     PROXY_IMAGE, PROXY_CPU, PROXY_MEMORY, PROXY_CPU_LIMIT, PROXY_MEMORY_LIMIT, LOG_LEVEL,
     MTLS_MODE, NATIVE_SIDECAR, PROXY_CONFIG, INCLUDE_OUTBOUND_IP_RANGES,
     EXCLUDE_OUTBOUND_IP_RANGES, INCLUDE_INBOUND_PORTS, EXCLUDE_INBOUND_PORTS,
-    EXCLUDE_OUTBOUND_PORTS,
+    EXCLUDE_OUTBOUND_PORTS, INCLUDE_OUTBOUND_PORTS, EXCLUDE_INTERFACES, KUBEVIRT_INTERFACES,
+    REROUTE_VIRTUAL_INTERFACES, INTERCEPTION_MODE,
 )
 
 _Parsed = TypeVar("_Parsed")
@@ -60,6 +73,7 @@ MAX_IMAGE_CHARS = 1024  # an image reference: registry, repository, tag and dige
 MAX_LIST_CHARS = 4096  # a CIDR or port list
 MAX_CIDRS = 32
 MAX_PORTS = 64
+MAX_INTERFACES = 32
 
 
 class InvalidAnnotation(InvalidInput):
@@ -101,12 +115,14 @@ class Overrides:
     """The mesh config's sidecar settings as one pod's annotations leave them, all checked."""
 
     image: str
+    init_image: str  # istio-init's: the mesh's, or a proxyImage naming a repository (Istio's)
     log_level: str
     mtls_mode: str
     resources: Resources
     native: bool  # the proxy runs as a native sidecar (a restartable init container)
     hold: bool  # the app waits for the proxy (holdApplicationUntilProxyStarts)
     traffic: TrafficOptions  # istio-init's redirection
+    capture: bool  # istio-init is added at all (not with interceptionMode NONE)
 
 
 def _annotation(annotations: Mapping[str, Any], key: str, default: str) -> str:
@@ -214,6 +230,9 @@ def traffic_options(annotations: Mapping[str, Any], mesh: MeshConfig) -> Traffic
         annotations, EXCLUDE_INBOUND_PORTS, mesh.exclude_inbound_ports, parse_ports, MAX_PORTS
     )
     always_excluded = (mesh.prometheus_port, mesh.status_port, mesh.agent_port)
+    # Istio's template: the newer annotation wins, else KubeVirt's own.
+    virtual_key = (REROUTE_VIRTUAL_INTERFACES if REROUTE_VIRTUAL_INTERFACES in annotations
+                   else KUBEVIRT_INTERFACES)
     return TrafficOptions(
         proxy_port=mesh.proxy_port,
         inbound_capture_port=mesh.inbound_capture_port,
@@ -222,11 +241,11 @@ def traffic_options(annotations: Mapping[str, Any], mesh: MeshConfig) -> Traffic
         mode=TrafficOptions().mode,
         include_outbound_cidrs=_list(
             annotations, INCLUDE_OUTBOUND_IP_RANGES, mesh.include_outbound_ip_ranges,
-            parse_cidr_set, MAX_CIDRS,
+            parse_written_cidr_set, MAX_CIDRS,
         ),
         exclude_outbound_cidrs=_list(
             annotations, EXCLUDE_OUTBOUND_IP_RANGES, mesh.exclude_outbound_ip_ranges,
-            parse_cidrs, MAX_CIDRS,
+            parse_written_cidrs, MAX_CIDRS,
         ),
         include_inbound_ports=_list(
             annotations, INCLUDE_INBOUND_PORTS, mesh.include_inbound_ports, parse_port_set,
@@ -237,7 +256,30 @@ def traffic_options(annotations: Mapping[str, Any], mesh: MeshConfig) -> Traffic
             annotations, EXCLUDE_OUTBOUND_PORTS, mesh.exclude_outbound_ports, parse_ports,
             MAX_PORTS,
         ),
+        include_outbound_ports=_list(
+            annotations, INCLUDE_OUTBOUND_PORTS, "", parse_ports, MAX_PORTS,
+        ),
+        exclude_interfaces=_list(
+            annotations, EXCLUDE_INTERFACES, "", parse_interfaces, MAX_INTERFACES,
+        ),
+        reroute_virtual_interfaces=_list(
+            annotations, virtual_key, "", parse_interfaces, MAX_INTERFACES,
+        ),
     )
+
+
+def _capture(annotations: Mapping[str, Any]) -> bool:
+    """Whether istio-init is added: `interceptionMode` NONE says no; REDIRECT (the default)
+    yes; TPROXY, which this injector does not implement, refuses the pod by name."""
+    mode = _annotation(annotations, INTERCEPTION_MODE, "REDIRECT").strip()
+    if mode == INTERCEPTION_NONE:
+        return False
+    try:
+        parse_mode(mode)
+    except ValueError as error:
+        raise InvalidAnnotation(INTERCEPTION_MODE, mode,
+                                f"{error} (or NONE: no traffic capture)") from None
+    return True
 
 
 def read(annotations: Mapping[str, Any], mesh: MeshConfig) -> Overrides:
@@ -250,16 +292,23 @@ def read(annotations: Mapping[str, Any], mesh: MeshConfig) -> Overrides:
     hold = _hold_application(annotations)
     resources = _resources(annotations, mesh)
     traffic = traffic_options(annotations, mesh)
+    capture = _capture(annotations)
     image = _annotation(annotations, PROXY_IMAGE, mesh.proxy_image).strip()
     if not image:
         raise InvalidAnnotation(PROXY_IMAGE, image, "must not be empty")
     if len(image) > MAX_IMAGE_CHARS:
         raise InvalidAnnotation(PROXY_IMAGE, image, f"longer than {MAX_IMAGE_CHARS} characters")
+    # Istio's template: istio-init takes the annotation's image when it names a repository
+    # ("registry/name:tag"); a bare name is a proxy image of the mesh's own registry, and
+    # istio-init keeps the mesh's.
+    init_image = (image if PROXY_IMAGE in annotations and "/" in image
+                  else mesh.init_image or mesh.proxy_image)
     log_level = _annotation(annotations, LOG_LEVEL, mesh.proxy_log_level)
     if log_level not in LOG_LEVELS:
         raise InvalidAnnotation(LOG_LEVEL, log_level, f"expected one of {sorted(LOG_LEVELS)}")
     mtls_mode = _annotation(annotations, MTLS_MODE, mesh.mtls_mode)
     if mtls_mode not in MTLS_MODES:
         raise InvalidAnnotation(MTLS_MODE, mtls_mode, "expected PERMISSIVE or STRICT")
-    return Overrides(image=image, log_level=log_level, mtls_mode=mtls_mode, resources=resources,
-                     native=native, hold=hold, traffic=traffic)
+    return Overrides(image=image, init_image=init_image, log_level=log_level,
+                     mtls_mode=mtls_mode, resources=resources, native=native, hold=hold,
+                     traffic=traffic, capture=capture)

@@ -66,13 +66,15 @@ def build(pod: Mapping[str, Any], injection: Injection) -> list[Operation]:
     _add_entries(ops, metadata, "labels", injection.labels)
     _add_entries(ops, metadata, "annotations", injection.annotations)
     spec = pod.get("spec") or {}
+    # No istio-init with interceptionMode NONE.
+    inits = [] if injection.init_container is None else [injection.init_container]
     if injection.native:
         # istio-init, then the proxy, before the pod's own init containers.
-        _prepend(ops, spec, "initContainers",
-                 [injection.init_container, injection.proxy_container])
+        _prepend(ops, spec, "initContainers", [*inits, injection.proxy_container])
     else:
         # After the pod's own init containers, which keep the network before redirection.
-        _append(ops, spec, "initContainers", [injection.init_container])
+        if inits:
+            _append(ops, spec, "initContainers", inits)
         if injection.hold:
             _prepend(ops, spec, "containers", [injection.proxy_container])
         else:

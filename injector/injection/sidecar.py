@@ -49,7 +49,7 @@ class Injection(NamedTuple):
     through object.__setattr__ (ten times slower).
     """
 
-    init_container: Part
+    init_container: Part | None  # None: no istio-init (interceptionMode NONE)
     proxy_container: Part
     volumes: list[Part]
     labels: dict[str, str]
@@ -178,7 +178,7 @@ def build(
     parts = template(annotations, mesh)
     thaw: Any = orjson.Fragment if as_json else orjson.loads
     return Injection(
-        init_container=thaw(parts.init_container),
+        init_container=None if parts.init_container is None else thaw(parts.init_container),
         proxy_container=thaw(parts.proxy_container),
         volumes=[thaw(volume) for volume in parts.volumes],
         labels=_labels_to_add(labels, name or workload_name(pod)),

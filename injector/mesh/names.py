@@ -60,6 +60,21 @@ WEBHOOK_CONFIGURATION: Final = "injector"
 DEFAULT_TRUST_DOMAIN: Final = "cluster.local"
 DEFAULT_NAMESPACE: Final = "mesh-system"  # the injector's own
 DEFAULT_CA_ADDR: Final = "injector.mesh-system.svc:443"
+
+# --- Istio's gRPC CA protocol (istiod's, on port 15012; pilot-agent's CA_ADDR) ------------------
+GRPC_CA_PORT: Final = 15012
+# "tls-": Istio's protocol selection reads the port as TLS, which it is ("grpc-" would say
+# plaintext gRPC; istiod's own name for 15012, https-dns, is historical).
+GRPC_CA_PORT_NAME: Final = "tls-grpc-ca"
+GRPC_CA_SERVICE: Final = "istio.v1.auth.IstioCertificateService"
+GRPC_CA_METHOD: Final = "CreateCertificate"
+# The gRPC metadata key (lower case, as gRPC carries it) naming the caller's cluster, and the
+# cluster ID a sidecar sends when nobody set one.
+CLUSTER_ID_METADATA: Final = "clusterid"
+DEFAULT_CLUSTER_ID: Final = "Kubernetes"
+# The request's metadata field a node agent (ztunnel) uses to ask for another workload's
+# certificate: never honoured by this CA.
+IMPERSONATED_IDENTITY: Final = "ImpersonatedIdentity"
 DEFAULT_IGNORED_NAMESPACES: Final = ("kube-system", "kube-public", "kube-node-lease")
 DEFAULT_MESH_CIDRS: Final = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16")
 MTLS_MODES: Final = ("PERMISSIVE", "STRICT")

@@ -7,7 +7,9 @@ reads its flags with them and the agent its mesh CIDRs, so all three accept exac
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
+from dataclasses import dataclass
 
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -71,3 +73,45 @@ def parse_cidrs(text: str) -> tuple[IpNetwork, ...]:
 def parse_cidr_set(text: str) -> tuple[IpNetwork, ...] | None:
     """`*` (None: every destination) or a comma-separated CIDR list."""
     return None if text.strip() == "*" else parse_cidrs(text)
+
+
+@dataclass(frozen=True, slots=True)
+class Cidr:
+    """A CIDR as it was written (`10.96.0.1/24`: host bits kept, as Istio passes them on) and
+    the network it names (`10.96.0.0/24`: what the rules match, as iptables-save shows them)."""
+
+    text: str
+    network: IpNetwork
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def parse_written_cidrs(text: str) -> tuple[Cidr, ...]:
+    """A comma-separated CIDR list, each kept as written (less blanks); empty means none."""
+    return tuple(Cidr(item.strip(), parse_cidr(item)) for item in text.split(",")
+                 if item.strip())
+
+
+def parse_written_cidr_set(text: str) -> tuple[Cidr, ...] | None:
+    """`*` (None: every destination) or a comma-separated CIDR list, kept as written."""
+    return None if text.strip() == "*" else parse_written_cidrs(text)
+
+
+# A Linux interface name (at most 15 bytes; no `/`, `:` or blanks), in the ASCII a pod's
+# interfaces are named with; iptables' `+` at its end matches every name it begins.
+_INTERFACE = re.compile(r"[A-Za-z0-9_.@-]{1,15}\+?|\+")
+
+
+def parse_interface(text: str) -> str:
+    """A network interface name as iptables' `-i`/`-o` take it (`eth1`, `veth+`)."""
+    stripped = text.strip()
+    if (not _INTERFACE.fullmatch(stripped) or len(stripped) > 15
+            or stripped.rstrip("+") in (".", "..")):
+        raise ValueError(f"not a network interface name: {text!r}")
+    return stripped
+
+
+def parse_interfaces(text: str) -> tuple[str, ...]:
+    """A comma-separated list of interface names; empty means none."""
+    return tuple(parse_interface(item) for item in text.split(",") if item.strip())

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from injector.errors import ConfigError
+from injector.mesh import names
 from injector.mesh.config import MeshConfig
 from injector.server.limits import Limits
 from injector.server.tls import server_tls_context
@@ -38,6 +39,9 @@ from injector.server.tls import server_tls_context
 # server_tls_context is the benchmark's and the tests' way to serve as `serve` does.
 __all__ = ["ServeSettings", "Worker", "run_uvicorn", "serve", "server_tls_context",
            "uvicorn_config"]
+
+# How long a worker's stop waits for the gRPC calls in flight, once HTTPS has drained.
+GRPC_STOP_GRACE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,10 @@ class ServeSettings:
     workers: int
     log_level: str
     mesh: MeshConfig
+    # Istio's gRPC CA protocol (injector.server.grpc_ca) on this port, 0: not served; and the
+    # cluster whose tokens it accepts (the ClusterID metadata Istio's sidecars send).
+    grpc_port: int = 0
+    cluster_id: str = names.DEFAULT_CLUSTER_ID
 
 
 def uvicorn_config(app: Any, *, host: str, port: int, tls: ssl.SSLContext, cert_path: Path,
@@ -149,6 +157,10 @@ def _serve(settings: ServeSettings) -> int:
     # before anything listens, and forked workers share the loaded code.
     worker = Worker(settings, problems, api)
     listener = _listen(settings.host, settings.port)
+    if settings.grpc_port:
+        # Each worker binds the gRPC port itself (after the fork, SO_REUSEPORT); a port already
+        # taken is found here, before anything serves.
+        _listen(settings.host, settings.grpc_port).close()
     logging.getLogger("injector").info(
         "serving the webhook and the CA on https://%s:%d with %d worker%s",
         settings.host, settings.port, settings.workers, "s" if settings.workers > 1 else "")
@@ -250,5 +262,29 @@ class Worker:
         # SIGTERM is how Kubernetes stops a pod: once drained, that is a clean exit (0), not a
         # death by signal.
         signal.signal(signal.SIGTERM, lambda signum, frame: None)
-        run_uvicorn(config, listener, self.serving.current)
+        grpc_server = self._start_grpc()
+        try:
+            run_uvicorn(config, listener, self.serving.current)
+        finally:
+            if grpc_server is not None:
+                grpc_server.stop(grace=GRPC_STOP_GRACE_SECONDS).wait()
         return 0
+
+    def _start_grpc(self) -> Any:
+        """Istio's gRPC CA on --grpc-port beside HTTPS, with the same CA service and serving
+        certificate; None when it is off. Imported here: gRPC must start after the fork."""
+        if not self.settings.grpc_port:
+            return None
+        from injector.server import grpc_ca
+
+        pair = grpc_ca.ServingPair(self.cert_path, self.key_path, self.serving.current)
+        try:
+            server, _ = grpc_ca.start_server(
+                self.ca_service, host=self.settings.host, port=self.settings.grpc_port,
+                pair=pair, cluster_id=self.settings.cluster_id)
+        except OSError as error:
+            raise ConfigError(str(error)) from None
+        logging.getLogger("injector").info(
+            "serving Istio's gRPC CA protocol on %s:%d", self.settings.host,
+            self.settings.grpc_port)
+        return server

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from injector.mesh import names
-from injector.mesh.network import IpNetwork
+from injector.mesh.network import Cidr
 
 
 def parse_id(text: str) -> int:
@@ -26,9 +26,17 @@ def parse_id(text: str) -> int:
 
 
 def parse_mode(text: str) -> str:
-    if text != "REDIRECT":
-        raise ValueError(f"unsupported interception mode {text!r}: only REDIRECT")
-    return text
+    """The interception mode: REDIRECT, the only one implemented here. Istio's TPROXY is
+    refused rather than silently done as REDIRECT (it keeps the caller's address, REDIRECT does
+    not); NONE means no istio-init at all, so it never reaches this command."""
+    stripped = text.strip()
+    if stripped == names.INTERCEPTION_REDIRECT:
+        return stripped
+    if stripped == names.INTERCEPTION_TPROXY:
+        raise ValueError("TPROXY is not supported: only REDIRECT is implemented")
+    if stripped == names.INTERCEPTION_NONE:
+        raise ValueError("NONE means no traffic capture: no istio-init, nothing to program")
+    raise ValueError(f"unknown interception mode {text!r}: only REDIRECT")
 
 
 def _join(values: tuple[object, ...] | None) -> str:
@@ -46,13 +54,18 @@ class TrafficOptions:
     inbound_capture_port: int = names.INBOUND_CAPTURE_PORT
     proxy_uid: int = names.PROXY_UID
     proxy_gid: int = names.PROXY_UID
-    mode: str = "REDIRECT"
-    include_outbound_cidrs: tuple[IpNetwork, ...] | None = None
-    exclude_outbound_cidrs: tuple[IpNetwork, ...] = ()
+    mode: str = names.INTERCEPTION_REDIRECT
+    include_outbound_cidrs: tuple[Cidr, ...] | None = None
+    exclude_outbound_cidrs: tuple[Cidr, ...] = ()
     include_inbound_ports: tuple[int, ...] | None = None
     exclude_inbound_ports: tuple[int, ...] = field(default=names.DEFAULT_EXCLUDED_INBOUND_PORTS)
     exclude_outbound_ports: tuple[int, ...] = ()
     include_outbound_ports: tuple[int, ...] = ()
+    # Interfaces whose traffic is never captured, in or out (Istio's -c).
+    exclude_interfaces: tuple[str, ...] = ()
+    # Virtual interfaces (a KubeVirt VM's) whose incoming traffic is the pod's outbound traffic,
+    # captured like the pod's own (Istio's -k).
+    reroute_virtual_interfaces: tuple[str, ...] = ()
 
     def to_args(self) -> list[str]:
         """The `injector iptables` command-line flags (Istio's short flags) for these options."""
@@ -71,6 +84,10 @@ class TrafficOptions:
             args += ["-o", _join(self.exclude_outbound_ports)]
         if self.include_outbound_ports:
             args += ["-q", _join(self.include_outbound_ports)]
+        if self.reroute_virtual_interfaces:
+            args += ["-k", _join(self.reroute_virtual_interfaces)]
+        if self.exclude_interfaces:
+            args += ["-c", _join(self.exclude_interfaces)]
         return args
 
 
@@ -101,16 +118,44 @@ _IPV4 = _Family(4, localhost="127.0.0.1/32", passthrough_source="127.0.0.6/32")
 _IPV6 = _Family(6, localhost="::1/128", passthrough_source="::6/128")
 
 
-def _of_family(networks: tuple[IpNetwork, ...], family: _Family) -> list[IpNetwork]:
-    return [network for network in networks if network.version == family.version]
+def _of_family(cidrs: tuple[Cidr, ...], family: _Family) -> list[str]:
+    """The networks of this family, as iptables-save shows them (host bits cleared)."""
+    return [str(cidr.network) for cidr in cidrs if cidr.network.version == family.version]
 
 
-def _inbound_rules(options: TrafficOptions) -> list[str]:
+def _interface_rules(options: TrafficOptions, family: _Family) -> list[str]:
+    """The first rules of ISTIO_INBOUND, for traffic coming in on a named interface.
+
+    Istio writes these into PREROUTING itself; here they open our own chain instead, which
+    PREROUTING jumps to first, so that a second run replaces them rather than adding to them
+    (only our chains are emptied). A RETURN from our chain goes on through PREROUTING, as
+    Istio's RETURN from PREROUTING ends it: in a pod's network namespace nothing else is there.
+    """
+    rules = []
+    # A virtual interface's traffic is outbound traffic of the pod: to the proxy's outbound
+    # port when its destination is included (the excluded ranges do not apply, as in Istio).
+    for interface in options.reroute_virtual_interfaces:
+        if options.include_outbound_cidrs is None:
+            rules.append(f"-A ISTIO_INBOUND -i {interface} -j ISTIO_REDIRECT")
+        else:
+            rules += [f"-A ISTIO_INBOUND -d {network} -i {interface} -j ISTIO_REDIRECT"
+                      for network in _of_family(options.include_outbound_cidrs, family)]
+        rules.append(f"-A ISTIO_INBOUND -i {interface} -j RETURN")
+    rules += [f"-A ISTIO_INBOUND -i {interface} -j RETURN"
+              for interface in options.exclude_interfaces]
+    return rules
+
+
+def _inbound_rules(options: TrafficOptions, family: _Family) -> list[str]:
     """Inbound TCP to the pod: to the inbound capture port, the excluded ports aside."""
+    interface_rules = _interface_rules(options, family)
     if options.include_inbound_ports == ():
-        # An empty include list turns inbound capture off: no hook at all, as in Istio.
-        return []
-    rules = ["-A PREROUTING -p tcp -j ISTIO_INBOUND"]
+        # An empty include list turns inbound capture off: no hook at all, as in Istio, unless
+        # a virtual interface's traffic is to be captured.
+        if not options.reroute_virtual_interfaces:
+            return []
+        return ["-A PREROUTING -p tcp -j ISTIO_INBOUND", *interface_rules]
+    rules = ["-A PREROUTING -p tcp -j ISTIO_INBOUND", *interface_rules]
     if options.include_inbound_ports is None:
         # `*`: every port, minus the exclusions (the proxy's own ports by default).
         rules += [f"-A ISTIO_INBOUND -p tcp -m tcp --dport {port} -j RETURN"
@@ -126,6 +171,9 @@ def _inbound_rules(options: TrafficOptions) -> list[str]:
 def _outbound_rules(options: TrafficOptions, family: _Family) -> list[str]:
     """Outbound TCP from the pod: to the proxy port, unless it must not be."""
     rules = ["-A OUTPUT -p tcp -j ISTIO_OUTPUT"]
+    # Nothing sent out of an excluded interface is captured (Istio's RETURN in OUTPUT).
+    rules += [f"-A ISTIO_OUTPUT -o {interface} -j RETURN"
+              for interface in options.exclude_interfaces]
     # Excluded ports first: they bypass the proxy whoever calls, even the proxy calling itself.
     rules += [f"-A ISTIO_OUTPUT -p tcp -m tcp --dport {port} -j RETURN"
               for port in options.exclude_outbound_ports]
@@ -135,7 +183,7 @@ def _outbound_rules(options: TrafficOptions, family: _Family) -> list[str]:
     # Istio only lets app-to-app loopback traffic (to the pod's own address) bypass the proxy
     # when the included ranges do not name a loopback address explicitly.
     included = options.include_outbound_cidrs or ()
-    app_loopback_bypasses = not any(network.is_loopback for network in included)
+    app_loopback_bypasses = not any(cidr.network.is_loopback for cidr in included)
     for kind, owner in (("uid", options.proxy_uid), ("gid", options.proxy_gid)):
         # The proxy calling the pod's own (non-localhost) address over loopback, e.g. an app
         # calling its own service VIP through the proxy: that call is inbound traffic.
@@ -165,13 +213,12 @@ def _outbound_rules(options: TrafficOptions, family: _Family) -> list[str]:
 
 def build_rules(options: TrafficOptions, ipv6: bool = False) -> list[str]:
     """The `-A` lines for the nat table, in the canonical form `iptables-save` prints them."""
-    if options.mode != "REDIRECT":
-        raise ValueError(f"unsupported interception mode {options.mode!r}: only REDIRECT")
+    parse_mode(options.mode)
     family = _IPV6 if ipv6 else _IPV4
     return [
         f"-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports {options.proxy_port}",
         f"-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports {options.inbound_capture_port}",
-        *_inbound_rules(options),
+        *_inbound_rules(options, family),
         *_outbound_rules(options, family),
     ]
 

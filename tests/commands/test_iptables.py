@@ -15,7 +15,7 @@ import pytest
 
 from injector.commands import cli
 from injector.commands import iptables as command
-from injector.mesh.network import parse_cidrs
+from injector.mesh.network import parse_written_cidrs
 from injector.traffic.iptables import TrafficOptions, build_restore_input
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "iptables"
@@ -102,7 +102,7 @@ def test_dry_run_prints_the_restore_input_and_runs_nothing(
 
 
 def test_dry_run_of_the_webhooks_flags(capsys: pytest.CaptureFixture[str]) -> None:
-    options = TrafficOptions(exclude_outbound_cidrs=parse_cidrs("10.96.0.0/12"),
+    options = TrafficOptions(exclude_outbound_cidrs=parse_written_cidrs("10.96.0.0/12"),
                              exclude_outbound_ports=(5432,))
     code, out, _ = _run(capsys, *options.to_args(), "-n")
     assert code == 0
@@ -148,7 +148,9 @@ def test_settings_come_from_the_environment_too(
         (["-z", "70000"], "-z/--inbound-capture-port: not a port: '70000'"),
         (["-u", "istio-proxy"], "-u/--proxy-uid: not a numeric uid/gid: 'istio-proxy'"),
         (["-g", "-5"], "not a numeric uid/gid"),
-        (["-m", "TPROXY"], "-m/--mode: unsupported interception mode 'TPROXY': only REDIRECT"),
+        (["-m", "TPROXY"], "-m/--mode: TPROXY is not supported: only REDIRECT is implemented"),
+        (["-c", "eth0/1"], "-c/--exclude-interfaces: not a network interface name: 'eth0/1'"),
+        (["-k", "a b"], "-k/--reroute-virtual-interfaces: not a network interface name: 'a b'"),
         (["-i", "10.0.0.0/33"], "-i/--include-outbound-cidrs: not a CIDR: '10.0.0.0/33'"),
         (["-x", "*"], "-x/--exclude-outbound-cidrs: not a CIDR: '*'"),
         (["-b", "80,http"], "-b/--include-inbound-ports: not a port: 'http'"),
@@ -191,7 +193,7 @@ def test_a_run_reads_the_table_then_applies_everything_in_one_restore(
     assert (code, err) == (0, "")
     assert fake.calls() == ["iptables-save -t nat", "iptables-restore --noflush"]
     applied = fake.stdin_of("iptables-restore")
-    options = TrafficOptions(exclude_outbound_cidrs=parse_cidrs("10.96.0.0/12"))
+    options = TrafficOptions(exclude_outbound_cidrs=parse_written_cidrs("10.96.0.0/12"))
     # The hook left by the previous run is deleted, the other rule is not mentioned at all.
     assert applied == build_restore_input(options, installed_hooks=[
         "-A OUTPUT -p tcp -j ISTIO_OUTPUT"])

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from injector.mesh.network import parse_cidrs
+from injector.mesh.network import parse_written_cidrs
 from injector.traffic.iptables import TrafficOptions, build_rules
 
 POD_IP = "10.200.0.2"
@@ -52,7 +52,8 @@ APP_PORT = 9080
 PROXY_UID = 1337
 
 # What the webhook puts on the init container's command line for such a pod.
-OPTIONS = TrafficOptions(exclude_outbound_cidrs=parse_cidrs(f"{EXCLUDED_RANGE},{EXCLUDED_RANGE6}"),
+OPTIONS = TrafficOptions(exclude_outbound_cidrs=parse_written_cidrs(
+                             f"{EXCLUDED_RANGE},{EXCLUDED_RANGE6}"),
                          exclude_outbound_ports=(EXCLUDED_OUTBOUND_PORT,))
 
 TIMEOUT = 10  # seconds, for any one command; every step here takes milliseconds

@@ -153,8 +153,16 @@ def test_resource_and_image_overrides() -> None:
                  "limits": {"cpu": "1", "memory": "512Mi"}}
     assert parts.proxy["resources"] == parts.init["resources"] == resources
     assert parts.proxy["args"] == ["--log-level", "debug"]
-    # The init container keeps the mesh's image: only the proxy's is overridden.
-    assert parts.init["image"] == MESH.proxy_image
+    # As Istio's template: istio-init follows a proxyImage that names a repository.
+    assert parts.init["image"] == "registry.local/injector:dev"
+
+
+def test_a_bare_proxy_image_name_leaves_istio_init_the_meshs() -> None:
+    mesh = MeshConfig(init_image="registry.local/init:1")
+    assert made({"sidecar.istio.io/proxyImage": "injector:dev"}, mesh).init["image"] == (
+        "registry.local/init:1")
+    assert made({"sidecar.istio.io/proxyImage": "other.registry/proxy:2"}, mesh).init[
+        "image"] == "other.registry/proxy:2"
 
 
 @pytest.mark.parametrize(
@@ -186,6 +194,38 @@ def test_traffic_annotations_reach_the_init_container() -> None:
     assert args[args.index("-b") + 1] == "8080,9090"
     assert args[args.index("-d") + 1] == "15090,15021,15020,9100"
     assert args[args.index("-o") + 1] == "5432,6379"
+
+
+def test_every_other_traffic_annotation_reaches_the_init_container_as_istio_passes_it() -> None:
+    args = made({
+        "traffic.sidecar.istio.io/includeOutboundPorts": "3306, 5432",
+        "traffic.sidecar.istio.io/excludeInterfaces": "eth1,net2",
+        "traffic.sidecar.istio.io/kubevirtInterfaces": "k6t-eth0",
+        # Host bits kept as written, as Istio passes the annotation on.
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.96.0.1/12",
+    }).init["args"]
+    assert args[args.index("-q") + 1] == "3306,5432"
+    assert args[args.index("-c") + 1] == "eth1,net2"
+    assert args[args.index("-k") + 1] == "k6t-eth0"
+    assert args[args.index("-x") + 1] == "10.96.0.1/12"
+    assert args[args.index("-m") + 1] == "REDIRECT"
+
+
+def test_reroute_virtual_interfaces_wins_over_kubevirt_interfaces() -> None:
+    args = made({"traffic.sidecar.istio.io/kubevirtInterfaces": "old0",
+                 "istio.io/reroute-virtual-interfaces": "new0"}).init["args"]
+    assert args[args.index("-k") + 1] == "new0"
+
+
+@pytest.mark.parametrize("native", ["false", "true"])
+def test_interception_mode_none_means_no_istio_init(native: str) -> None:
+    template = containers.template({"sidecar.istio.io/interceptionMode": "NONE",
+                                    "sidecar.istio.io/nativeSidecar": native}, MESH)
+    assert template.init_container is None
+    status = json.loads(template.status)
+    assert "istio-init" not in status["initContainers"]
+    injected = sidecar.build(pod(), MESH)
+    assert injected.init_container is not None  # REDIRECT, the default, keeps it
 
 
 def test_default_traffic_args_match_the_shared_options_model() -> None:

@@ -79,8 +79,10 @@ def test_traffic_annotations_override_the_mesh_config() -> None:
         names.EXCLUDE_INBOUND_PORTS: "9100",
         names.EXCLUDE_OUTBOUND_PORTS: "5432,6379",
     }, MESH)
-    assert options.include_outbound_cidrs == (ip_network("10.0.0.0/8"), ip_network("fd00::/8"))
-    assert options.exclude_outbound_cidrs == (ip_network("10.96.0.1/32"),)
+    assert [cidr.network for cidr in options.include_outbound_cidrs or ()] == [
+        ip_network("10.0.0.0/8"), ip_network("fd00::/8")]
+    assert [cidr.network for cidr in options.exclude_outbound_cidrs] == [
+        ip_network("10.96.0.1/32")]
     assert options.include_inbound_ports == (8080, 9090)
     assert options.exclude_outbound_ports == (5432, 6379)
     # The proxy's own ports stay excluded: the annotation adds to them.
@@ -117,6 +119,12 @@ def test_the_mesh_configs_ports_and_user_reach_the_traffic_options() -> None:
         ("traffic.sidecar.istio.io/includeInboundPorts", "80,http"),
         ("traffic.sidecar.istio.io/excludeInboundPorts", "70000"),
         ("traffic.sidecar.istio.io/excludeOutboundPorts", "0"),
+        ("traffic.sidecar.istio.io/includeOutboundPorts", "mysql"),
+        ("traffic.sidecar.istio.io/excludeInterfaces", "eth0/1"),
+        ("traffic.sidecar.istio.io/kubevirtInterfaces", "a-name-far-too-long"),
+        ("istio.io/reroute-virtual-interfaces", "k6t eth0"),
+        ("sidecar.istio.io/interceptionMode", "TPROXY"),
+        ("sidecar.istio.io/interceptionMode", "redirect"),
     ],
 )
 def test_a_malformed_override_is_refused_by_name(annotation: str, value: str) -> None:
@@ -153,6 +161,14 @@ def test_a_request_above_its_own_limit_names_the_request() -> None:
         read({names.PROXY_MEMORY: "1Gi", names.PROXY_MEMORY_LIMIT: "64Mi"}, MESH)
     assert refused.value.annotation == names.PROXY_MEMORY
     assert "exceeds the limit 64Mi" in str(refused.value)
+
+
+def test_tproxy_is_refused_naming_what_is_implemented() -> None:
+    with pytest.raises(InvalidAnnotation, match="TPROXY is not supported: only REDIRECT") as no:
+        read({names.INTERCEPTION_MODE: "TPROXY"}, MESH)
+    assert no.value.annotation == names.INTERCEPTION_MODE
+    assert not read({names.INTERCEPTION_MODE: "NONE"}, MESH).capture
+    assert read({names.INTERCEPTION_MODE: "REDIRECT"}, MESH).capture
 
 
 def test_of_several_bad_overrides_the_same_one_is_named_every_time() -> None:

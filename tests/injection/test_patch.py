@@ -51,6 +51,10 @@ def pods(draw: st.DrawFn) -> dict[str, Any]:
     elif draw(st.booleans()):
         metadata["annotations"] = {**(metadata.get("annotations") or {}),
                                    "proxy.istio.io/config": "holdApplicationUntilProxyStarts: true"}
+    if draw(st.integers(0, 3)) == 0:
+        # No istio-init at all.
+        metadata["annotations"] = {**(metadata.get("annotations") or {}),
+                                   "sidecar.istio.io/interceptionMode": "NONE"}
     # Container names unique across containers and initContainers, as Kubernetes wants them.
     container_names = draw(st.lists(names, min_size=4, max_size=7, unique=True))
     spec: dict[str, Any] = {
@@ -79,10 +83,12 @@ def expected_pod(pod: dict[str, Any], injection: sidecar.Injection) -> dict[str,
         if added:
             metadata[field] = {**(metadata.get(field) or {}), **added}
     own_init = spec.get("initContainers") or []
+    istio_init = [] if injection.init_container is None else [injection.init_container]
     if injection.native:
-        spec["initContainers"] = [injection.init_container, injection.proxy_container, *own_init]
+        spec["initContainers"] = [*istio_init, injection.proxy_container, *own_init]
     else:
-        spec["initContainers"] = [*own_init, injection.init_container]
+        if istio_init:  # else the pod's own are left as they were (absent, null or a list)
+            spec["initContainers"] = [*own_init, *istio_init]
         if injection.hold:
             spec["containers"] = [injection.proxy_container, *spec["containers"]]
         else:

@@ -36,6 +36,7 @@ class Server:
     certs_dir: Path
     process: subprocess.Popen[bytes]
     log_path: Path
+    grpc_port: int = 0  # Istio's gRPC CA protocol (--grpc-port), 0: not served
 
     @property
     def root_cert(self) -> Path:
@@ -171,11 +172,17 @@ def write_tokens(path: Path) -> Path:
     return path
 
 
-def start_ca_server(workdir: Path, mesh_config: str = "csrBurst: 100000\n") -> Server:
+def start_ca_server(workdir: Path, mesh_config: str = "csrBurst: 100000\n", *args: str,
+                    grpc: bool = False) -> Server:
     """A server whose CA knows the static tokens above; by default with no practical rate
-    limit, for tests that make many requests as one identity."""
+    limit, for tests that make many requests as one identity. `grpc`: serving Istio's gRPC CA
+    protocol too, on a free port (`Server.grpc_port`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "mesh.yaml"
     config.write_text(mesh_config)
-    return start_server(workdir, "--config", str(config),
-                        "--token-file", str(write_tokens(workdir / "tokens.yaml")))
+    grpc_port = free_port() if grpc else 0
+    server = start_server(workdir, "--config", str(config),
+                          "--token-file", str(write_tokens(workdir / "tokens.yaml")),
+                          "--grpc-port", str(grpc_port), *args)
+    server.grpc_port = grpc_port
+    return server

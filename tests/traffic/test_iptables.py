@@ -19,9 +19,7 @@ from hypothesis import strategies as st
 
 from injector.commands import iptables as command
 from injector.commands.cli import CommandParser, resolve_settings
-from injector.mesh.network import (
-    parse_cidrs,
-)
+from injector.mesh.network import Cidr, parse_interfaces, parse_written_cidrs
 from injector.traffic.iptables import (
     CAPTURE_CHAINS,
     TrafficOptions,
@@ -37,12 +35,20 @@ GOLDEN = Path(__file__).parents[1] / "golden" / "iptables"
 
 # Annotated like a pod with every traffic.sidecar.istio.io/* override Istio users reach for.
 ANNOTATED = TrafficOptions(
-    include_outbound_cidrs=parse_cidrs("10.0.0.0/8,172.16.0.0/12,fd00::/8"),
-    exclude_outbound_cidrs=parse_cidrs("10.96.0.10/32,169.254.169.254/32,fd00:10::/64"),
+    include_outbound_cidrs=parse_written_cidrs("10.0.0.0/8,172.16.0.0/12,fd00::/8"),
+    exclude_outbound_cidrs=parse_written_cidrs("10.96.0.10/32,169.254.169.254/32,fd00:10::/64"),
     include_inbound_ports=(8080, 9090),
     exclude_inbound_ports=(15090, 15021, 15020, 8081),
     exclude_outbound_ports=(5432, 6379),
     include_outbound_ports=(3306,),
+)
+
+# A KubeVirt pod: the VM's interfaces rerouted as outbound, a management interface left alone.
+INTERFACES = TrafficOptions(
+    include_outbound_cidrs=parse_written_cidrs("10.0.0.0/8,fd00::/8"),
+    exclude_outbound_cidrs=parse_written_cidrs("10.96.0.10/32"),
+    reroute_virtual_interfaces=("k6t-eth0", "tap+"),
+    exclude_interfaces=("eth1",),
 )
 
 GOLDEN_CASES: dict[str, tuple[TrafficOptions, bool]] = {
@@ -54,6 +60,10 @@ GOLDEN_CASES: dict[str, tuple[TrafficOptions, bool]] = {
         TrafficOptions(proxy_port=16001, inbound_capture_port=16006, proxy_uid=2000,
                        proxy_gid=3000, exclude_inbound_ports=()), False),
     "capture-off": (TrafficOptions(include_outbound_cidrs=(), include_inbound_ports=()), False),
+    "interfaces": (INTERFACES, False),
+    "interfaces-ipv6": (INTERFACES, True),
+    "virtual-interface-only": (
+        TrafficOptions(include_inbound_ports=(), reroute_virtual_interfaces=("kvm0",)), False),
 }
 
 
@@ -191,8 +201,8 @@ def test_excluded_outbound_ports_come_before_everything_else() -> None:
 
 
 def test_excluded_cidrs_come_before_the_included_ones() -> None:
-    options = TrafficOptions(include_outbound_cidrs=parse_cidrs("10.0.0.0/8"),
-                             exclude_outbound_cidrs=parse_cidrs("10.96.0.0/12"))
+    options = TrafficOptions(include_outbound_cidrs=parse_written_cidrs("10.0.0.0/8"),
+                             exclude_outbound_cidrs=parse_written_cidrs("10.96.0.0/12"))
     chain = _output_chain(options)
     assert chain[-2:] == ["-d 10.96.0.0/12 -j RETURN", "-d 10.0.0.0/8 -j ISTIO_REDIRECT"]
     assert "-j ISTIO_REDIRECT" not in chain  # no catch-all when ranges are listed
@@ -200,7 +210,7 @@ def test_excluded_cidrs_come_before_the_included_ones() -> None:
 
 def test_included_outbound_ports_are_captured_whatever_the_destination() -> None:
     options = TrafficOptions(include_outbound_cidrs=(), include_outbound_ports=(3306,),
-                             exclude_outbound_cidrs=parse_cidrs("10.0.0.0/8"))
+                             exclude_outbound_cidrs=parse_written_cidrs("10.0.0.0/8"))
     chain = _output_chain(options)
     # After the excluded ranges (as in Istio), and the only capture left with `-i ''`.
     assert chain[-2:] == ["-d 10.0.0.0/8 -j RETURN", "-p tcp -m tcp --dport 3306 -j ISTIO_REDIRECT"]
@@ -213,7 +223,8 @@ def test_empty_include_list_captures_no_outbound_traffic() -> None:
 
 def test_loopback_in_included_ranges_keeps_app_loopback_traffic_captured() -> None:
     # Istio: naming a loopback range explicitly means "capture my loopback calls too".
-    chain = _output_chain(TrafficOptions(include_outbound_cidrs=parse_cidrs("127.1.2.3/32")))
+    chain = _output_chain(
+        TrafficOptions(include_outbound_cidrs=parse_written_cidrs("127.1.2.3/32")))
     assert not [rule for rule in chain if "! --uid-owner" in rule or "! --gid-owner" in rule]
     assert chain[-1] == "-d 127.1.2.3/32 -j ISTIO_REDIRECT"
 
@@ -261,11 +272,58 @@ def test_global_ipv6_address_detection() -> None:
 # --- modes and parsing --------------------------------------------------------------------------
 
 def test_only_redirect_mode_is_built() -> None:
-    with pytest.raises(ValueError, match="only REDIRECT"):
+    with pytest.raises(ValueError, match="TPROXY is not supported: only REDIRECT"):
         build_rules(TrafficOptions(mode="TPROXY"))
-    with pytest.raises(ValueError, match="TPROXY"):
+    with pytest.raises(ValueError, match="TPROXY is not supported"):
         parse_mode("TPROXY")
+    with pytest.raises(ValueError, match="NONE means no traffic capture"):
+        parse_mode("NONE")
+    with pytest.raises(ValueError, match="unknown interception mode 'redirect'"):
+        parse_mode("redirect")
     assert parse_mode("REDIRECT") == "REDIRECT"
+
+
+# --- interfaces (Istio's -c and -k) ---------------------------------------------------------------
+
+def test_an_excluded_interface_is_never_captured_in_or_out() -> None:
+    rules = _rules(TrafficOptions(exclude_interfaces=("eth1",)))
+    inbound = [rule for rule in rules if rule.startswith("-A ISTIO_INBOUND")]
+    output = [rule for rule in rules if rule.startswith("-A ISTIO_OUTPUT")]
+    assert inbound[0] == "-A ISTIO_INBOUND -i eth1 -j RETURN"
+    assert output[0] == "-A ISTIO_OUTPUT -o eth1 -j RETURN"
+
+
+def test_a_virtual_interfaces_traffic_goes_to_the_outbound_port_for_included_ranges() -> None:
+    options = TrafficOptions(include_outbound_cidrs=parse_written_cidrs("10.0.0.0/8,fd00::/8"),
+                             reroute_virtual_interfaces=("kvm0",))
+    inbound = [rule for rule in _rules(options) if rule.startswith("-A ISTIO_INBOUND")]
+    # Before any inbound capture: the VM's connections are outbound ones, to 15001.
+    assert inbound[:2] == ["-A ISTIO_INBOUND -d 10.0.0.0/8 -i kvm0 -j ISTIO_REDIRECT",
+                           "-A ISTIO_INBOUND -i kvm0 -j RETURN"]
+    everything = _rules(TrafficOptions(reroute_virtual_interfaces=("kvm0",)))
+    assert "-A ISTIO_INBOUND -i kvm0 -j ISTIO_REDIRECT" in everything
+
+
+def test_a_virtual_interface_keeps_the_hook_when_inbound_capture_is_off() -> None:
+    rules = _rules(TrafficOptions(include_inbound_ports=(), reroute_virtual_interfaces=("kvm0",)))
+    assert "-A PREROUTING -p tcp -j ISTIO_INBOUND" in rules
+    assert not any("ISTIO_IN_REDIRECT" in rule for rule in rules
+                   if rule.startswith("-A ISTIO_INBOUND"))
+
+
+def test_interface_names_are_checked() -> None:
+    assert parse_interfaces(" eth0, veth+ ,") == ("eth0", "veth+")
+    for bad in ("eth0/1", "a" * 16, "..", "eth 0", "+x", "eth0:1", "\u0435th0"):
+        with pytest.raises(ValueError, match="not a network interface name"):
+            parse_interfaces(bad)
+
+
+def test_cidrs_keep_their_host_bits_on_the_command_line_not_in_the_rules() -> None:
+    # Istio passes the annotation on as written; iptables itself matches the network.
+    options = TrafficOptions(exclude_outbound_cidrs=parse_written_cidrs("10.96.0.1/12"))
+    args = options.to_args()
+    assert args[args.index("-x") + 1] == "10.96.0.1/12"
+    assert "-A ISTIO_OUTPUT -d 10.96.0.0/12 -j RETURN" in _rules(options)
 
 
 def test_ids() -> None:
@@ -300,11 +358,13 @@ def test_istio_long_flag_names_are_aliases() -> None:
         "--istio-service-exclude-cidr", "10.96.0.0/12", "--istio-inbound-ports", "80",
         "--istio-local-exclude-ports", "81", "--istio-local-outbound-ports-exclude", "22",
         "--istio-outbound-ports", "3306", "--istio-inbound-interception-mode", "REDIRECT",
+        "--istio-exclude-interfaces", "eth1", "--kube-virt-interfaces", "kvm0",
     ])
     assert options == TrafficOptions(
-        proxy_port=16001, include_outbound_cidrs=parse_cidrs("10.0.0.0/8"),
-        exclude_outbound_cidrs=parse_cidrs("10.96.0.0/12"), include_inbound_ports=(80,),
-        exclude_inbound_ports=(81,), exclude_outbound_ports=(22,), include_outbound_ports=(3306,))
+        proxy_port=16001, include_outbound_cidrs=parse_written_cidrs("10.0.0.0/8"),
+        exclude_outbound_cidrs=parse_written_cidrs("10.96.0.0/12"), include_inbound_ports=(80,),
+        exclude_inbound_ports=(81,), exclude_outbound_ports=(22,), include_outbound_ports=(3306,),
+        exclude_interfaces=("eth1",), reroute_virtual_interfaces=("kvm0",))
 
 
 def test_annotated_options_round_trip_through_the_command_line() -> None:
@@ -314,13 +374,18 @@ def test_annotated_options_round_trip_through_the_command_line() -> None:
 
 
 _ports = st.tuples() | st.lists(st.integers(1, 65535), max_size=4).map(tuple)
-_ipv4_networks = st.builds(
-    lambda address, prefix: ipaddress.ip_network(f"{address}/{prefix}", strict=False),
-    st.ip_addresses(v=4), st.integers(0, 32))
-_ipv6_networks = st.builds(
-    lambda address, prefix: ipaddress.ip_network(f"{address}/{prefix}", strict=False),
-    st.ip_addresses(v=6), st.integers(0, 128))
+
+
+def _cidr(address: ipaddress.IPv4Address | ipaddress.IPv6Address, prefix: int) -> Cidr:
+    # Host bits and all, as a pod's author may write it.
+    return Cidr(f"{address}/{prefix}", ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
+_ipv4_networks = st.builds(_cidr, st.ip_addresses(v=4), st.integers(0, 32))
+_ipv6_networks = st.builds(_cidr, st.ip_addresses(v=6), st.integers(0, 128))
 _cidrs = st.lists(_ipv4_networks | _ipv6_networks, max_size=4).map(tuple)
+_interfaces = st.lists(st.from_regex(r"[a-z][a-z0-9_.-]{0,13}\+?", fullmatch=True),
+                       max_size=3).map(tuple)
 
 
 @given(
@@ -334,6 +399,8 @@ _cidrs = st.lists(_ipv4_networks | _ipv6_networks, max_size=4).map(tuple)
     exclude_inbound_ports=_ports,
     exclude_outbound_ports=_ports,
     include_outbound_ports=_ports,
+    exclude_interfaces=_interfaces,
+    reroute_virtual_interfaces=_interfaces,
 )
 def test_any_options_round_trip_through_the_command_line(**fields: object) -> None:
     options = TrafficOptions(**fields)  # type: ignore[arg-type]

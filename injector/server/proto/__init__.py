@@ -1,0 +1,1 @@
+"""Istio's CA protocol: our .proto and the message classes protoc generates from it."""
