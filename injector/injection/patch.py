@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from injector.injection.sidecar import Injection, Part
+from injector.mesh.names import APP_PROBERS_ENV
 
 Operation = dict[str, Any]
 
@@ -66,6 +67,12 @@ def build(pod: Mapping[str, Any], injection: Injection) -> list[Operation]:
     _add_entries(ops, metadata, "labels", injection.labels)
     _add_entries(ops, metadata, "annotations", injection.annotations)
     spec = pod.get("spec") or {}
+    rewrite = injection.rewritten_probes
+    if rewrite is not None:
+        # Probe rewriting (SPEC 8): the pointers index the pod's lists as they came, so these
+        # replacements go before anything is inserted into them.
+        ops.extend({"op": "replace", "path": path, "value": value}
+                   for path, value in rewrite.replacements)
     # No istio-init with interceptionMode NONE.
     inits = [] if injection.init_container is None else [injection.init_container]
     if injection.native:
@@ -80,7 +87,20 @@ def build(pod: Mapping[str, Any], injection: Injection) -> list[Operation]:
         else:
             _append(ops, spec, "containers", [injection.proxy_container])
     _append(ops, spec, "volumes", injection.volumes)
+    if rewrite is not None and rewrite.probers:
+        ops.append({"op": "add", "path": f"{_proxy_pointer(spec, injection)}/env/-",
+                    "value": {"name": APP_PROBERS_ENV, "value": rewrite.probers}})
     return ops
+
+
+def _proxy_pointer(spec: Mapping[str, Any], injection: Injection) -> str:
+    """Where `build` put istio-proxy (for probe rewriting's env, added to it afterwards)."""
+    if injection.native:  # after istio-init, when there is one
+        return f"/spec/initContainers/{0 if injection.init_container is None else 1}"
+    if injection.hold:
+        return "/spec/containers/0"
+    containers = spec.get("containers")
+    return f"/spec/containers/{len(containers) if isinstance(containers, list) else 0}"
 
 
 def _shape(pod: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -144,17 +164,26 @@ def encoded(pod: Mapping[str, Any], injection: Injection) -> str:
 
     For an injection in JSON form (`sidecar.build(..., as_json=True)`) the answer is cached
     (`PATCHES`) by everything `build` reads: the pod's shape, the labels and annotations to
-    add, and the template the containers, volumes, `native` and `hold` came from. The pods of
-    one ReplicaSet all get the same patch: it is built once.
+    add, the probe rewriting (`injector.injection.probes`), and the template the containers,
+    volumes, `native` and `hold` came from. The pods of one ReplicaSet all get the same patch:
+    it is built once.
     """
     # Dicts may have been changed since the template made them; Fragments cannot be.
     if injection.template is None or type(injection.proxy_container) is not orjson.Fragment:
         return base64.b64encode(orjson.dumps(build(pod, injection))).decode()
     labels, annotations = tuple(injection.labels.items()), tuple(injection.annotations.items())
-    key = (_shape(pod), injection.template, labels, annotations)
+    # Probe rewriting's replacements and env, whole: two pods share a patch only if they are
+    # rewritten alike (None, for the many pods without probes, costs nothing).
+    # (Where the env goes depends on how many containers the pod has, which `_shape` omits.)
+    rewrite = injection.rewritten_probes
+    rewrite_key = None if rewrite is None else rewrite.key
+    key = (_shape(pod), injection.template, labels, annotations,
+           None if rewrite is None else (rewrite_key, _proxy_pointer(pod.get("spec") or {},
+                                                                     injection)))
     cached = PATCHES.entries.get(key)
     if cached is None:
         cached = base64.b64encode(orjson.dumps(build(pod, injection))).decode()
         PATCHES.put(key, injection.template.size,
-                    _strings_size(labels) + _strings_size(annotations), cached)
+                    _strings_size(labels) + _strings_size(annotations)
+                    + (len(rewrite_key) if rewrite_key is not None else 0), cached)
     return cached

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from injector.errors import InvalidInput
+from injector.injection import probes
 from injector.injection.containers import Template, template
 from injector.mesh.config import MeshConfig
 from injector.mesh.names import (
@@ -59,6 +60,8 @@ class Injection(NamedTuple):
     # The template the containers and volumes came from (their JSON; see
     # `injector.injection.containers.template`).
     template: Template | None = None
+    # Probe rewriting (SPEC 8, `injector.injection.probes`): None when nothing is rewritten.
+    rewritten_probes: probes.Rewrite | None = None
 
 
 def _names(items: Any) -> set[object]:
@@ -186,4 +189,5 @@ def build(
         native=parts.native,
         hold=parts.hold,
         template=parts,
+        rewritten_probes=probes.rewrite(spec, annotations, mesh),  # probe rewriting (SPEC 8)
     )

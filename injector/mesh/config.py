@@ -64,6 +64,8 @@ class MeshConfig(_Model):
     ignored_namespaces: tuple[str, ...] = names.DEFAULT_IGNORED_NAMESPACES
     policy: Literal["enabled", "disabled"] = "enabled"
     native_sidecars: bool = False
+    # The app's HTTP, TCP and gRPC probes go through the agent (per pod: names.REWRITE_APP_PROBERS).
+    rewrite_app_http_probers: bool = Field(True, alias="rewriteAppHTTPProbers")
     revision: str = "default"
     include_outbound_ip_ranges: str = Field("*", alias="includeOutboundIPRanges")
     exclude_outbound_ip_ranges: str = Field("", alias="excludeOutboundIPRanges")

@@ -28,11 +28,32 @@ LOG_LEVEL: Final = "sidecar.istio.io/logLevel"
 MTLS_MODE: Final = "sidecar.istio.io/mtlsMode"
 NATIVE_SIDECAR: Final = "sidecar.istio.io/nativeSidecar"
 PROXY_CONFIG: Final = "proxy.istio.io/config"
+# Capture: istio-init's flags (-q, -c, -k, -m); NONE means no istio-init at all.
+INCLUDE_OUTBOUND_PORTS: Final = "traffic.sidecar.istio.io/includeOutboundPorts"
+EXCLUDE_INTERFACES: Final = "traffic.sidecar.istio.io/excludeInterfaces"
+KUBEVIRT_INTERFACES: Final = "traffic.sidecar.istio.io/kubevirtInterfaces"
+REROUTE_VIRTUAL_INTERFACES: Final = "istio.io/reroute-virtual-interfaces"  # wins over kubevirt's
+INTERCEPTION_MODE: Final = "sidecar.istio.io/interceptionMode"
+INTERCEPTION_REDIRECT: Final = "REDIRECT"
+INTERCEPTION_NONE: Final = "NONE"
+INTERCEPTION_TPROXY: Final = "TPROXY"  # Istio's; not implemented here, so refused by name
+# The proxy's status port (0: no readiness probe) and its readiness probe's settings.
+STATUS_PORT_ANNOTATION: Final = "status.sidecar.istio.io/port"
+READINESS_INITIAL_DELAY: Final = "readiness.status.sidecar.istio.io/initialDelaySeconds"
+READINESS_PERIOD: Final = "readiness.status.sidecar.istio.io/periodSeconds"
+READINESS_FAILURE_THRESHOLD: Final = "readiness.status.sidecar.istio.io/failureThreshold"
+READINESS_APPLICATION_PORTS: Final = "readiness.status.sidecar.istio.io/applicationPorts"
 INCLUDE_OUTBOUND_IP_RANGES: Final = "traffic.sidecar.istio.io/includeOutboundIPRanges"
 EXCLUDE_OUTBOUND_IP_RANGES: Final = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
 INCLUDE_INBOUND_PORTS: Final = "traffic.sidecar.istio.io/includeInboundPorts"
 EXCLUDE_INBOUND_PORTS: Final = "traffic.sidecar.istio.io/excludeInboundPorts"
 EXCLUDE_OUTBOUND_PORTS: Final = "traffic.sidecar.istio.io/excludeOutboundPorts"
+REWRITE_APP_PROBERS: Final = "sidecar.istio.io/rewriteAppHTTPProbers"
+
+# --- Probe rewriting: kubelet probes the agent, which probes the app (Istio's paths and env) ---
+APP_PROBERS_ENV: Final = "ISTIO_KUBE_APP_PROBERS"
+APP_HEALTH_PREFIX: Final = "/app-health/"  # then <container>/livez, readyz or startupz
+APP_LIFECYCLE_PREFIX: Final = "/app-lifecycle/"  # then <container>/prestopz or poststartz
 
 # --- What injection adds --------------------------------------------------------------------------
 PROXY_CONTAINER: Final = "istio-proxy"
