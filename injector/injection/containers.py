@@ -49,12 +49,15 @@ def _field_env(name: str, path: str) -> dict[str, Any]:
 
 def proxy_container(mesh: MeshConfig, settings: Overrides) -> dict[str, Any]:
     """istio-proxy: the agent, which runs Envoy with the pod's SPIFFE identity."""
-    ready_probe = {
+    readiness = settings.readiness
+    ready_probe: dict[str, Any] = {
         "httpGet": {"path": "/healthz/ready", "port": mesh.status_port, "scheme": "HTTP"},
-        "periodSeconds": 2,
-        "timeoutSeconds": 3,
-        "failureThreshold": 30,
     }
+    if readiness is not None and readiness.initial_delay is not None:
+        ready_probe["initialDelaySeconds"] = readiness.initial_delay
+    ready_probe["periodSeconds"] = 2 if readiness is None else readiness.period
+    ready_probe["timeoutSeconds"] = 3
+    ready_probe["failureThreshold"] = 30 if readiness is None else readiness.failure_threshold
     container: dict[str, Any] = {
         "name": PROXY_CONTAINER,
         "image": settings.image,
@@ -75,7 +78,6 @@ def proxy_container(mesh: MeshConfig, settings: Overrides) -> dict[str, Any]:
             {"name": "MTLS_MODE", "value": settings.mtls_mode},
         ],
         "resources": _resources(settings.resources),
-        "readinessProbe": ready_probe,
         "securityContext": {
             "runAsUser": mesh.proxy_uid,
             "runAsGroup": mesh.proxy_gid,
@@ -89,11 +91,17 @@ def proxy_container(mesh: MeshConfig, settings: Overrides) -> dict[str, Any]:
             {"name": name, "mountPath": path} for name, path in VOLUME_MOUNTS.items()
         ],
     }
+    if readiness is not None:
+        container["readinessProbe"] = ready_probe
     if settings.native:
         # A native sidecar is an init container that keeps running; the startup probe holds
         # the next init containers and the app until the proxy is ready.
         container["restartPolicy"] = "Always"
-        container["startupProbe"] = {**ready_probe, "periodSeconds": 1, "failureThreshold": 600}
+        # (None with status port 0, as in Istio: the pod asked for no probe of the proxy.)
+        if readiness is not None:
+            container["startupProbe"] = {**ready_probe, "periodSeconds": 1,
+                                         "failureThreshold": 600}
+            container["startupProbe"].pop("initialDelaySeconds", None)
     elif settings.hold:
         container["lifecycle"] = {
             "postStart": {"exec": {"command": ["injector", "agent", "wait"]}}

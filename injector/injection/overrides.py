@@ -39,10 +39,16 @@ from injector.mesh.names import (
     PROXY_IMAGE,
     PROXY_MEMORY,
     PROXY_MEMORY_LIMIT,
+    READINESS_APPLICATION_PORTS,
+    READINESS_FAILURE_THRESHOLD,
+    READINESS_INITIAL_DELAY,
+    READINESS_PERIOD,
     REROUTE_VIRTUAL_INTERFACES,
+    STATUS_PORT_ANNOTATION,
 )
 from injector.mesh.network import (
     parse_interfaces,
+    parse_port,
     parse_port_set,
     parse_ports,
     parse_written_cidr_set,
@@ -58,7 +64,9 @@ ANNOTATIONS: tuple[str, ...] = (
     MTLS_MODE, NATIVE_SIDECAR, PROXY_CONFIG, INCLUDE_OUTBOUND_IP_RANGES,
     EXCLUDE_OUTBOUND_IP_RANGES, INCLUDE_INBOUND_PORTS, EXCLUDE_INBOUND_PORTS,
     EXCLUDE_OUTBOUND_PORTS, INCLUDE_OUTBOUND_PORTS, EXCLUDE_INTERFACES, KUBEVIRT_INTERFACES,
-    REROUTE_VIRTUAL_INTERFACES, INTERCEPTION_MODE,
+    REROUTE_VIRTUAL_INTERFACES, INTERCEPTION_MODE, STATUS_PORT_ANNOTATION,
+    READINESS_INITIAL_DELAY, READINESS_PERIOD, READINESS_FAILURE_THRESHOLD,
+    READINESS_APPLICATION_PORTS,
 )
 
 _Parsed = TypeVar("_Parsed")
@@ -111,6 +119,15 @@ class Resources:
 
 
 @dataclass(frozen=True, slots=True)
+class Readiness:
+    """istio-proxy's readiness probe, as `readiness.status.sidecar.istio.io/*` leave it."""
+
+    initial_delay: int | None  # None: Kubernetes' default (0)
+    period: int
+    failure_threshold: int
+
+
+@dataclass(frozen=True, slots=True)
 class Overrides:
     """The mesh config's sidecar settings as one pod's annotations leave them, all checked."""
 
@@ -123,6 +140,7 @@ class Overrides:
     hold: bool  # the app waits for the proxy (holdApplicationUntilProxyStarts)
     traffic: TrafficOptions  # istio-init's redirection
     capture: bool  # istio-init is added at all (not with interceptionMode NONE)
+    readiness: Readiness | None  # None: no readiness probe (status port 0)
 
 
 def _annotation(annotations: Mapping[str, Any], key: str, default: str) -> str:
@@ -223,13 +241,63 @@ def _resources(annotations: Mapping[str, Any], mesh: MeshConfig) -> Resources:
     return Resources(cpu, memory, cpu_limit, memory_limit)
 
 
+# A probe's seconds and thresholds are int32 in the pod (Istio checks them as uint32; a value
+# past int32 would be refused by Kubernetes when it decodes the patched pod).
+MAX_PROBE_VALUE = 2**31 - 1
+
+
+def _probe_value(annotations: Mapping[str, Any], key: str) -> int | None:
+    """A non-negative whole number of ASCII digits (Kubernetes reads 0 as its default)."""
+    value = annotations.get(key)
+    if value is None:
+        return None
+    text = _annotation(annotations, key, "").strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 10 or int(text) > MAX_PROBE_VALUE:
+        raise InvalidAnnotation(key, text, f"expected a whole number from 0 to {MAX_PROBE_VALUE}")
+    return int(text)
+
+
+def _status_port(annotations: Mapping[str, Any], mesh: MeshConfig) -> int:
+    """`status.sidecar.istio.io/port`: Istio's agent status port (15020 by default), excluded
+    from inbound capture; 0 means none, and no readiness probe."""
+    value = annotations.get(STATUS_PORT_ANNOTATION)
+    if value is None:
+        return mesh.agent_port
+    text = _annotation(annotations, STATUS_PORT_ANNOTATION, "").strip()
+    if text == "0":
+        return 0
+    try:
+        return parse_port(text)
+    except ValueError as error:
+        raise InvalidAnnotation(STATUS_PORT_ANNOTATION, text, f"{error} (or 0: none)") from None
+
+
+def _readiness(annotations: Mapping[str, Any], mesh: MeshConfig) -> Readiness | None:
+    initial_delay = _probe_value(annotations, READINESS_INITIAL_DELAY)
+    period = _probe_value(annotations, READINESS_PERIOD)
+    failure_threshold = _probe_value(annotations, READINESS_FAILURE_THRESHOLD)
+    # Deprecated in Istio and without effect there (its agent finds the app's ports itself);
+    # checked, so that a malformed one is still refused by name.
+    _list(annotations, READINESS_APPLICATION_PORTS, "", parse_port_set, MAX_PORTS)
+    if _status_port(annotations, mesh) == 0:
+        return None
+    return Readiness(initial_delay=initial_delay,
+                     period=2 if period is None else period,
+                     failure_threshold=30 if failure_threshold is None else failure_threshold)
+
+
 def traffic_options(annotations: Mapping[str, Any], mesh: MeshConfig) -> TrafficOptions:
     """The init container's redirection options: mesh config, overridden by annotations."""
     # The proxy's own ports are always excluded; an annotation adds to them, as in Istio.
     excluded_inbound = _list(
         annotations, EXCLUDE_INBOUND_PORTS, mesh.exclude_inbound_ports, parse_ports, MAX_PORTS
     )
-    always_excluded = (mesh.prometheus_port, mesh.status_port, mesh.agent_port)
+    # Istio's `excludeInboundPort`: the status port unless it is 0. Istio's agent moves to that
+    # port; ours keeps serving on `agent_port`, so that stays excluded whatever the annotation
+    # says (else the agent's own port would be captured).
+    status_port = _status_port(annotations, mesh)
+    always_excluded = (mesh.prometheus_port, mesh.status_port, mesh.agent_port,
+                       *((status_port,) if status_port else ()))
     # Istio's template: the newer annotation wins, else KubeVirt's own.
     virtual_key = (REROUTE_VIRTUAL_INTERFACES if REROUTE_VIRTUAL_INTERFACES in annotations
                    else KUBEVIRT_INTERFACES)
@@ -293,6 +361,7 @@ def read(annotations: Mapping[str, Any], mesh: MeshConfig) -> Overrides:
     resources = _resources(annotations, mesh)
     traffic = traffic_options(annotations, mesh)
     capture = _capture(annotations)
+    readiness = _readiness(annotations, mesh)
     image = _annotation(annotations, PROXY_IMAGE, mesh.proxy_image).strip()
     if not image:
         raise InvalidAnnotation(PROXY_IMAGE, image, "must not be empty")
@@ -311,4 +380,4 @@ def read(annotations: Mapping[str, Any], mesh: MeshConfig) -> Overrides:
         raise InvalidAnnotation(MTLS_MODE, mtls_mode, "expected PERMISSIVE or STRICT")
     return Overrides(image=image, init_image=init_image, log_level=log_level,
                      mtls_mode=mtls_mode, resources=resources, native=native, hold=hold,
-                     traffic=traffic, capture=capture)
+                     traffic=traffic, capture=capture, readiness=readiness)

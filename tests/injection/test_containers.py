@@ -228,6 +228,31 @@ def test_interception_mode_none_means_no_istio_init(native: str) -> None:
     assert injected.init_container is not None  # REDIRECT, the default, keeps it
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_status_port_0_removes_the_proxys_probes(native: bool) -> None:
+    annotations = {"status.sidecar.istio.io/port": "0",
+                   "sidecar.istio.io/nativeSidecar": str(native).lower()}
+    proxy = made(annotations).proxy
+    assert "readinessProbe" not in proxy and "startupProbe" not in proxy
+    assert "readinessProbe" in made().proxy
+
+
+def test_the_readiness_annotations_set_the_probes_timings() -> None:
+    parts = made({"readiness.status.sidecar.istio.io/initialDelaySeconds": "5",
+                  "readiness.status.sidecar.istio.io/periodSeconds": "15",
+                  "readiness.status.sidecar.istio.io/failureThreshold": "4",
+                  "readiness.status.sidecar.istio.io/applicationPorts": "8080,9090"})
+    probe = parts.proxy["readinessProbe"]
+    assert (probe["initialDelaySeconds"], probe["periodSeconds"], probe["failureThreshold"]) == (
+        5, 15, 4)
+    assert probe["httpGet"]["port"] == 15021
+
+
+def test_a_status_port_is_excluded_from_inbound_capture() -> None:
+    args = made({"status.sidecar.istio.io/port": "15030"}).init["args"]
+    assert args[args.index("-d") + 1] == "15090,15021,15020,15030"
+
+
 def test_default_traffic_args_match_the_shared_options_model() -> None:
     assert made().init["args"] == TrafficOptions().to_args()
 

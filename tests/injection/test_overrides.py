@@ -125,6 +125,13 @@ def test_the_mesh_configs_ports_and_user_reach_the_traffic_options() -> None:
         ("istio.io/reroute-virtual-interfaces", "k6t eth0"),
         ("sidecar.istio.io/interceptionMode", "TPROXY"),
         ("sidecar.istio.io/interceptionMode", "redirect"),
+        ("status.sidecar.istio.io/port", "70000"),
+        ("status.sidecar.istio.io/port", "-1"),
+        ("readiness.status.sidecar.istio.io/initialDelaySeconds", "5s"),
+        ("readiness.status.sidecar.istio.io/periodSeconds", "-3"),
+        ("readiness.status.sidecar.istio.io/failureThreshold", "2147483648"),
+        ("readiness.status.sidecar.istio.io/failureThreshold", "\uff13"),
+        ("readiness.status.sidecar.istio.io/applicationPorts", "http"),
     ],
 )
 def test_a_malformed_override_is_refused_by_name(annotation: str, value: str) -> None:
