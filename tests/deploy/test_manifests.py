@@ -8,6 +8,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from injector.mesh import names
 from tests.support.deploy import (
     K8S_VERSION,
     NAMESPACE,
@@ -143,4 +144,17 @@ def test_service(objects: list[dict[str, Any]]) -> None:
     labels = find(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"]
     assert selector_matches({"matchLabels": service["spec"]["selector"]}, labels)
-    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(443, 15017)]
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [
+        (443, 15017), (names.GRPC_CA_PORT, names.GRPC_CA_PORT)]
+
+
+def test_istios_grpc_ca_port_is_served_and_exposed(objects: list[dict[str, Any]]) -> None:
+    """Istio's sidecars reach the CA as istiod's: Service port 15012, the container's port,
+    and serve's --grpc-port, one number and one name."""
+    container = find_container(pod_spec(objects)["containers"], "injector")
+    assert {"containerPort": names.GRPC_CA_PORT, "name": names.GRPC_CA_PORT_NAME,
+            "protocol": "TCP"} in container["ports"]
+    assert serve_args(objects)["grpc-port"] == [str(names.GRPC_CA_PORT)]
+    service = find(objects, "Service", "injector")
+    assert {"name": names.GRPC_CA_PORT_NAME, "port": names.GRPC_CA_PORT,
+            "targetPort": names.GRPC_CA_PORT, "protocol": "TCP"} in service["spec"]["ports"]
