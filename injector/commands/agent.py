@@ -2,8 +2,9 @@
 
 The command line only: the flags, the settings they resolve to (a flag, then `INJECTOR_<FLAG>`,
 then the env the webhook injects: CA_ADDR, TRUST_DOMAIN, POD_NAME, POD_NAMESPACE,
-SERVICE_ACCOUNT, INSTANCE_IP, MESH_CIDRS, MTLS_MODE; then the default), each checked before
-anything starts, then one call into injector/proxy/agent.py, which does the work.
+SERVICE_ACCOUNT, INSTANCE_IP, MESH_CIDRS, MTLS_MODE; then the default; and the app's probes from
+ISTIO_KUBE_APP_PROBERS), each checked before anything starts, then one call into
+injector/proxy/agent.py, which does the work.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from injector.mesh import names
 from injector.mesh.network import parse_cidrs
 from injector.proxy import envoy
 from injector.proxy.agent import Settings, ipv6_available, run_agent, wait_until_ready
+from injector.proxy.app_health import ProberError, parse_probers
 from injector.proxy.ca_address import CaAddressError, parse_ca_address
 from injector.proxy.envoy_process import find_envoy
 
@@ -79,6 +81,9 @@ def add_arguments(parser: CommandParser) -> None:
                   help="readiness: GET /healthz/ready")
     parser.option("--prometheus-port", default=defaults.prometheus, type=int,
                   help="GET /stats/prometheus")
+    parser.option("--agent-port", default=names.AGENT_PORT, type=int,
+                  help=f"the app's rewritten probes (env {names.APP_PROBERS_ENV}): "
+                       "GET /app-health/<container>/livez|readyz|startupz")
     parser.set_defaults(leaf_parser=parser, agent_action=None)
 
     # Optional: `injector agent` alone runs the agent.
@@ -148,6 +153,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
                        ("prometheus", ports.prometheus)):
         if not 0 < port < 65536:
             raise UsageError(f"--{name}-port: {port}: not a port")
+    if not 0 < args.agent_port < 65536:
+        raise UsageError(f"--agent-port: {args.agent_port}: not a port")
+    try:
+        app_probers = parse_probers(os.environ.get(names.APP_PROBERS_ENV, ""))
+    except ProberError as error:
+        raise UsageError(f"env {names.APP_PROBERS_ENV}: {error}") from None
     token_file = Path(args.token_file)
     _readable_file(token_file, "token file")
     ca_root_file = Path(args.ca_root_file)
@@ -179,6 +190,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ports=ports,
         log_level=args.log_level,
         ipv6=ipv6_available(),
+        app_probers=app_probers,
+        agent_port=args.agent_port,
     )
 
 

@@ -15,11 +15,13 @@ import random
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from injector.mesh.names import AGENT_PORT
 from injector.mesh.network import IpNetwork
 from injector.proxy import envoy
+from injector.proxy.app_health import AppHealthServer, Prober
 from injector.proxy.ca_address import CaAddress
 from injector.proxy.caclient import Attempt, CaClient
 from injector.proxy.envoy_process import exit_status, start_envoy
@@ -57,6 +59,9 @@ class Settings:
     ports: envoy.Ports
     log_level: str
     ipv6: bool
+    # Probe rewriting (SPEC 8): the app's original probes, served on `agent_port` (none: off).
+    app_probers: dict[str, Prober] = field(default_factory=dict)
+    agent_port: int = AGENT_PORT
 
     @property
     def spiffe_id(self) -> str | None:
@@ -121,8 +126,51 @@ def _installed(settings: Settings, attempt: Attempt) -> bool:
     return True
 
 
+def _envoy_ready(settings: Settings) -> bool:
+    """Envoy's readiness, for `/healthz/ready` on the agent's port (as Istio's agent has)."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", settings.ports.status,
+                                            timeout=READINESS_REQUEST_TIMEOUT)
+    try:
+        connection.request("GET", "/healthz/ready")
+        return connection.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
+
+
+def _start_app_health(settings: Settings) -> AppHealthServer | None:
+    """Serve the rewritten probes (SPEC 8) from the start: kubelet probes before Envoy runs.
+    A port that cannot be bound is logged: the probes then fail, which kubelet reports; the
+    proxy itself keeps working."""
+    if not settings.app_probers:
+        return None
+    try:
+        server = AppHealthServer(settings.app_probers, settings.agent_port,
+                                 host="::" if settings.ipv6 else "0.0.0.0",
+                                 ready=lambda: _envoy_ready(settings))
+    except OSError as error:
+        log.error("cannot serve the app's probes on port %d: %s", settings.agent_port,
+                  error.strerror)
+        return None
+    server.start()
+    log.info("serving %d app probe(s) on port %d", len(settings.app_probers), server.port)
+    return server
+
+
 def run_agent(settings: Settings, stop: threading.Event) -> int:
     """Run until `stop` is set (0, once Envoy has drained) or Envoy exits (its status)."""
+    app_health = _start_app_health(settings)
+    try:
+        return _run(settings, stop)
+    finally:
+        if app_health is not None:
+            app_health.stop()
+
+
+def _run(settings: Settings, stop: threading.Event) -> int:
     ca = settings.ca_client()
     backoff = Backoff()
     # The first certificate: Envoy starts only with it, so readiness stays false until then.
