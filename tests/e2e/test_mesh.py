@@ -9,7 +9,9 @@ env, volumes and security context:
   httpbin (examples/pod.yaml, with a short certificate lifetime to watch renewals), both sent
   through the running webhook (`POST /inject`) and patched with its answer;
 - reviews (examples/deployment.yaml's template, through `injector kube-inject`) as a native
-  sidecar in STRICT mode, whose agent starts before its CA.
+  sidecar in STRICT mode, whose agent starts before its CA;
+- probed (STRICT), whose rewritten probes (SPEC 8) are sent from the node's side as kubelet
+  sends them, and pass through the agent where the originals cannot.
 
 Needs root, iproute2, iptables, util-linux and Envoy; skipped with the reason otherwise (CI runs
 as root). Every wait is bounded.
@@ -297,6 +299,59 @@ def test_strict_mode_and_an_agent_that_starts_before_its_ca(cluster: Cluster) ->
     plain = mesh.client(mesh.cp, host=reviews.ip, port=APP_PORT, path="/plain-to-strict")
     assert plain.get("status") != 200, plain
     assert not [seen for seen in reviews.app_requests() if seen["path"] == "/plain-to-strict"]
+
+
+PROBED_POD = """
+apiVersion: v1
+kind: Pod
+metadata: {name: probed, namespace: demo}
+spec:
+  containers:
+    - name: web
+      image: shop:1
+      ports: [{name: http, containerPort: 8080}]
+      livenessProbe: {httpGet: {path: /live, port: http}, timeoutSeconds: 2}
+      readinessProbe: {tcpSocket: {port: 8080}}
+      startupProbe: {tcpSocket: {port: 8089}}  # nothing listens there
+"""
+
+
+def test_rewritten_probes_pass_strict_mtls_from_the_node_where_direct_ones_cannot(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    mesh = cluster.mesh
+    manifest = tmp_path / "probed.yaml"
+    manifest.write_text(PROBED_POD)
+    probed = mesh.add_pod("probed", mesh.inject(manifest, mtls_mode="STRICT"))
+    web = probed.container("web")
+    assert web["livenessProbe"]["httpGet"] == {"path": "/app-health/web/livez", "port": 15020}
+    mesh.run_init(probed)
+    mesh.start_proxy(probed)
+    mesh.wait_ready(probed)
+    app = mesh.start_app(probed)
+    mesh.wait_listening(probed.netns, probed.ip, APP_PORT)
+
+    def kubelet(probe: str) -> dict[str, object]:
+        """The rewritten probe as kubelet sends it: from the node's side, to the pod's IP."""
+        action = web[probe]["httpGet"]
+        return mesh.client(mesh.cp, host=probed.ip, port=action["port"], path=action["path"],
+                           headers={"user-agent": "kube-probe/1.34"})
+
+    # The agent ran the original probe against the app, past the STRICT inbound listener.
+    assert kubelet("livenessProbe").get("status") == 200
+    live = [seen for seen in probed.app_requests() if seen["path"] == "/live"]
+    assert live and live[-1]["peer"] == "127.0.0.1"
+    assert kubelet("readinessProbe").get("status") == 200
+    assert kubelet("startupProbe").get("status") == 503
+    # The original probe sent straight to the app's port, as kubelet would without rewriting:
+    # STRICT refuses plaintext, and the app never sees it.
+    direct = mesh.client(mesh.cp, host=probed.ip, port=APP_PORT, path="/live-direct")
+    assert direct.get("status") != 200, direct
+    assert not [seen for seen in probed.app_requests() if seen["path"] == "/live-direct"]
+    # An app that stops answering fails its rewritten probes.
+    app.stop()
+    assert kubelet("livenessProbe").get("status") == 503
+    assert kubelet("readinessProbe").get("status") == 503
 
 
 def test_sigterm_drains_and_exits_zero(cluster: Cluster) -> None:
