@@ -295,17 +295,26 @@ def trace_decision(pod: Mapping[str, Any], namespace: str, labels: Mapping[str, 
 
 
 def as_created(pod: Mapping[str, Any]) -> dict[str, Any]:
-    """A stored pod as its owner would create it again: without what injection added that the
-    decision reads (the status annotation and the proxy's containers)."""
+    """A stored pod as its owner would create it again: without what injection added (the
+    containers and volumes its status annotation lists, else the proxy's containers) and
+    without the status annotation itself."""
+    status = injection_status(pod) or {}
     metadata = dict(pod.get("metadata") or {})
     annotations = {k: v for k, v in (metadata.get("annotations") or {}).items()
                    if k != STATUS_ANNOTATION}
     metadata["annotations"] = annotations
     spec = dict(pod.get("spec") or {})
+    added_containers = {PROXY_CONTAINER, INIT_CONTAINER}
     for part in ("containers", "initContainers"):
+        listed = status.get(part)
+        if isinstance(listed, list):
+            added_containers.update(name for name in listed if isinstance(name, str))
+    added_volumes = {name for name in status.get("volumes") or () if isinstance(name, str)}
+    for part, added in (("containers", added_containers), ("initContainers", added_containers),
+                        ("volumes", added_volumes)):
         if part in spec:
-            spec[part] = [c for c in spec[part] or () if not isinstance(c, dict)
-                          or c.get("name") not in (PROXY_CONTAINER, INIT_CONTAINER)]
+            spec[part] = [item for item in spec[part] or () if not isinstance(item, dict)
+                          or item.get("name") not in added]
     return {**pod, "metadata": metadata, "spec": spec}
 
 
@@ -318,13 +327,15 @@ def webhook_refusal(pod: Mapping[str, Any], namespace: str,
                     namespace_labels: Mapping[str, str], mesh: MeshConfig) -> str | None:
     """Why the webhook would refuse this pod (its message), or None: the webhook's own answer
     to the review the API server would send, so every check it makes (Kubernetes' limits, the
-    annotations, name clashes) is the one `check` reports. A pod we injected is judged as its
-    owner would create it again."""
+    annotations, name clashes) is the one `check` reports. Not asked of a pod already injected:
+    its creation went through (and what was added would clash with a second injection)."""
+    if injection_status(pod) is not None:
+        return None
     review: AdmissionReview = {
         "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
         "request": {"uid": "injector-check", "namespace": namespace, "operation": "CREATE",
                     "kind": {"group": "", "version": "v1", "kind": "Pod"},
-                    "object": as_created(pod) if injection_status(pod) is not None else pod}}
+                    "object": dict(pod)}}
     outcome = admit(review, mesh, lambda _: dict(namespace_labels))
     if outcome.result != "denied":
         return None
