@@ -76,6 +76,8 @@ def proxy_container(mesh: MeshConfig, settings: Overrides) -> dict[str, Any]:
             {"name": "TRUST_DOMAIN", "value": mesh.trust_domain},
             {"name": "MESH_CIDRS", "value": ",".join(mesh.mesh_cidrs)},
             {"name": "MTLS_MODE", "value": settings.mtls_mode},
+            # The ProxyConfig's proxyMetadata, after ours, as Istio's template adds it.
+            *({"name": name, "value": value} for name, value in settings.proxy_metadata),
         ],
         "resources": _resources(settings.resources),
         "securityContext": {

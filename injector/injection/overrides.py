@@ -10,6 +10,7 @@ later. What comes out (`Overrides`) is what the container specs are built from
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -138,6 +139,7 @@ class Overrides:
     resources: Resources
     native: bool  # the proxy runs as a native sidecar (a restartable init container)
     hold: bool  # the app waits for the proxy (holdApplicationUntilProxyStarts)
+    proxy_metadata: tuple[tuple[str, str], ...]  # ProxyConfig's proxyMetadata: the proxy's env
     traffic: TrafficOptions  # istio-init's redirection
     capture: bool  # istio-init is added at all (not with interceptionMode NONE)
     readiness: Readiness | None  # None: no readiness probe (status port 0)
@@ -193,27 +195,37 @@ def _boolean(annotations: Mapping[str, Any], key: str, default: bool) -> bool:
     return value == "true"
 
 
-def _hold_application(annotations: Mapping[str, Any]) -> bool:
-    """`holdApplicationUntilProxyStarts` from the `proxy.istio.io/config` annotation (YAML)."""
+def _proxy_config(annotations: Mapping[str, Any]) -> dict[str, Any]:
+    """The `proxy.istio.io/config` annotation (YAML) as Istio's ProxyConfig, every field
+    checked (`injector.injection.proxyconfig.check`)."""
     text = annotations.get(PROXY_CONFIG)
     if text is None:
-        return False
+        return {}
     if not isinstance(text, str):
         raise InvalidAnnotation(PROXY_CONFIG, text, "must be a string")
     try:
         config = proxyconfig.parse(text)
     except proxyconfig.ProxyConfigError as error:
         raise InvalidAnnotation(PROXY_CONFIG, text, f"not read as YAML: {error}") from None
-    if config is None:
-        return False
-    if not isinstance(config, dict):
-        raise InvalidAnnotation(PROXY_CONFIG, text, "expected a mapping")
-    hold = config.get("holdApplicationUntilProxyStarts", False)
-    if not isinstance(hold, bool):
-        raise InvalidAnnotation(
-            PROXY_CONFIG, text, "holdApplicationUntilProxyStarts must be true or false"
-        )
-    return hold
+    try:
+        return proxyconfig.check(config)
+    except proxyconfig.ProxyConfigError as error:
+        raise InvalidAnnotation(PROXY_CONFIG, text, str(error)) from None
+
+
+# An environment variable's name as Kubernetes has always taken it (C_IDENTIFIER, and `-`, `.`).
+_ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
+
+
+def _proxy_metadata(config: Mapping[str, Any], text: object) -> tuple[tuple[str, str], ...]:
+    """`proxyMetadata`: env of the proxy, as Istio's template adds it, in name order."""
+    metadata: dict[str, str] = config.get("proxyMetadata") or {}
+    for name in metadata:
+        if not _ENV_NAME.fullmatch(name) or len(name) > 256:
+            raise InvalidAnnotation(PROXY_CONFIG, text,
+                                    f"proxyMetadata: {name[:64]!r} is not an environment "
+                                    "variable's name")
+    return tuple(sorted(metadata.items()))
 
 
 _RESOURCE_ANNOTATIONS = (PROXY_CPU, PROXY_MEMORY, PROXY_CPU_LIMIT, PROXY_MEMORY_LIMIT)
@@ -336,16 +348,20 @@ def traffic_options(annotations: Mapping[str, Any], mesh: MeshConfig) -> Traffic
     )
 
 
-def _capture(annotations: Mapping[str, Any]) -> bool:
+def _capture(annotations: Mapping[str, Any], config: Mapping[str, Any]) -> bool:
     """Whether istio-init is added: `interceptionMode` NONE says no; REDIRECT (the default)
-    yes; TPROXY, which this injector does not implement, refuses the pod by name."""
-    mode = _annotation(annotations, INTERCEPTION_MODE, "REDIRECT").strip()
+    yes; TPROXY, which this injector does not implement, refuses the pod by name. The
+    annotation wins over the ProxyConfig's `interceptionMode`, as in Istio's template."""
+    key = INTERCEPTION_MODE if INTERCEPTION_MODE in annotations else PROXY_CONFIG
+    default = config.get("interceptionMode", "REDIRECT")
+    mode = _annotation(annotations, INTERCEPTION_MODE, default).strip()
     if mode == INTERCEPTION_NONE:
         return False
     try:
         parse_mode(mode)
     except ValueError as error:
-        raise InvalidAnnotation(INTERCEPTION_MODE, mode,
+        shown = mode if key == INTERCEPTION_MODE else annotations.get(PROXY_CONFIG)
+        raise InvalidAnnotation(key, shown,
                                 f"{error} (or NONE: no traffic capture)") from None
     return True
 
@@ -357,10 +373,12 @@ def read(annotations: Mapping[str, Any], mesh: MeshConfig) -> Overrides:
     checked in a fixed order, so a pod with several bad ones is always told of the same one.
     """
     native = _boolean(annotations, NATIVE_SIDECAR, mesh.native_sidecars)
-    hold = _hold_application(annotations)
+    config = _proxy_config(annotations)
+    hold = config.get("holdApplicationUntilProxyStarts", False)
+    proxy_metadata = _proxy_metadata(config, annotations.get(PROXY_CONFIG))
     resources = _resources(annotations, mesh)
     traffic = traffic_options(annotations, mesh)
-    capture = _capture(annotations)
+    capture = _capture(annotations, config)
     readiness = _readiness(annotations, mesh)
     image = _annotation(annotations, PROXY_IMAGE, mesh.proxy_image).strip()
     if not image:
@@ -380,4 +398,5 @@ def read(annotations: Mapping[str, Any], mesh: MeshConfig) -> Overrides:
         raise InvalidAnnotation(MTLS_MODE, mtls_mode, "expected PERMISSIVE or STRICT")
     return Overrides(image=image, init_image=init_image, log_level=log_level,
                      mtls_mode=mtls_mode, resources=resources, native=native, hold=hold,
+                     proxy_metadata=proxy_metadata,
                      traffic=traffic, capture=capture, readiness=readiness)

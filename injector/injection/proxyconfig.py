@@ -17,7 +17,8 @@ Everything else YAML allows is refused with the reason, never guessed at: anchor
 tags, block scalars (`|`, `>`), complex keys (`?`), directives, more than one document, a plain
 or quoted scalar over several lines, tabs in indentation, a key given twice. Plain scalars
 resolve as YAML 1.1 (and so PyYAML) resolves nulls and booleans (`~`, `true`, `yes`, `off`...);
-every other scalar stays text (the injector reads only `holdApplicationUntilProxyStarts`).
+every other scalar stays text. `check` then holds the result to Istio's ProxyConfig, field by
+field.
 """
 
 from __future__ import annotations
@@ -391,3 +392,109 @@ def parse(text: str) -> Any:
     if body[:1] in ("[", "{"):
         return _flow(body, 0, budget, "the flow collection")
     return _block(lines[start:], start + 1, budget)
+
+
+# --- The ProxyConfig's fields ---------------------------------------------------------------------
+# Istio's ProxyConfig (istio.io/api mesh/v1alpha1/proxy.proto), as protojson reads it from the
+# YAML: every top-level field by its JSON name (protojson also takes the proto name, snake_case),
+# with what its value must be. A field the injector acts on is read by `injector.injection.
+# overrides`; the others are checked and carried no further (our agent is not pilot-agent).
+# Messages are checked to be mappings, and the two small ones (`image`, `proxyStatsMatcher`)
+# field by field.
+_STRING, _DURATION, _INT32, _UINT32, _BOOL = "string", "duration", "int32", "uint32", "bool"
+_MAP, _STRINGS, _MESSAGE = "map of strings", "list of strings", "mapping"
+_ENUMS: dict[str, tuple[str, ...]] = {
+    "interceptionMode": ("REDIRECT", "TPROXY", "NONE"),
+    "controlPlaneAuthPolicy": ("NONE", "MUTUAL_TLS", "INHERIT"),
+    "tracingServiceName": ("APP_LABEL_AND_NAMESPACE", "CANONICAL_NAME_ONLY",
+                           "CANONICAL_NAME_AND_NAMESPACE"),
+}
+FIELDS: dict[str, str] = {
+    "configPath": _STRING, "binaryPath": _STRING, "serviceCluster": _STRING,
+    "tracingServiceName": "enum", "drainDuration": _DURATION, "discoveryAddress": _STRING,
+    "discoveryRefreshDelay": _DURATION, "zipkinAddress": _STRING, "statsdUdpAddress": _STRING,
+    "envoyMetricsServiceAddress": _STRING, "proxyAdminPort": _INT32, "availabilityZone": _STRING,
+    "controlPlaneAuthPolicy": "enum", "customConfigFile": _STRING, "statNameLength": _INT32,
+    "concurrency": _INT32, "proxyBootstrapTemplatePath": _STRING, "interceptionMode": "enum",
+    "tracing": _MESSAGE, "sds": _MESSAGE, "envoyAccessLogService": _MESSAGE,
+    "envoyMetricsService": _MESSAGE, "proxyMetadata": _MAP, "runtimeValues": _MAP,
+    "statusPort": _INT32, "extraStatTags": _STRINGS, "gatewayTopology": _MESSAGE,
+    "terminationDrainDuration": _DURATION, "meshId": _STRING, "readinessProbe": _MESSAGE,
+    "proxyStatsMatcher": "proxyStatsMatcher", "holdApplicationUntilProxyStarts": _BOOL,
+    "caCertificatesPem": _STRINGS, "image": "image", "privateKeyProvider": _MESSAGE,
+    "proxyHeaders": _MESSAGE, "fileFlushInterval": _DURATION, "fileFlushMinSizeKb": _UINT32,
+    "statsCompression": _BOOL, "connectionSettings": _MESSAGE,
+}
+_SNAKE = {re.sub(r"([A-Z])", lambda match: "_" + match.group(1).lower(), name): name
+          for name in FIELDS}
+_STATS_MATCHER = ("inclusionPrefixes", "inclusionSuffixes", "inclusionRegexps")
+# protojson's Duration: seconds, up to nine decimals, then `s`.
+_DURATION_TEXT = re.compile(r"-?[0-9]{1,12}(?:\.[0-9]{1,9})?s")
+_INTEGER_TEXT = re.compile(r"-?[0-9]{1,10}")
+
+
+def _integer(value: object, low: int, high: int) -> bool:
+    if isinstance(value, str) and _INTEGER_TEXT.fullmatch(value.strip()):
+        return low <= int(value) <= high
+    return False
+
+
+def _fits(kind: str, name: str, value: object) -> str | None:
+    """Why `value` cannot be field `name` of kind `kind`, or None when it can."""
+    if kind == _STRING:
+        return None if isinstance(value, str) else "a string"
+    if kind == _DURATION:
+        ok = isinstance(value, str) and _DURATION_TEXT.fullmatch(value.strip()) is not None
+        return None if ok else 'a duration in seconds, such as "5s" or "0.5s"'
+    if kind == _INT32:
+        return None if _integer(value, -(2**31), 2**31 - 1) else "a whole number"
+    if kind == _UINT32:
+        return None if _integer(value, 0, 2**32 - 1) else "a whole number, not negative"
+    if kind == _BOOL:
+        return None if isinstance(value, bool) else "true or false"
+    if kind == "enum":
+        return None if value in _ENUMS[name] else f"one of {', '.join(_ENUMS[name])}"
+    if kind == _MAP:
+        ok = isinstance(value, dict) and all(isinstance(item, str) for item in value.values())
+        return None if ok else "a mapping of names to strings"
+    if kind == _STRINGS:
+        ok = isinstance(value, list) and all(isinstance(item, str) for item in value)
+        return None if ok else "a list of strings"
+    if kind == "image":
+        ok = isinstance(value, dict) and set(value) <= {"imageType", "image_type"} and all(
+            isinstance(item, str) for item in value.values())
+        return None if ok else "a mapping with imageType (a string) only"
+    if kind == "proxyStatsMatcher":
+        known = {*_STATS_MATCHER, "inclusion_prefixes", "inclusion_suffixes",
+                 "inclusion_regexps"}
+        ok = isinstance(value, dict) and set(value) <= known and all(
+            isinstance(item, list) and all(isinstance(text, str) for text in item)
+            for item in value.values())
+        return None if ok else f"a mapping of {', '.join(_STATS_MATCHER)} (lists of strings)"
+    return None if isinstance(value, dict) else "a mapping"
+
+
+def check(config: object) -> dict[str, Any]:
+    """The parsed annotation as Istio's ProxyConfig, keyed by JSON names; ProxyConfigError
+    naming the first field (in the annotation's order) that Istio would not read. Null is an
+    absent field, as protojson reads it."""
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ProxyConfigError("expected a mapping (a ProxyConfig)")
+    fields: dict[str, Any] = {}
+    for key, value in config.items():
+        name = key if key in FIELDS else _SNAKE.get(key)
+        if name is None:
+            raise ProxyConfigError(f"{str(key)[:64]!r} is not a field of Istio's ProxyConfig")
+        if name in fields:
+            raise ProxyConfigError(f"{name} is given twice")
+        if value is None:
+            continue
+        problem = _fits(FIELDS[name], name, value)
+        if problem is not None:
+            raise ProxyConfigError(f"{name} must be {problem}")
+        fields[name] = value
+    if "serviceCluster" in fields and "tracingServiceName" in fields:
+        raise ProxyConfigError("serviceCluster and tracingServiceName exclude each other")
+    return fields

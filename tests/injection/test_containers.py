@@ -253,6 +253,14 @@ def test_a_status_port_is_excluded_from_inbound_capture() -> None:
     assert args[args.index("-d") + 1] == "15090,15021,15020,15030"
 
 
+def test_proxy_metadata_becomes_env_of_the_proxy_after_its_own() -> None:
+    proxy = made({"proxy.istio.io/config": "proxyMetadata: {ZED: '1', ALPHA: two}"}).proxy
+    names = [item["name"] for item in proxy["env"]]
+    assert names[-2:] == ["ALPHA", "ZED"]
+    assert env_of(proxy)["ALPHA"] == "two" and env_of(proxy)["ZED"] == "1"
+    assert names[:-2] == [item["name"] for item in made().proxy["env"]]
+
+
 def test_default_traffic_args_match_the_shared_options_model() -> None:
     assert made().init["args"] == TrafficOptions().to_args()
 

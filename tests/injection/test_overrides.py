@@ -125,6 +125,15 @@ def test_the_mesh_configs_ports_and_user_reach_the_traffic_options() -> None:
         ("istio.io/reroute-virtual-interfaces", "k6t eth0"),
         ("sidecar.istio.io/interceptionMode", "TPROXY"),
         ("sidecar.istio.io/interceptionMode", "redirect"),
+        ("proxy.istio.io/config", "holdApplicationUntilProxyStart: true"),  # a typo
+        ("proxy.istio.io/config", "concurrency: two"),
+        ("proxy.istio.io/config", "drainDuration: 5"),
+        ("proxy.istio.io/config", "proxyMetadata: {DNS_CAPTURE: true}"),
+        ("proxy.istio.io/config", "proxyMetadata: {'A=B': x}"),
+        ("proxy.istio.io/config", "tracing: [zipkin]"),
+        ("proxy.istio.io/config", "interceptionMode: TPROXY"),
+        ("proxy.istio.io/config", "image: {imageType: distroless, tag: x}"),
+        ("proxy.istio.io/config", "concurrency: 2\nconcurrency: 3"),
         ("status.sidecar.istio.io/port", "70000"),
         ("status.sidecar.istio.io/port", "-1"),
         ("readiness.status.sidecar.istio.io/initialDelaySeconds", "5s"),
@@ -168,6 +177,29 @@ def test_a_request_above_its_own_limit_names_the_request() -> None:
         read({names.PROXY_MEMORY: "1Gi", names.PROXY_MEMORY_LIMIT: "64Mi"}, MESH)
     assert refused.value.annotation == names.PROXY_MEMORY
     assert "exceeds the limit 64Mi" in str(refused.value)
+
+
+def test_the_whole_proxy_config_is_read_by_istios_field_names() -> None:
+    config = "\n".join([
+        "concurrency: 2", "drain_duration: 45s", "terminationDrainDuration: 0.5s",
+        "proxyMetadata:", "  ISTIO_META_DNS_CAPTURE: 'true'", "  B_SECOND: x",
+        "tracing: {zipkin: {address: zipkin:9411}}", "image: {imageType: distroless}",
+        "proxyStatsMatcher: {inclusionPrefixes: [cluster.outbound]}",
+        "holdApplicationUntilProxyStarts: true", "interceptionMode: NONE",
+    ])
+    settings = read({names.PROXY_CONFIG: config}, MESH)
+    assert settings.hold
+    assert settings.proxy_metadata == (("B_SECOND", "x"), ("ISTIO_META_DNS_CAPTURE", "true"))
+    assert not settings.capture  # the ProxyConfig's interceptionMode, when no annotation says
+    assert read({names.PROXY_CONFIG: "interceptionMode: NONE",
+                 names.INTERCEPTION_MODE: "REDIRECT"}, MESH).capture
+
+
+def test_an_unknown_proxy_config_field_is_named() -> None:
+    with pytest.raises(InvalidAnnotation, match="'holdApplication' is not a field of Istio's "
+                                                "ProxyConfig") as refused:
+        read({names.PROXY_CONFIG: "holdApplication: true"}, MESH)
+    assert refused.value.annotation == names.PROXY_CONFIG
 
 
 def test_tproxy_is_refused_naming_what_is_implemented() -> None:
