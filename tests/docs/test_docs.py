@@ -19,7 +19,8 @@ from injector.mesh import names
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
-PAGES = ("cli", "http-api", "grpc-api", "configuration", "metrics", "decision", "annotations", "operating")
+PAGES = ("cli", "http-api", "grpc-api", "configuration", "metrics", "decision", "annotations",
+         "istio-compatibility", "operating")
 
 
 def markdown_files() -> list[Path]:
