@@ -26,6 +26,7 @@ from injector.mesh.names import (
     CANONICAL_NAME_LABEL,
     CANONICAL_REVISION_LABEL,
     DEFAULT_CONTAINER_ANNOTATION,
+    DEFAULT_LOGS_CONTAINER_ANNOTATION,
     INIT_CONTAINER,
     STATUS_ANNOTATION,
     TLS_MODE_LABEL,
@@ -151,10 +152,14 @@ def _annotations_to_add(
 ) -> dict[str, str]:
     added = {STATUS_ANNOTATION: status}
     containers = spec.get("containers") or ()
-    if DEFAULT_CONTAINER_ANNOTATION not in annotations and containers:
+    if containers:
         first = containers[0].get("name") if isinstance(containers[0], dict) else None
         if isinstance(first, str) and first:
-            added[DEFAULT_CONTAINER_ANNOTATION] = first
+            # The app, not the proxy, for `kubectl logs` and `exec`; as Istio, each unless set.
+            if DEFAULT_LOGS_CONTAINER_ANNOTATION not in annotations:
+                added[DEFAULT_LOGS_CONTAINER_ANNOTATION] = first
+            if DEFAULT_CONTAINER_ANNOTATION not in annotations:
+                added[DEFAULT_CONTAINER_ANNOTATION] = first
     if not any(key.startswith("prometheus.io/") for key in annotations):
         added["prometheus.io/scrape"] = "true"
         added["prometheus.io/port"] = str(mesh.prometheus_port)

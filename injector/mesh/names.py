@@ -14,6 +14,7 @@ INJECT_LABEL: Final = "sidecar.istio.io/inject"  # also read as an annotation
 NAMESPACE_LABEL: Final = "istio-injection"
 STATUS_ANNOTATION: Final = "sidecar.istio.io/status"
 DEFAULT_CONTAINER_ANNOTATION: Final = "kubectl.kubernetes.io/default-container"
+DEFAULT_LOGS_CONTAINER_ANNOTATION: Final = "kubectl.kubernetes.io/default-logs-container"
 TLS_MODE_LABEL: Final = "security.istio.io/tlsMode"
 CANONICAL_NAME_LABEL: Final = "service.istio.io/canonical-name"
 CANONICAL_REVISION_LABEL: Final = "service.istio.io/canonical-revision"

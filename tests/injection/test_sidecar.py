@@ -27,6 +27,7 @@ def test_status_and_default_container_annotations() -> None:
         "revision": "default",
     }
     assert injection.annotations["kubectl.kubernetes.io/default-container"] == "shop"
+    assert injection.annotations["kubectl.kubernetes.io/default-logs-container"] == "shop"
     assert injection.annotations["prometheus.io/scrape"] == "true"
     assert injection.annotations["prometheus.io/port"] == "15090"
     assert injection.annotations["prometheus.io/path"] == "/stats/prometheus"
@@ -37,6 +38,11 @@ def test_the_pods_own_prometheus_and_default_container_annotations_win() -> None
                                        "kubectl.kubernetes.io/default-container": "app"}), MESH)
     assert not any(key.startswith("prometheus.io/") for key in injection.annotations)
     assert "kubectl.kubernetes.io/default-container" not in injection.annotations
+    # Each is added unless the pod has it, as Istio does.
+    assert injection.annotations["kubectl.kubernetes.io/default-logs-container"] == "app"
+    logs_set = build(pod(annotations={"kubectl.kubernetes.io/default-logs-container": "x"}), MESH)
+    assert "kubectl.kubernetes.io/default-logs-container" not in logs_set.annotations
+    assert logs_set.annotations["kubectl.kubernetes.io/default-container"] == "app"
 
 
 @pytest.mark.parametrize(
