@@ -1,0 +1,187 @@
+// Command inject is Istio's own injector, run as `istioctl kube-inject` runs it, for the tests that
+// hold our injector to Istio's behaviour. It renders Istio's istio-discovery chart from a manifests
+// directory (the module cache's copy, given with --manifests) exactly as Istio's own injection tests
+// do, takes the sidecar injector's templates and values and the default mesh config from it, and
+// injects with pkg/kube/inject.
+//
+// Usage:
+//
+//	inject --manifests DIR [--set values.x=y ...] [-f FILE ...]   # YAML in (stdin by default), YAML out
+//	inject --manifests DIR --json < docs.yaml                      # one JSON line per document
+//
+// With --json every YAML document of the input is injected on its own and answered with one line,
+// {"injected": "<yaml>"} or {"error": "<message>"}, flushed at once, so that one run answers many
+// pods (a refusal does not stop the others). Native sidecars follow ENABLE_NATIVE_SIDECARS, as in istioctl
+// without a cluster: "true" for the layout of Istio's golden files (nodes of Kubernetes 1.33+).
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"k8s.io/apimachinery/pkg/util/yaml"
+
+	meshconfig "istio.io/api/mesh/v1alpha1"
+	"istio.io/istio/operator/pkg/render"
+	"istio.io/istio/pkg/config/mesh"
+	"istio.io/istio/pkg/kube/inject"
+)
+
+// setFlags collects repeated --set options (Istio's install values, as `istioctl install --set`).
+type setFlags []string
+
+func (s *setFlags) String() string { return strings.Join(*s, ",") }
+
+func (s *setFlags) Set(v string) error {
+	*s = append(*s, v)
+	return nil
+}
+
+// settings is what the injection needs from an installation: templates, values and mesh config.
+type settings struct {
+	config *inject.Config
+	values inject.ValuesConfig
+	mesh   *meshconfig.MeshConfig
+}
+
+// loadSettings renders the chart the way Istio's injection tests do (profile empty, pilot only),
+// so that our oracle is configured exactly like the one that produced Istio's golden files.
+func loadSettings(manifests string, sets []string) (*settings, error) {
+	flags := append([]string{
+		"installPackagePath=" + manifests, "profile=empty", "components.pilot.enabled=true",
+	}, sets...)
+	rendered, _, err := render.GenerateManifest(nil, flags, false, nil, nil)
+	if err != nil {
+		return nil, fmt.Errorf("rendering the istio-discovery chart: %w", err)
+	}
+	out := &settings{}
+	for _, set := range rendered {
+		for _, object := range set.Manifests {
+			if object.GetKind() != "ConfigMap" {
+				continue
+			}
+			data, _ := object.Object["data"].(map[string]any)
+			switch object.GetName() {
+			case "istio-sidecar-injector":
+				raw, _ := data["config"].(string)
+				cfg, err := inject.UnmarshalConfig([]byte(raw))
+				if err != nil {
+					return nil, fmt.Errorf("the injector's templates: %w", err)
+				}
+				out.config = &cfg
+				rawValues, _ := data["values"].(string)
+				if out.values, err = inject.NewValuesConfig(rawValues); err != nil {
+					return nil, fmt.Errorf("the injector's values: %w", err)
+				}
+			case "istio":
+				meshData, _ := data["mesh"].(string)
+				if out.mesh, err = mesh.ApplyMeshConfig(meshData, mesh.DefaultMeshConfig()); err != nil {
+					return nil, fmt.Errorf("the mesh config: %w", err)
+				}
+			}
+		}
+	}
+	if out.config == nil || out.mesh == nil {
+		return nil, errors.New("the rendered chart has no istio-sidecar-injector or istio ConfigMap")
+	}
+	return out, nil
+}
+
+// injectOne injects one YAML stream (one or more documents) with a fresh copy of the mesh config,
+// since IntoResourceFile applies a pod's proxy.istio.io/config to the mesh config it is given.
+func (s *settings) injectOne(in io.Reader, out io.Writer) error {
+	meshCopy, err := mesh.DeepCopyMeshConfig(s.mesh)
+	if err != nil {
+		return err
+	}
+	warn := func(message string) { fmt.Fprint(os.Stderr, message) }
+	return inject.IntoResourceFile(nil, s.config.Templates, s.values, "", meshCopy, in, out, warn)
+}
+
+// answerEach injects every document of in on its own and writes one JSON line per document,
+// flushed at once: a test can keep one process and send it a document at a time, each ended by
+// a "---" line (the reader returns a document when it sees the next one begin).
+func (s *settings) answerEach(in io.Reader, out *bufio.Writer) error {
+	reader := yaml.NewYAMLReader(bufio.NewReaderSize(in, 1<<16))
+	encoder := json.NewEncoder(out)
+	for {
+		document, err := reader.Read()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if len(bytes.TrimSpace(document)) == 0 {
+			continue
+		}
+		var injected bytes.Buffer
+		answer := map[string]string{}
+		if err := s.injectOne(bytes.NewReader(document), &injected); err != nil {
+			answer["error"] = err.Error()
+		} else {
+			answer["injected"] = injected.String()
+		}
+		if err := encoder.Encode(answer); err != nil {
+			return err
+		}
+		if err := out.Flush(); err != nil {
+			return err
+		}
+	}
+}
+
+func run() error {
+	var sets, files setFlags
+	manifests := flag.String("manifests", "", "Istio's manifests/ directory (in the Go module cache)")
+	asJSON := flag.Bool("json", false, "inject each document on its own; one JSON line per document")
+	flag.Var(&sets, "set", "an install value, as istioctl's --set (repeatable)")
+	flag.Var(&files, "f", "an input file, - for stdin (repeatable; stdin when none)")
+	flag.Parse()
+	if *manifests == "" || flag.NArg() != 0 {
+		return errors.New("usage: inject --manifests DIR [--set k=v ...] [--json] [-f FILE ...]")
+	}
+	loaded, err := loadSettings(*manifests, sets)
+	if err != nil {
+		return err
+	}
+	if len(files) == 0 {
+		files = setFlags{"-"}
+	}
+	out := bufio.NewWriter(os.Stdout)
+	defer out.Flush()
+	for _, name := range files {
+		var in io.Reader = os.Stdin
+		if name != "-" {
+			file, err := os.Open(name)
+			if err != nil {
+				return err
+			}
+			defer file.Close()
+			in = file
+		}
+		if *asJSON {
+			err = loaded.answerEach(in, out)
+		} else {
+			err = loaded.injectOne(in, out)
+		}
+		if err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "inject:", err)
+		os.Exit(1)
+	}
+}
