@@ -90,7 +90,9 @@ def proxy_container(mesh: MeshConfig, settings: Overrides) -> dict[str, Any]:
             "capabilities": {"drop": ["ALL"]},
         },
         "volumeMounts": [
-            {"name": name, "mountPath": path} for name, path in VOLUME_MOUNTS.items()
+            *({"name": name, "mountPath": path} for name, path in VOLUME_MOUNTS.items()),
+            # userVolumeMount, after ours, as Istio's template adds them.
+            *({"name": name, **mount} for name, mount in settings.user_volume_mounts),
         ],
     }
     if readiness is not None:
@@ -173,6 +175,7 @@ class Template:
     init_container: bytes | None  # None: no istio-init (interceptionMode NONE)
     proxy_container: bytes
     volumes: tuple[bytes, ...]
+    user_volume_names: frozenset[str]  # userVolume's, which the pod's own must not clash with
     status: str  # the sidecar.istio.io/status annotation
     native: bool
     hold: bool
@@ -190,14 +193,17 @@ def _make_template(annotations: Mapping[str, Any], mesh: MeshConfig) -> Template
     status = {
         "initContainers": [*inits, PROXY_CONTAINER] if settings.native else inits,
         "containers": [] if settings.native else [PROXY_CONTAINER],
-        "volumes": list(VOLUME_NAMES),
+        "volumes": [*VOLUME_NAMES, *(name for name, _ in settings.user_volumes)],
         "revision": mesh.revision,
     }
     return Template(
         init_container=(orjson.dumps(init_container(mesh, settings)) if settings.capture
                         else None),
         proxy_container=orjson.dumps(proxy_container(mesh, settings)),
-        volumes=tuple(orjson.dumps(volume) for volume in volumes()),
+        volumes=(*(orjson.dumps(volume) for volume in volumes()),
+                 *(orjson.dumps({"name": name, **volume})
+                   for name, volume in settings.user_volumes)),
+        user_volume_names=frozenset(name for name, _ in settings.user_volumes),
         status=orjson.dumps(status).decode(),
         native=settings.native,
         hold=settings.hold,

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import orjson
+
 from injector.errors import InvalidInput
 from injector.injection import proxyconfig
 from injector.mesh.config import MeshConfig
@@ -46,6 +48,9 @@ from injector.mesh.names import (
     READINESS_PERIOD,
     REROUTE_VIRTUAL_INTERFACES,
     STATUS_PORT_ANNOTATION,
+    USER_VOLUME,
+    USER_VOLUME_MOUNT,
+    VOLUME_NAMES,
 )
 from injector.mesh.network import (
     parse_interfaces,
@@ -67,7 +72,7 @@ ANNOTATIONS: tuple[str, ...] = (
     EXCLUDE_OUTBOUND_PORTS, INCLUDE_OUTBOUND_PORTS, EXCLUDE_INTERFACES, KUBEVIRT_INTERFACES,
     REROUTE_VIRTUAL_INTERFACES, INTERCEPTION_MODE, STATUS_PORT_ANNOTATION,
     READINESS_INITIAL_DELAY, READINESS_PERIOD, READINESS_FAILURE_THRESHOLD,
-    READINESS_APPLICATION_PORTS,
+    READINESS_APPLICATION_PORTS, USER_VOLUME, USER_VOLUME_MOUNT,
 )
 
 _Parsed = TypeVar("_Parsed")
@@ -83,6 +88,8 @@ MAX_LIST_CHARS = 4096  # a CIDR or port list
 MAX_CIDRS = 32
 MAX_PORTS = 64
 MAX_INTERFACES = 32
+MAX_USER_VOLUMES_CHARS = 4096  # each of userVolume and userVolumeMount, as JSON
+MAX_USER_VOLUMES = 16
 
 
 class InvalidAnnotation(InvalidInput):
@@ -140,6 +147,9 @@ class Overrides:
     native: bool  # the proxy runs as a native sidecar (a restartable init container)
     hold: bool  # the app waits for the proxy (holdApplicationUntilProxyStarts)
     proxy_metadata: tuple[tuple[str, str], ...]  # ProxyConfig's proxyMetadata: the proxy's env
+    # userVolume and userVolumeMount: (name, the rest of the volume or mount), in name order.
+    user_volumes: tuple[tuple[str, dict[str, Any]], ...]
+    user_volume_mounts: tuple[tuple[str, dict[str, Any]], ...]
     traffic: TrafficOptions  # istio-init's redirection
     capture: bool  # istio-init is added at all (not with interceptionMode NONE)
     readiness: Readiness | None  # None: no readiness probe (status port 0)
@@ -226,6 +236,45 @@ def _proxy_metadata(config: Mapping[str, Any], text: object) -> tuple[tuple[str,
                                     f"proxyMetadata: {name[:64]!r} is not an environment "
                                     "variable's name")
     return tuple(sorted(metadata.items()))
+
+
+# A volume's name: a DNS label, as Kubernetes wants it.
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def _user_volumes(annotations: Mapping[str, Any], key: str,
+                  ) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """A JSON object of volume name to a volume (or, for the mount, volumeMount) without its
+    name, as Istio's template reads `userVolume` and `userVolumeMount`; in name order."""
+    text = annotations.get(key)
+    if text is None:
+        return ()
+    if not isinstance(text, str):
+        raise InvalidAnnotation(key, text, "must be a string")
+    if len(text) > MAX_USER_VOLUMES_CHARS:
+        raise InvalidAnnotation(key, text, f"longer than {MAX_USER_VOLUMES_CHARS} characters")
+    try:
+        # Bounded above; orjson caps nesting at 1024 levels without recursion in Python.
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as error:
+        raise InvalidAnnotation(key, text, f"not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise InvalidAnnotation(key, text, "expected a JSON object of volume names")
+    if len(value) > MAX_USER_VOLUMES:
+        raise InvalidAnnotation(key, text, f"more than {MAX_USER_VOLUMES} volumes")
+    for name, item in value.items():
+        if not _DNS_LABEL.fullmatch(name):
+            raise InvalidAnnotation(key, text, f"{name[:64]!r} is not a volume name (a DNS "
+                                               "label: a-z, 0-9 and -, at most 63)")
+        if not isinstance(item, dict) or "name" in item:
+            raise InvalidAnnotation(key, text, f"{name}: expected a JSON object without "
+                                               "\"name\" (the key is the name)")
+        if key == USER_VOLUME and name in VOLUME_NAMES:
+            raise InvalidAnnotation(key, text, f"{name}: the sidecar's own volume")
+        if key == USER_VOLUME_MOUNT and not (isinstance(item.get("mountPath"), str)
+                                             and item["mountPath"].startswith("/")):
+            raise InvalidAnnotation(key, text, f"{name}: mountPath must be an absolute path")
+    return tuple(sorted(value.items()))
 
 
 _RESOURCE_ANNOTATIONS = (PROXY_CPU, PROXY_MEMORY, PROXY_CPU_LIMIT, PROXY_MEMORY_LIMIT)
@@ -379,6 +428,8 @@ def read(annotations: Mapping[str, Any], mesh: MeshConfig) -> Overrides:
     resources = _resources(annotations, mesh)
     traffic = traffic_options(annotations, mesh)
     capture = _capture(annotations, config)
+    user_volumes = _user_volumes(annotations, USER_VOLUME)
+    user_volume_mounts = _user_volumes(annotations, USER_VOLUME_MOUNT)
     readiness = _readiness(annotations, mesh)
     image = _annotation(annotations, PROXY_IMAGE, mesh.proxy_image).strip()
     if not image:
@@ -398,5 +449,6 @@ def read(annotations: Mapping[str, Any], mesh: MeshConfig) -> Overrides:
         raise InvalidAnnotation(MTLS_MODE, mtls_mode, "expected PERMISSIVE or STRICT")
     return Overrides(image=image, init_image=init_image, log_level=log_level,
                      mtls_mode=mtls_mode, resources=resources, native=native, hold=hold,
-                     proxy_metadata=proxy_metadata,
+                     proxy_metadata=proxy_metadata, user_volumes=user_volumes,
+                     user_volume_mounts=user_volume_mounts,
                      traffic=traffic, capture=capture, readiness=readiness)

@@ -184,6 +184,11 @@ def build(
     labels = metadata.get("labels") or {}
     _check_names(spec)
     parts = template(annotations, mesh)
+    if parts.user_volume_names:
+        taken = sorted(parts.user_volume_names & _names(spec.get("volumes")))
+        if taken:
+            raise NameConflict(f"the pod already has volumes named {', '.join(taken)}, which "
+                               "sidecar.istio.io/userVolume adds")
     thaw: Any = orjson.Fragment if as_json else orjson.loads
     return Injection(
         init_container=None if parts.init_container is None else thaw(parts.init_container),

@@ -29,6 +29,9 @@ LOG_LEVEL: Final = "sidecar.istio.io/logLevel"
 MTLS_MODE: Final = "sidecar.istio.io/mtlsMode"
 NATIVE_SIDECAR: Final = "sidecar.istio.io/nativeSidecar"
 PROXY_CONFIG: Final = "proxy.istio.io/config"
+# JSON objects: volume name to volume source, and to istio-proxy's mount of it.
+USER_VOLUME: Final = "sidecar.istio.io/userVolume"
+USER_VOLUME_MOUNT: Final = "sidecar.istio.io/userVolumeMount"
 # Capture: istio-init's flags (-q, -c, -k, -m); NONE means no istio-init at all.
 INCLUDE_OUTBOUND_PORTS: Final = "traffic.sidecar.istio.io/includeOutboundPorts"
 EXCLUDE_INTERFACES: Final = "traffic.sidecar.istio.io/excludeInterfaces"

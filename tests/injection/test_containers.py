@@ -261,6 +261,36 @@ def test_proxy_metadata_becomes_env_of_the_proxy_after_its_own() -> None:
     assert names[:-2] == [item["name"] for item in made().proxy["env"]]
 
 
+# Istio's own example (its injector's test data, user-volume.yaml).
+USER_VOLUMES = {
+    "sidecar.istio.io/userVolume": '{"user-volume-1":{"persistentVolumeClaim":{"claimName":'
+    '"pvc-claim"}},"user-volume-2":{"configMap":{"name":"configmap-volume","items":[{"key":'
+    '"some-key","path":"/some-path"}]}}}',
+    "sidecar.istio.io/userVolumeMount": '{"user-volume-1":{"mountPath":"/mnt/volume-1",'
+    '"readOnly":true},"user-volume-2":{"mountPath":"/mnt/volume-2"}}',
+}
+
+
+def test_user_volumes_are_added_and_mounted_in_the_proxy() -> None:
+    parts = made(USER_VOLUMES)
+    assert parts.volumes[-2:] == [
+        {"name": "user-volume-1", "persistentVolumeClaim": {"claimName": "pvc-claim"}},
+        {"name": "user-volume-2", "configMap": {"name": "configmap-volume", "items": [
+            {"key": "some-key", "path": "/some-path"}]}},
+    ]
+    assert parts.proxy["volumeMounts"][-2:] == [
+        {"name": "user-volume-1", "mountPath": "/mnt/volume-1", "readOnly": True},
+        {"name": "user-volume-2", "mountPath": "/mnt/volume-2"},
+    ]
+    assert parts.status["volumes"][-2:] == ["user-volume-1", "user-volume-2"]
+
+
+def test_a_user_volume_the_pod_already_has_is_refused() -> None:
+    with pytest.raises(sidecar.NameConflict, match="user-volume-1"):
+        sidecar.build(pod(annotations=USER_VOLUMES,
+                          volumes=[{"name": "user-volume-1", "emptyDir": {}}]), MESH)
+
+
 def test_default_traffic_args_match_the_shared_options_model() -> None:
     assert made().init["args"] == TrafficOptions().to_args()
 
