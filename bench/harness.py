@@ -110,7 +110,10 @@ def _start(name: str, args: Sequence[str], workdir: Path, certs: Path,
     command = _pinned(SERVER_CPU, command) if pin else command
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                   env={**os.environ, **(env or {})})
+                                   # No gRPC CA unless a benchmark asks: its port
+                                   # (15012) is one for the machine, servers are several.
+                                   env={"INJECTOR_GRPC_PORT": "0", **os.environ,
+                                        **(env or {})})
     server = Server(name, f"https://127.0.0.1:{port}", process, log_path)
     trust = ssl.create_default_context(cafile=str(certs / "root-cert.pem"))
     deadline = time.monotonic() + 60
