@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -235,6 +236,15 @@ def test_tls_below_1_2_is_refused(grpc_ca_server: Server) -> None:
 
 
 # --- limits ----------------------------------------------------------------------------------
+
+def test_a_connection_that_never_says_hello_is_closed(grpc_ca_server: Server) -> None:
+    """A client that connects and sends nothing holds nothing for long: gRPC closes it once
+    the TLS handshake's 10 s are up (checked at most a few seconds late)."""
+    with socket.create_connection(("127.0.0.1", grpc_ca_server.grpc_port), timeout=30) as idle:
+        started = time.monotonic()
+        assert idle.recv(1) == b""
+        assert time.monotonic() - started >= grpc_ca.HANDSHAKE_TIMEOUT_MS / 1000 - 1
+
 
 def test_over_the_rate_is_resource_exhausted_with_retry_after(tmp_path: Path) -> None:
     server = start_ca_server(tmp_path, "csrBurst: 2\ncsrRatePerSecond: 0.01\n", grpc=True)
