@@ -97,15 +97,15 @@ def proxy_container(mesh: MeshConfig, settings: Overrides) -> dict[str, Any]:
     }
     if readiness is not None:
         container["readinessProbe"] = ready_probe
+    # As Istio's (startupProbe.enabled by default): readiness waits until the proxy has started,
+    # checked every second for up to 10 minutes; for a native sidecar it also holds the next
+    # init containers and the app. None with status port 0: the pod asked for no probe.
+    if readiness is not None:
+        container["startupProbe"] = {**ready_probe, "periodSeconds": 1, "failureThreshold": 600}
+        container["startupProbe"].pop("initialDelaySeconds", None)
     if settings.native:
-        # A native sidecar is an init container that keeps running; the startup probe holds
-        # the next init containers and the app until the proxy is ready.
+        # A native sidecar is an init container that keeps running.
         container["restartPolicy"] = "Always"
-        # (None with status port 0, as in Istio: the pod asked for no probe of the proxy.)
-        if readiness is not None:
-            container["startupProbe"] = {**ready_probe, "periodSeconds": 1,
-                                         "failureThreshold": 600}
-            container["startupProbe"].pop("initialDelaySeconds", None)
     elif settings.hold:
         container["lifecycle"] = {
             "postStart": {"exec": {"command": ["injector", "agent", "wait"]}}

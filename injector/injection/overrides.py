@@ -21,15 +21,20 @@ from injector.errors import InvalidInput
 from injector.injection import proxyconfig
 from injector.mesh.config import MeshConfig
 from injector.mesh.names import (
+    AGENT_LOG_LEVEL,
+    AGENT_LOG_LEVELS,
+    COMPONENT_LOG_LEVEL,
     EXCLUDE_INBOUND_PORTS,
     EXCLUDE_INTERFACES,
     EXCLUDE_OUTBOUND_IP_RANGES,
     EXCLUDE_OUTBOUND_PORTS,
+    IMAGE_TYPE_DEFAULT,
     INCLUDE_INBOUND_PORTS,
     INCLUDE_OUTBOUND_IP_RANGES,
     INCLUDE_OUTBOUND_PORTS,
     INTERCEPTION_MODE,
     INTERCEPTION_NONE,
+    KNOWN_IMAGE_TYPES,
     KUBEVIRT_INTERFACES,
     LOG_LEVEL,
     LOG_LEVELS,
@@ -40,6 +45,7 @@ from injector.mesh.names import (
     PROXY_CPU,
     PROXY_CPU_LIMIT,
     PROXY_IMAGE,
+    PROXY_IMAGE_TYPE,
     PROXY_MEMORY,
     PROXY_MEMORY_LIMIT,
     READINESS_APPLICATION_PORTS,
@@ -72,7 +78,8 @@ ANNOTATIONS: tuple[str, ...] = (
     EXCLUDE_OUTBOUND_PORTS, INCLUDE_OUTBOUND_PORTS, EXCLUDE_INTERFACES, KUBEVIRT_INTERFACES,
     REROUTE_VIRTUAL_INTERFACES, INTERCEPTION_MODE, STATUS_PORT_ANNOTATION,
     READINESS_INITIAL_DELAY, READINESS_PERIOD, READINESS_FAILURE_THRESHOLD,
-    READINESS_APPLICATION_PORTS, USER_VOLUME, USER_VOLUME_MOUNT,
+    READINESS_APPLICATION_PORTS, USER_VOLUME, USER_VOLUME_MOUNT, PROXY_IMAGE_TYPE,
+    COMPONENT_LOG_LEVEL, AGENT_LOG_LEVEL,
 )
 
 _Parsed = TypeVar("_Parsed")
@@ -277,6 +284,61 @@ def _user_volumes(annotations: Mapping[str, Any], key: str,
     return tuple(sorted(value.items()))
 
 
+_IMAGE_TYPE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+def _with_image_type(image: str, image_type: str) -> str:
+    """`image` with Istio's image variant on its tag (`:1.2` and `distroless` give
+    `:1.2-distroless`; a known variant already there is replaced; `default` leaves none)."""
+    if "@" in image:
+        raise ValueError(f"the image {image!r} is pinned by digest: no variant of it")
+    slash = image.rfind("/")
+    colon = image.rfind(":")
+    name, tag = (image[:colon], image[colon + 1:]) if colon > slash else (image, "latest")
+    for known in KNOWN_IMAGE_TYPES:
+        if tag.endswith("-" + known):
+            tag = tag[: -len(known) - 1]
+            break
+    return f"{name}:{tag}" if image_type == IMAGE_TYPE_DEFAULT else f"{name}:{tag}-{image_type}"
+
+
+def _image_type(annotations: Mapping[str, Any], config: Mapping[str, Any]) -> str | None:
+    """The image variant: the annotation, else the ProxyConfig's `image.imageType`."""
+    value = annotations.get(PROXY_IMAGE_TYPE)
+    if value is None:
+        image = config.get("image") or {}
+        configured = image.get("imageType", image.get("image_type"))
+        return configured or None
+    text = _annotation(annotations, PROXY_IMAGE_TYPE, "").strip()
+    if not _IMAGE_TYPE.fullmatch(text):
+        raise InvalidAnnotation(PROXY_IMAGE_TYPE, text,
+                                "expected an image variant such as distroless, debug or default")
+    return text
+
+
+_COMPONENT_LEVEL = re.compile(r"[a-z0-9_]{1,64}:(?:trace|debug|info|warning|warn|error|critical"
+                              r"|off)")
+_AGENT_LEVEL = re.compile(r"(?:[a-zA-Z0-9_.-]{1,64}:)?(?:" + "|".join(AGENT_LOG_LEVELS) + ")")
+
+
+def _check_log_levels(annotations: Mapping[str, Any]) -> None:
+    """Envoy's per-component levels (`upstream:debug,misc:error`) and pilot-agent's
+    (`info`, `default:info,ads:debug`): checked, so that a malformed one is refused by name;
+    our agent has one log level (`sidecar.istio.io/logLevel`), so they change nothing."""
+    for key, pattern in ((COMPONENT_LOG_LEVEL, _COMPONENT_LEVEL),
+                         (AGENT_LOG_LEVEL, _AGENT_LEVEL)):
+        if key not in annotations:
+            continue
+        text = _annotation(annotations, key, "")
+        if len(text) > MAX_LIST_CHARS:
+            raise InvalidAnnotation(key, text, f"longer than {MAX_LIST_CHARS} characters")
+        for item in text.split(","):
+            if not pattern.fullmatch(item.strip()):
+                raise InvalidAnnotation(key, text, f"{item.strip()[:64]!r} is not a "
+                                        + ("component:level" if key == COMPONENT_LOG_LEVEL
+                                           else "[scope:]level") + " pair")
+
+
 _RESOURCE_ANNOTATIONS = (PROXY_CPU, PROXY_MEMORY, PROXY_CPU_LIMIT, PROXY_MEMORY_LIMIT)
 
 
@@ -438,9 +500,20 @@ def read(annotations: Mapping[str, Any], mesh: MeshConfig) -> Overrides:
         raise InvalidAnnotation(PROXY_IMAGE, image, f"longer than {MAX_IMAGE_CHARS} characters")
     # Istio's template: istio-init takes the annotation's image when it names a repository
     # ("registry/name:tag"); a bare name is a proxy image of the mesh's own registry, and
-    # istio-init keeps the mesh's.
-    init_image = (image if PROXY_IMAGE in annotations and "/" in image
-                  else mesh.init_image or mesh.proxy_image)
+    # istio-init keeps the mesh's. The image variant goes on the mesh's images only.
+    init_image = mesh.init_image or mesh.proxy_image
+    image_type = _image_type(annotations, config)
+    if image_type is not None:
+        key = PROXY_IMAGE_TYPE if PROXY_IMAGE_TYPE in annotations else PROXY_CONFIG
+        try:
+            init_image = _with_image_type(init_image, image_type)
+            if PROXY_IMAGE not in annotations:
+                image = _with_image_type(image, image_type)
+        except ValueError as error:
+            raise InvalidAnnotation(key, annotations.get(key), str(error)) from None
+    if PROXY_IMAGE in annotations and "/" in image:
+        init_image = image
+    _check_log_levels(annotations)
     log_level = _annotation(annotations, LOG_LEVEL, mesh.proxy_log_level)
     if log_level not in LOG_LEVELS:
         raise InvalidAnnotation(LOG_LEVEL, log_level, f"expected one of {sorted(LOG_LEVELS)}")

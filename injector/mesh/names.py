@@ -32,6 +32,14 @@ PROXY_CONFIG: Final = "proxy.istio.io/config"
 # JSON objects: volume name to volume source, and to istio-proxy's mount of it.
 USER_VOLUME: Final = "sidecar.istio.io/userVolume"
 USER_VOLUME_MOUNT: Final = "sidecar.istio.io/userVolumeMount"
+# Image variants: `distroless` or `debug` appended to the tag of the mesh's images (`default`: none).
+PROXY_IMAGE_TYPE: Final = "sidecar.istio.io/proxyImageType"
+IMAGE_TYPE_DEFAULT: Final = "default"
+KNOWN_IMAGE_TYPES: Final = ("distroless", "debug")
+# pilot-agent's own log levels (checked; our agent has one, LOG_LEVEL's).
+COMPONENT_LOG_LEVEL: Final = "sidecar.istio.io/componentLogLevel"
+AGENT_LOG_LEVEL: Final = "sidecar.istio.io/agentLogLevel"
+AGENT_LOG_LEVELS: Final = ("none", "fatal", "error", "warn", "info", "debug")
 # Capture: istio-init's flags (-q, -c, -k, -m); NONE means no istio-init at all.
 INCLUDE_OUTBOUND_PORTS: Final = "traffic.sidecar.istio.io/includeOutboundPorts"
 EXCLUDE_INTERFACES: Final = "traffic.sidecar.istio.io/excludeInterfaces"

@@ -130,6 +130,12 @@ def test_native_sidecars_run_the_proxy_as_a_restartable_init_container() -> None
         assert parts.status["containers"] == []
 
 
+def test_every_proxy_has_istios_startup_probe() -> None:
+    probe = made().proxy["startupProbe"]
+    assert probe == {"httpGet": {"path": "/healthz/ready", "port": 15021, "scheme": "HTTP"},
+                     "periodSeconds": 1, "timeoutSeconds": 3, "failureThreshold": 600}
+
+
 def test_hold_application_adds_a_post_start_wait() -> None:
     held = made({"proxy.istio.io/config": "holdApplicationUntilProxyStarts: true\n"})
     assert held.hold
@@ -289,6 +295,21 @@ def test_a_user_volume_the_pod_already_has_is_refused() -> None:
     with pytest.raises(sidecar.NameConflict, match="user-volume-1"):
         sidecar.build(pod(annotations=USER_VOLUMES,
                           volumes=[{"name": "user-volume-1", "emptyDir": {}}]), MESH)
+
+
+def test_the_image_type_varies_the_meshs_images_as_istio_does() -> None:
+    mesh = MeshConfig(proxy_image="registry.local/injector:1.2-debug")
+    parts = made({"sidecar.istio.io/proxyImageType": "distroless"}, mesh)
+    assert parts.proxy["image"] == parts.init["image"] == "registry.local/injector:1.2-distroless"
+    assert made({"sidecar.istio.io/proxyImageType": "default"}, mesh).proxy["image"] == (
+        "registry.local/injector:1.2")
+    # From the ProxyConfig too; the annotation wins.
+    config = {"proxy.istio.io/config": "image: {imageType: distroless}"}
+    assert made(config, mesh).proxy["image"] == "registry.local/injector:1.2-distroless"
+    # A proxyImage of the pod's own is taken as written.
+    assert made({"sidecar.istio.io/proxyImage": "other.registry/proxy:9",
+                 "sidecar.istio.io/proxyImageType": "distroless"}, mesh).proxy["image"] == (
+        "other.registry/proxy:9")
 
 
 def test_default_traffic_args_match_the_shared_options_model() -> None:

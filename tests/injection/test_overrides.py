@@ -141,6 +141,10 @@ def test_the_mesh_configs_ports_and_user_reach_the_traffic_options() -> None:
         ("sidecar.istio.io/userVolume", '{"istio-envoy": {"emptyDir": {}}}'),
         ("sidecar.istio.io/userVolumeMount", '{"v": {"readOnly": true}}'),
         ("sidecar.istio.io/userVolumeMount", '{"v": {"mountPath": "relative"}}'),
+        ("sidecar.istio.io/proxyImageType", "dist roless"),
+        ("sidecar.istio.io/componentLogLevel", "misc:loud"),
+        ("sidecar.istio.io/componentLogLevel", "upstream"),
+        ("sidecar.istio.io/agentLogLevel", "default:verbose"),
         ("status.sidecar.istio.io/port", "70000"),
         ("status.sidecar.istio.io/port", "-1"),
         ("readiness.status.sidecar.istio.io/initialDelaySeconds", "5s"),
@@ -207,6 +211,19 @@ def test_an_unknown_proxy_config_field_is_named() -> None:
                                                 "ProxyConfig") as refused:
         read({names.PROXY_CONFIG: "holdApplication: true"}, MESH)
     assert refused.value.annotation == names.PROXY_CONFIG
+
+
+def test_log_levels_of_envoys_components_and_of_the_agent_are_read() -> None:
+    read({names.COMPONENT_LOG_LEVEL: "misc:error, upstream:debug",
+          names.AGENT_LOG_LEVEL: "default:info,ads:debug"}, MESH)
+    read({names.AGENT_LOG_LEVEL: "warn"}, MESH)
+
+
+def test_an_image_pinned_by_digest_has_no_variant() -> None:
+    mesh = MeshConfig(proxy_image="registry.local/injector@sha256:" + "a" * 64)
+    with pytest.raises(InvalidAnnotation, match="pinned by digest") as refused:
+        read({names.PROXY_IMAGE_TYPE: "distroless"}, mesh)
+    assert refused.value.annotation == names.PROXY_IMAGE_TYPE
 
 
 def test_tproxy_is_refused_naming_what_is_implemented() -> None:
