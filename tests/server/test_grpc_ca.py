@@ -235,6 +235,37 @@ def test_tls_below_1_2_is_refused(grpc_ca_server: Server) -> None:
     assert "Cipher is (NONE)" in old.stdout or "no protocols available" in old.stderr
 
 
+def _presented_serial(server: Server) -> int:
+    context = server.ssl_context()
+    context.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", server.grpc_port), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as tls:
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_a_rotated_serving_certificate_is_served_over_grpc_too(tmp_path: Path) -> None:
+    server = start_ca_server(tmp_path, grpc=True)
+    try:
+        before = _presented_serial(server)
+        (server.certs_dir / "tls.crt").unlink()
+        (server.certs_dir / "tls.key").unlink()
+        subprocess.run([*_serve_command(tmp_path)[:3], "certs", "init", "--certs-dir",
+                        str(server.certs_dir)], check=True, timeout=60,
+                       stdout=subprocess.DEVNULL)
+        on_disk = x509.load_pem_x509_certificate(
+            (server.certs_dir / "tls.crt").read_bytes()).serial_number
+        assert on_disk != before
+        eventually(lambda: _presented_serial(server) == on_disk, interval=0.2,
+                   what="the new certificate served on the gRPC port")
+        with open_channel(server) as opened:
+            assert create_certificate(opened, IstioCertificateRequest(csr=csr_pem()),
+                                      [bearer(WEB_TOKEN)]).cert_chain
+    finally:
+        server.stop()
+
+
 # --- limits ----------------------------------------------------------------------------------
 
 def test_a_connection_that_never_says_hello_is_closed(grpc_ca_server: Server) -> None:
