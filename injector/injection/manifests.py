@@ -27,8 +27,11 @@ from injector.injection import limits, patch, policy, sidecar
 from injector.injection.overrides import InvalidAnnotation
 from injector.mesh.config import MeshConfig
 
-# The kinds whose pod template is at spec.template (a CronJob's is a level further down).
-WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"})
+# The kinds whose pod template is at spec.template (a CronJob's is a level further down): as
+# Istio's kube-inject, the core workloads, ReplicationController and OpenShift's
+# DeploymentConfig (apps.openshift.io/v1).
+WORKLOAD_KINDS = frozenset({"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job",
+                            "ReplicationController", "DeploymentConfig"})
 
 # Far more than any Kubernetes object needs (a CRD's schema is the deepest, at a few dozen),
 # far less than Python's recursion limit, which copying or writing a document would hit.

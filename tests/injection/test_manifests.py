@@ -74,6 +74,20 @@ def test_every_workload_kind_in_a_multi_document_stream() -> None:
     assert out[1]["spec"]["selector"] == documents[1]["spec"]["selector"]
 
 
+def test_replication_controllers_and_deployment_configs_are_injected() -> None:
+    controller = workload("ReplicationController", "v1", selector={"app": "shop"})
+    config = workload("DeploymentConfig", "apps.openshift.io/v1", replicas=1,
+                      selector={"app": "shop"})
+    out = list(yaml.safe_load_all(inject_yaml(yaml.safe_dump_all([controller, config]), MESH,
+                                              "app.yaml")))
+    for document, given in zip(out, (controller, config), strict=True):
+        assert_injected(injected_template(document))
+        assert document["spec"]["selector"] == given["spec"]["selector"]
+        assert document["spec"]["template"]["metadata"]["labels"][
+            "service.istio.io/canonical-name"] == "shop"
+    kubernetes_validate.validate(out[0], "1.33", strict=True)
+
+
 def test_a_list_is_injected_item_by_item() -> None:
     listing = {"apiVersion": "v1", "kind": "List", "items": [workload("Deployment"), SERVICE]}
     out = inject_document(listing, MESH, "list.yaml")
