@@ -5,6 +5,7 @@ tests/e2e/test_istio_caclient.py)."""
 from __future__ import annotations
 
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -99,7 +100,9 @@ def _istio_api_proto() -> str:
     module cache (`make cluster-binaries` downloads it)."""
     version = re.search(r"^\s*istio\.io/api (v\S+)", ISTIO_GO_MOD.read_text(), re.MULTILINE)
     assert version, f"{ISTIO_GO_MOD} does not require istio.io/api"
-    modcache = subprocess.run(["go", "env", "GOMODCACHE"], capture_output=True, text=True,
+    # Where build.sh finds Go when a non-login shell lacks it on PATH.
+    go = shutil.which("go") or "/usr/local/go/bin/go"
+    modcache = subprocess.run([go, "env", "GOMODCACHE"], capture_output=True, text=True,
                               check=True).stdout.strip()
     proto = Path(modcache) / f"istio.io/api@{version[1]}" / "security/v1alpha1/ca.proto"
     assert proto.exists(), f"{proto} is missing: run make cluster-binaries"
