@@ -43,6 +43,7 @@ log = logging.getLogger("injector.agent")
 
 DEFAULT_TIMEOUT_SECONDS = 1.0  # kubelet's default timeoutSeconds
 MAX_CONCURRENT_PROBES = 32  # the port is reachable by any pod: a bounded share of the agent
+MAX_CONNECTIONS = 64  # open at once (a thread each); more are closed at once
 MAX_BODY_BYTES = 10 * 1024  # of the app's answer passed back (kubelet keeps 10 KiB too)
 REQUEST_READ_SECONDS = 10.0  # a caller's request line and headers
 MAX_PROBERS_BYTES = 1024 * 1024
@@ -239,9 +240,26 @@ class AppHealthServer:
         self._slots = threading.BoundedSemaphore(MAX_CONCURRENT_PROBES)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
+        connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
         class Server(ThreadingHTTPServer):
             address_family = family
             daemon_threads = True
+            # The stdlib's 5 would drop the SYNs of a burst of probes (several containers at
+            # once), and a dropped SYN is retried after a second: a 1 s probe's whole timeout.
+            request_queue_size = 128
+
+            def process_request(self, request: Any, client_address: Any) -> None:
+                if not connections.acquire(blocking=False):
+                    self.shutdown_request(request)  # kubelet retries at its next period
+                    return
+                super().process_request(request, client_address)
+
+            def process_request_thread(self, request: Any, client_address: Any) -> None:
+                try:
+                    super().process_request_thread(request, client_address)
+                finally:
+                    connections.release()
 
             def server_bind(self) -> None:
                 if family == socket.AF_INET6:  # "::" takes IPv4 too: kubelet probes the pod IP

@@ -33,6 +33,7 @@ from injector.proxy.app_health import (
     _serving_status,
     parse_probers,
 )
+from tests.support.eventually import eventually
 from tests.support.servers import free_port
 
 
@@ -214,6 +215,54 @@ def test_grpc_probes_ask_the_apps_health_service(grpc_app: tuple[int, Health]) -
         assert get(server, "/app-health/h/livez").status_code == 503
         assert get(server, "/app-health/h/readyz").status_code == 503
     finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("ready, status", [(True, 200), (False, 503)])
+def test_healthz_ready_on_the_agents_port_is_the_proxys_readiness(ready: bool,
+                                                                  status: int) -> None:
+    server = AppHealthServer({}, 0, host="127.0.0.1", ready=lambda: ready)
+    server.start()
+    try:
+        assert get(server, "/healthz/ready").status_code == status
+    finally:
+        server.stop()
+
+
+def test_connections_past_the_bound_are_closed_and_the_rest_still_answered(
+    http_app: int,
+) -> None:
+    server = agent({"/app-health/web/livez": {"httpGet": {"path": "/ok", "port": http_app}}})
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(64)]
+
+    def closed_at_once() -> bool:
+        """One more connection: closed at once once every slot is taken. (Until the server
+        has accepted all the idle ones, it may get a slot itself: it is then kept idle.)"""
+        extra = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        extra.settimeout(0.5)
+        try:
+            closed = extra.recv(1) == b""
+        except TimeoutError:
+            idle.append(extra)
+            return False
+        extra.close()
+        return closed
+
+    try:
+        # Each idle connection holds a thread until its request arrives (or 10 s pass).
+        assert eventually(closed_at_once, what="a connection past the bound closed at once")
+        idle.pop(0).close()
+
+        def answered() -> bool:
+            try:
+                return get(server, "/app-health/web/livez").status_code == 200
+            except httpx.TransportError:  # closed at once while the slot is being freed
+                return False
+
+        assert eventually(answered, what="a probe once a connection was freed")
+    finally:
+        for connection in idle:
+            connection.close()
         server.stop()
 
 
