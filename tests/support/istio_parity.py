@@ -9,8 +9,8 @@ tools by tests/istio/build.sh (`make cluster-binaries`) into a cache outside the
 Both sides are reduced to what users and the cluster notice (`observe`): whether a pod is
 injected, the init container's capture settings (its arguments read into one form), the app
 containers after injection, the proxy's image, resources, ports, probes, security context and
-place, the labels and annotations added, and the volumes by name. The proxy's command, arguments
-and environment are not compared: our agent is not pilot-agent, by design.
+place, the labels and annotations added, and the volumes (`volume.NAME`). The proxy's command,
+arguments and environment are not compared: our agent is not pilot-agent, by design.
 
 The differences that remain are listed, with why, in docs/istio-compatibility.md, in tables the
 tests read (`documented_differences`).
@@ -22,8 +22,10 @@ import functools
 import json
 import os
 import re
+import select
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,7 +326,8 @@ def observe(original: Mapping[str, Any], injected: Mapping[str, Any]) -> dict[st
         seen[f"annotation.{key}"] = value
     for key, value in _added(original_metadata.get("labels"), metadata.get("labels")).items():
         seen[f"label.{key}"] = value
-    seen["volumes"] = sorted(str(volume.get("name")) for volume in spec.get("volumes") or [])
+    for volume in spec.get("volumes") or []:
+        seen[f"volume.{volume.get('name')}"] = True  # by name: what is in it is ours to choose
     seen["pod.securityContext"] = _without_noise(spec.get("securityContext") or {})
     return seen
 
@@ -399,3 +402,56 @@ def documented_differences(section: str) -> list[Difference]:
     """The rows (where, field, why) of a differences table of docs/istio-compatibility.md."""
     return [Difference(cells[0], cells[1], cells[2]) for cells in section_rows(section)
             if len(cells) >= 3]
+
+
+# --- Istio's injector, kept running -------------------------------------------------------------
+
+
+class IstioInjector:
+    """tests/istio/inject (`--json`) kept running, sent one document at a time: the program's
+    start (rendering Istio's chart) is paid once, however many pods a test injects."""
+
+    def __init__(self, *, native_sidecars: bool, timeout: float = 60.0) -> None:
+        env = {**os.environ, "ENABLE_NATIVE_SIDECARS": "true" if native_sidecars else "false"}
+        self._timeout = timeout
+        # Kept open as long as the process runs, closed by close().
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
+        self._process = subprocess.Popen(
+            [str(inject_binary()), "--manifests", str(manifests_dir()), "--json"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env=env)
+
+    def _died(self) -> AssertionError:
+        self._stderr.seek(0)
+        return AssertionError("Istio's injector stopped answering: "
+                              + self._stderr.read().decode(errors="replace")[-2000:])
+
+    def inject(self, document: Any) -> list[Any] | str:
+        """The documents Istio writes for `document`, or its error message when it refuses it."""
+        assert self._process.stdin is not None and self._process.stdout is not None
+        # The reader hands a document over when the next one begins: hence the "---" after it.
+        text = yaml.safe_dump(document, sort_keys=False) + "---\n"
+        try:
+            self._process.stdin.write(text.encode())
+            self._process.stdin.flush()
+        except BrokenPipeError:
+            raise self._died() from None
+        ready, _, _ = select.select([self._process.stdout], [], [], self._timeout)
+        line = self._process.stdout.readline() if ready else b""
+        if not line:
+            raise self._died()
+        answer = json.loads(line)
+        if "error" in answer:
+            return str(answer["error"])
+        return [doc for doc in yaml.safe_load_all(answer["injected"]) if doc is not None]
+
+    def close(self) -> None:
+        if self._process.stdin is not None:
+            self._process.stdin.close()
+        try:
+            self._process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait(timeout=10)
+        if self._process.stdout is not None:
+            self._process.stdout.close()
+        self._stderr.close()

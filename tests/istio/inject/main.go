@@ -32,6 +32,7 @@ import (
 	"istio.io/istio/operator/pkg/render"
 	"istio.io/istio/pkg/config/mesh"
 	"istio.io/istio/pkg/kube/inject"
+	istiolog "istio.io/istio/pkg/log"
 )
 
 // setFlags collects repeated --set options (Istio's install values, as `istioctl install --set`).
@@ -139,6 +140,13 @@ func (s *settings) answerEach(in io.Reader, out *bufio.Writer) error {
 }
 
 func run() error {
+	// Istio logs to stdout by default; stdout is the injected YAML (or the JSON answers).
+	logOptions := istiolog.DefaultOptions()
+	logOptions.OutputPaths = []string{"stderr"}
+	logOptions.ErrorOutputPaths = []string{"stderr"}
+	if err := istiolog.Configure(logOptions); err != nil {
+		return err
+	}
 	var sets, files setFlags
 	manifests := flag.String("manifests", "", "Istio's manifests/ directory (in the Go module cache)")
 	asJSON := flag.Bool("json", false, "inject each document on its own; one JSON line per document")
