@@ -48,8 +48,10 @@ build() {
 	echo "building $name (Istio $istio_version) into $dir" >&2
 	local started=$SECONDS
 	(cd "$here" && nice -n 10 go build -trimpath -buildvcs=false -mod=readonly \
-		-ldflags "-s -w" -o "$dir/.$name.partial" "./$name")
-	mv -f "$dir/.$name.partial" "$dir/$name"
+		-ldflags "-s -w" -o "$dir/.$name.partial.$$" "./$name")
+	# Named by this shell's pid: two builds at once (make test in two trees, say) each rename
+	# their own, and the last complete binary wins.
+	mv -f "$dir/.$name.partial.$$" "$dir/$name"
 	echo "built $name in $((SECONDS - started))s" >&2
 }
 
