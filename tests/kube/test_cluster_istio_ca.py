@@ -8,9 +8,13 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography import x509
 
+from injector.ca.service import AUTH_FAILURE_BURST
+from injector.server import grpc_ca
+from injector.server.proto.istio_ca_pb2 import IstioCertificateRequest, IstioCertificateResponse
 from tests.support.certs import make_csr, p256
 from tests.support.cluster import Mesh
 from tests.support.istio_caclient import CaClientResult, istio_ca_client
@@ -20,14 +24,19 @@ from tests.support.servers import Server, free_port, start_server
 AUDIENCE = "istio-ca"
 
 
-@pytest.fixture(scope="module")
-def grpc_replica(kube_mesh: Mesh) -> Iterator[Server]:
+def start_grpc_replica(kube_mesh: Mesh, name: str) -> Server:
     """A replica of the mesh's injector (its credentials, its shared CA) serving gRPC too."""
     grpc_port = free_port()
-    replica = start_server(kube_mesh.workdir / "grpc-replica", "--kubeconfig",
+    replica = start_server(kube_mesh.workdir / name, "--kubeconfig",
                            str(kube_mesh.kubeconfig), "--config", str(kube_mesh.config),
                            "--grpc-port", str(grpc_port))
     replica.grpc_port = grpc_port
+    return replica
+
+
+@pytest.fixture(scope="module")
+def grpc_replica(kube_mesh: Mesh) -> Iterator[Server]:
+    replica = start_grpc_replica(kube_mesh, "grpc-replica")
     yield replica
     replica.stop()
 
@@ -69,3 +78,29 @@ def test_istios_client_with_a_token_for_another_audience_is_unauthenticated(
     assert "create certificate: rpc error: code = Unauthenticated desc = the token is not " \
         "valid for this CA: " in result.error
     assert "audience" in result.error
+
+
+def test_a_client_that_keeps_failing_is_refused_before_a_tokenreview(kube_mesh: Mesh) -> None:
+    """The failure budget is kept per client address over gRPC too (the peer gRPC reports):
+    once spent, unknown tokens are RESOURCE_EXHAUSTED without asking the API server."""
+    replica = start_grpc_replica(kube_mesh, "grpc-budget")
+    try:
+        channel = grpc.secure_channel(
+            f"127.0.0.1:{replica.grpc_port}",
+            grpc.ssl_channel_credentials(replica.root_cert.read_bytes()))
+        call = channel.unary_unary(
+            grpc_ca.METHOD_PATH, request_serializer=IstioCertificateRequest.SerializeToString,
+            response_deserializer=IstioCertificateResponse.FromString)
+        request = IstioCertificateRequest(csr=make_csr(p256()).decode())
+        codes = []
+        for attempt in range(AUTH_FAILURE_BURST + 2):
+            with pytest.raises(grpc.RpcError) as caught:
+                call(request, metadata=(("authorization", f"Bearer unknown-{attempt}"),),
+                     timeout=30)
+            codes.append(caught.value.code())
+        channel.close()
+        assert codes[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert codes[-1] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "too many failed authentications from 127.0.0.1" in caught.value.details()
+    finally:
+        replica.stop()
