@@ -44,6 +44,6 @@ ENV PATH=/opt/injector/bin:$PATH \
 # container alone runs as root, set by the injected pod spec (it needs NET_ADMIN for iptables).
 USER 1337:1337
 WORKDIR /
-EXPOSE 15017
+EXPOSE 15017 15012
 ENTRYPOINT ["injector"]
 CMD ["serve", "--host", "0.0.0.0"]

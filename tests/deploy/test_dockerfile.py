@@ -79,3 +79,10 @@ def test_dockerfile_passes_hadolint() -> None:
     result = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_image_exposes_every_port_the_deployment_serves() -> None:
+    """The HTTPS port (webhook and CA) and Istio's gRPC CA port, as the Deployment lists them."""
+    exposed = {port for keyword, rest in dockerfile_instructions() if keyword == "EXPOSE"
+               for port in rest.split()}
+    assert exposed == {"15017", "15012"}
