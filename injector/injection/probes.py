@@ -130,12 +130,14 @@ def _named_ports(container: dict[str, Any]) -> dict[str, int]:
 
 def _container(container: dict[str, Any], where: str, port: int,
                replacements: list[tuple[str, dict[str, Any]]],
-               probers: dict[str, dict[str, Any]]) -> None:
+               probers: dict[str, dict[str, Any]], *, before_agent: bool) -> None:
     name = container.get("name")
     if type(name) is not str or not name or name == PROXY_CONTAINER:
         return
     ports: dict[str, int] | None = None
     for field, suffix in _PROBES:
+        if before_agent and field == "startupProbe":
+            continue
         probe = container.get(field)
         found = _action(probe, _PROBE_ACTIONS)
         if found is None:
@@ -153,6 +155,8 @@ def _container(container: dict[str, Any], where: str, port: int,
     if type(lifecycle) is not dict:
         return
     for hook, suffix in _HOOKS:
+        if before_agent and hook == "postStart":
+            continue
         handler = lifecycle.get(hook)
         found = _action(handler, _HOOK_ACTIONS)
         if found is None:
@@ -181,10 +185,11 @@ def _may_have_probes(items: Any) -> bool:
 _HANDLER_FIELDS = frozenset(("readinessProbe", "livenessProbe", "startupProbe", "lifecycle"))
 
 
-def rewrite(spec: Mapping[str, Any], annotations: Mapping[str, Any],
-            mesh: MeshConfig) -> Rewrite | None:
+def rewrite(spec: Mapping[str, Any], annotations: Mapping[str, Any], mesh: MeshConfig,
+            *, native: bool = False) -> Rewrite | None:
     """The rewrite of `spec`'s probes and hooks, or None when there is nothing to rewrite
-    (no probe the agent can run, or rewriting turned off).
+    (no probe the agent can run, or rewriting turned off). `native`: the proxy is a native
+    sidecar, started before the pod's own init containers.
 
     Raises InvalidAnnotation for a rewriteAppHTTPProbers value that is not a boolean.
     """
@@ -200,12 +205,16 @@ def rewrite(spec: Mapping[str, Any], annotations: Mapping[str, Any],
     replacements: list[tuple[str, dict[str, Any]]] = []
     probers: dict[str, dict[str, Any]] = {}
     # Init containers too, as Istio: a sidecar-style init container (restartPolicy: Always)
-    # has probes; an ordinary one has none to rewrite.
+    # has probes; an ordinary one has none to rewrite. Unless the proxy is a native sidecar,
+    # it starts after them, and kubelet holds the next init container until one's startup
+    # probe and postStart hook pass: pointed at the agent, they would wait for it forever
+    # (Istio rewrites them anyway). Left alone, they run before istio-init redirects anything.
     for field, items in (("initContainers", init), ("containers", containers)):
+        before_agent = field == "initContainers" and not native
         for index, container in enumerate(items if type(items) is list else ()):
             if type(container) is dict:
                 _container(container, f"/spec/{field}/{index}", mesh.agent_port,
-                           replacements, probers)
+                           replacements, probers, before_agent=before_agent)
     if not replacements:
         return None
     encoded = orjson.dumps(probers, option=orjson.OPT_SORT_KEYS).decode() if probers else ""

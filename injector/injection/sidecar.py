@@ -199,5 +199,6 @@ def build(
         native=parts.native,
         hold=parts.hold,
         template=parts,
-        rewritten_probes=probes.rewrite(spec, annotations, mesh),  # probe rewriting (SPEC 8)
+        # Probe rewriting (SPEC 8).
+        rewritten_probes=probes.rewrite(spec, annotations, mesh, native=parts.native),
     )

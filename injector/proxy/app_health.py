@@ -282,7 +282,11 @@ class AppHealthServer:
                                            self.headers.get("Host")))
 
             def _answer(self, outcome: Outcome) -> None:
+                # One probe per connection, as kubelet sends them: no idle connection holds
+                # one of the MAX_CONNECTIONS slots.
+                self.close_connection = True
                 self.send_response(outcome.status)
+                self.send_header("connection", "close")
                 self.send_header("content-type", "text/plain; charset=utf-8")
                 self.send_header("content-length", str(len(outcome.body)))
                 self.end_headers()

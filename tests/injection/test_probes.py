@@ -197,6 +197,28 @@ def test_through_the_webhook_kubectl_applies_it_and_kubernetes_accepts_the_pod(
     assert sum("ISTIO_KUBE_APP_PROBERS" in json.dumps(c.get("env", [])) for c in every) == 1
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_an_init_sidecars_startup_probe_and_post_start_wait_for_no_proxy_that_comes_later(
+    native: bool,
+) -> None:
+    log_shipper = {"name": "log-shipper", "image": "ship:1", "restartPolicy": "Always",
+                   "startupProbe": {"tcpSocket": {"port": 24224}},
+                   "livenessProbe": {"tcpSocket": {"port": 24224}},
+                   "lifecycle": {"postStart": {"httpGet": {"path": "/", "port": 24224}}}}
+    annotations = {"sidecar.istio.io/nativeSidecar": "true"} if native else {}
+    original = pod(annotations=annotations, init_containers=[log_shipper])
+    result = injected(original)
+    shipper = next(c for c in result["spec"]["initContainers"] if c["name"] == "log-shipper")
+    # Liveness runs once started, by when the proxy runs: rewritten either way.
+    assert shipper["livenessProbe"]["httpGet"]["port"] == 15020
+    if native:  # the proxy starts first: everything goes through it
+        assert shipper["startupProbe"]["httpGet"]["port"] == 15020
+        assert shipper["lifecycle"]["postStart"]["httpGet"]["port"] == 15020
+    else:  # kubelet holds the proxy until these pass: they must not need it
+        assert shipper["startupProbe"] == log_shipper["startupProbe"]
+        assert shipper["lifecycle"] == log_shipper["lifecycle"]
+
+
 def test_the_patch_cache_tells_pods_apart_by_their_probes_and_where_the_proxy_goes() -> None:
     patch.PATCHES.entries.clear()
     first = pod(containers=[web(livenessProbe={"tcpSocket": {"port": 8080}})])
