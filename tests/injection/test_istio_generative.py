@@ -188,7 +188,8 @@ def documented() -> list[istio.Difference]:
     return istio.documented_differences(SECTION)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+# 500 pods in about 15 s on the shared 2-core machine (the issue asks for at least 300).
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
 @given(pod=pods())
 def test_ours_and_istios_injector_agree_on_generated_pods(
         pod: dict[str, Any], istio_injector: istio.IstioInjector,
