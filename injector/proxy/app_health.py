@@ -25,6 +25,7 @@ kubelet; NOT_SERVING; an unknown path) is a 5xx or 404 with a one-line text reas
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import socket
@@ -45,7 +46,7 @@ DEFAULT_TIMEOUT_SECONDS = 1.0  # kubelet's default timeoutSeconds
 MAX_CONCURRENT_PROBES = 32  # the port is reachable by any pod: a bounded share of the agent
 MAX_CONNECTIONS = 64  # open at once (a thread each); more are closed at once
 MAX_BODY_BYTES = 10 * 1024  # of the app's answer passed back (kubelet keeps 10 KiB too)
-REQUEST_READ_SECONDS = 10.0  # a caller's request line and headers
+REQUEST_READ_SECONDS = 10.0  # a caller's request line and headers, all of them
 MAX_PROBERS_BYTES = 1024 * 1024
 
 # Not passed on to the app: they describe our connection to kubelet, not the app's.
@@ -232,8 +233,10 @@ class AppHealthServer:
     """HTTP on `port`: the app probes at their paths, and `/healthz/ready` (`ready()`)."""
 
     def __init__(self, probers: Mapping[str, Prober], port: int, *, host: str = "0.0.0.0",
-                 app_host: str = "127.0.0.1", ready: Callable[[], bool] | None = None) -> None:
+                 app_host: str = "127.0.0.1", ready: Callable[[], bool] | None = None,
+                 request_read_seconds: float = REQUEST_READ_SECONDS) -> None:
         self.probers = dict(probers)
+        self._request_read_seconds = request_read_seconds
         self.app_host = app_host
         self.port = port
         self._ready = ready
@@ -274,10 +277,28 @@ class AppHealthServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            timeout = REQUEST_READ_SECONDS
+            timeout = server._request_read_seconds
             protocol_version = "HTTP/1.1"
 
+            def setup(self) -> None:
+                super().setup()
+                # `timeout` bounds each read only: a caller that trickles its request a byte at
+                # a time would hold one of the MAX_CONNECTIONS slots as long as it liked, and
+                # enough of them would fail the pod's probes. The whole request gets the time.
+                self._read_deadline = threading.Timer(server._request_read_seconds, self._cut)
+                self._read_deadline.daemon = True
+                self._read_deadline.start()
+
+            def _cut(self) -> None:
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+
+            def finish(self) -> None:
+                self._read_deadline.cancel()
+                super().finish()
+
             def do_GET(self) -> None:  # the stdlib's name for it
+                self._read_deadline.cancel()  # read in time: the probe has its own timeout
                 self._answer(server.answer(self.path, list(self.headers.items()),
                                            self.headers.get("Host")))
 

@@ -8,6 +8,7 @@ tests/e2e/test_mesh.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -298,3 +299,34 @@ def test_the_agent_refuses_a_bad_env_in_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1
     assert "ISTIO_KUBE_APP_PROBERS" in lines[0]
     assert "/app-health/web/livez" in lines[0]
+
+
+def test_a_request_trickled_in_is_cut_at_the_read_deadline(http_app: int) -> None:
+    """A caller sending a byte at a time, each within the per-read timeout, does not keep its
+    connection (one of the few slots the pod's probes need) past the whole request's time."""
+    server = AppHealthServer(parse_probers(json.dumps(
+        {"/app-health/web/livez": {"httpGet": {"path": "/ok", "port": http_app}}})), 0,
+        host="127.0.0.1", request_read_seconds=1.0)
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as slow:
+            started = time.monotonic()
+            request = b"GET /app-health/web/livez HTTP/1.1\r\nHost: x\r\n"
+            cut = False
+            for byte in request * 20:
+                if time.monotonic() - started > 4:
+                    break  # still not cut: the failure below
+                try:
+                    slow.sendall(bytes([byte]))
+                except OSError:
+                    cut = True
+                    break
+                time.sleep(0.1)
+            if not cut:
+                slow.settimeout(0.5)
+                with contextlib.suppress(TimeoutError):
+                    cut = slow.recv(1) == b""
+            assert cut, "a request trickled in for 4 s was not cut at its 1 s deadline"
+        assert get(server, "/app-health/web/livez").status_code == 200
+    finally:
+        server.stop()
