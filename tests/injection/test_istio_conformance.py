@@ -137,3 +137,47 @@ def test_every_injection_annotation_and_label_of_istio_has_a_row() -> None:
     assert len(expected) >= 40, expected
     missing = sorted(set(expected) - documented)
     assert not missing, f"no row in docs/istio-compatibility.md for {missing}"
+
+
+# A value Istio would take for each annotation the page says is not supported.
+_SAMPLE_VALUES = {
+    "sidecar.istio.io/bootstrapOverride": "custom-bootstrap",
+    "sidecar.istio.io/discoveryAddress": "istiod.istio-system.svc:15012",
+    "sidecar.istio.io/extraStatTags": "request_host",
+    "sidecar.istio.io/statsCompression": "gzip",
+    "sidecar.istio.io/statsEvictionInterval": "60s",
+    "sidecar.istio.io/statsFlushInterval": "10s",
+    "sidecar.istio.io/statsHistogramBins": "cluster.upstream_rq_time:1,5,10",
+    "sidecar.istio.io/statsHistogramBuckets": '{"cluster.upstream_rq_time":[1,5,10]}',
+    "sidecar.istio.io/statsInclusionPrefixes": "cluster.outbound",
+    "sidecar.istio.io/statsInclusionRegexps": "http.*",
+    "sidecar.istio.io/statsInclusionSuffixes": "upstream_rq_total",
+    "proxy.istio.io/overrides": '{"containers":[{"name":"istio-proxy"}]}',
+    "inject.istio.io/templates": "gateway",
+    "istio.io/rev": "canary",
+}
+
+
+def _injected_without(annotation: str | None) -> Any:
+    metadata: dict[str, Any] = {"name": "shop", "annotations": {}}
+    if annotation is not None:
+        metadata["annotations"][annotation] = _SAMPLE_VALUES[annotation]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata,
+           "spec": {"containers": [{"name": "shop", "image": "shop:1"}]}}
+    injected = _documents(inject_yaml(yaml.safe_dump(pod), MESH, "pod.yaml"))[0]
+    injected["metadata"]["annotations"].pop(annotation, None)
+    return injected
+
+
+def test_what_the_page_says_is_not_supported_has_no_effect() -> None:
+    """A "not supported" row is true: the annotation changes nothing of what is injected. When
+    one starts to, its row must say how it is supported now."""
+    plain = _injected_without(None)
+    for cells in istio.section_rows("Annotations and labels"):
+        if cells[1] != "not supported":
+            continue
+        for name in sorted(_documented_names(cells[0])):
+            assert name in _SAMPLE_VALUES, f"no sample value of {name} to check its row with"
+            assert _injected_without(name) == plain, (
+                f"{name} has an effect now: its row in docs/istio-compatibility.md says "
+                "'not supported'")
