@@ -227,8 +227,7 @@ class Explanation:
 # are policy.decide's; which rule decided is the one its reason belongs to.
 RULES: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (1, "spec.hostNetwork: true", ("host-network",)),
-    (2, f"annotation {STATUS_ANNOTATION} or a container {PROXY_CONTAINER}",
-     ("already-injected",)),
+    (2, f"annotation {STATUS_ANNOTATION}", ("already-injected",)),
     (3, "the namespace is a system namespace or the injector's own", ("ignored-namespace",)),
     (4, f"namespace label {NAMESPACE_LABEL}=disabled", ("namespace-disabled",)),
     (5, f"pod label, else annotation, {INJECT_LABEL}",

@@ -73,6 +73,9 @@ def build(pod: Mapping[str, Any], injection: Injection) -> list[Operation]:
         # replacements go before anything is inserted into them.
         ops.extend({"op": "replace", "path": path, "value": value}
                    for path, value in rewrite.replacements)
+    # The pod's own istio-proxy / istio-init, merged into the injected ones: out of the lists
+    # (each list's last first, so that the indexes hold) before anything is added to them.
+    ops.extend({"op": "remove", "path": path} for path in injection.removals)
     # No istio-init with interceptionMode NONE.
     inits = [] if injection.init_container is None else [injection.init_container]
     if injection.native:
@@ -100,7 +103,8 @@ def _proxy_pointer(spec: Mapping[str, Any], injection: Injection) -> str:
     if injection.hold:
         return "/spec/containers/0"
     containers = spec.get("containers")
-    return f"/spec/containers/{len(containers) if isinstance(containers, list) else 0}"
+    removed = sum(path.startswith("/spec/containers/") for path in injection.removals)
+    return f"/spec/containers/{len(containers) - removed if isinstance(containers, list) else 0}"
 
 
 def _shape(pod: Mapping[str, Any]) -> tuple[Any, ...]:

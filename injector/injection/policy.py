@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from injector.mesh.config import MeshConfig
-from injector.mesh.names import INJECT_LABEL, NAMESPACE_LABEL, PROXY_CONTAINER, STATUS_ANNOTATION
+from injector.mesh.names import INJECT_LABEL, NAMESPACE_LABEL, STATUS_ANNOTATION
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,14 +29,6 @@ POLICY_ENABLED = Decision(True, "policy-enabled")
 POLICY_DISABLED = Decision(False, "policy-disabled")
 
 
-def _has_proxy_container(spec: Mapping[str, Any]) -> bool:
-    for field in ("containers", "initContainers"):
-        for container in spec.get(field) or ():
-            if isinstance(container, dict) and container.get("name") == PROXY_CONTAINER:
-                return True
-    return False
-
-
 def decide(
     pod: Mapping[str, Any],
     namespace: str,
@@ -54,7 +46,9 @@ def decide(
     if spec.get("hostNetwork") is True:
         return HOST_NETWORK
     annotations = metadata.get("annotations") or {}
-    if STATUS_ANNOTATION in annotations or _has_proxy_container(spec):
+    # Only our own record says so: a pod's own istio-proxy container (without it) is merged
+    # over the injected one (`injector.injection.user_containers`), as Istio does.
+    if STATUS_ANNOTATION in annotations:
         return ALREADY_INJECTED
     if namespace in mesh.all_ignored_namespaces:
         return IGNORED_NAMESPACE

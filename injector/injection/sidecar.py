@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from injector.errors import InvalidInput
-from injector.injection import probes
+from injector.injection import probes, user_containers
 from injector.injection.containers import Template, template
 from injector.mesh.config import MeshConfig
 from injector.mesh.names import (
@@ -28,6 +28,8 @@ from injector.mesh.names import (
     DEFAULT_CONTAINER_ANNOTATION,
     DEFAULT_LOGS_CONTAINER_ANNOTATION,
     INIT_CONTAINER,
+    PROXY_CONTAINER,
+    PROXY_OVERRIDES_ANNOTATION,
     STATUS_ANNOTATION,
     TLS_MODE_LABEL,
     VOLUME_NAMES,
@@ -63,6 +65,9 @@ class Injection(NamedTuple):
     template: Template | None = None
     # Probe rewriting (SPEC 8, `injector.injection.probes`): None when nothing is rewritten.
     rewritten_probes: probes.Rewrite | None = None
+    # The pod's own istio-proxy / istio-init, merged into the containers above: where they were
+    # (JSON pointers, each list's last first), to be removed from there.
+    removals: tuple[str, ...] = ()
 
 
 def _names(items: Any) -> set[object]:
@@ -72,28 +77,35 @@ def _names(items: Any) -> set[object]:
 _VOLUME_NAME_SET = frozenset(VOLUME_NAMES)
 
 
-def _check_names(spec: Mapping[str, Any]) -> None:
+def _check_names(spec: Mapping[str, Any]) -> list[user_containers.Found]:
     """Container names are unique across containers and initContainers (which
     `injector.injection.limits` checks of the pod's own), and volume names among volumes:
-    refuse a pod whose names the sidecar's would clash with. (A pod with a container named
-    istio-proxy is already injected: `policy` skips it.)"""
+    refuse a pod whose names the sidecar's would clash with. The pod's own istio-proxy (in
+    either list) and istio-init (an init container) are returned, to be merged over the
+    injected ones (`injector.injection.user_containers`); a pod injected already, with
+    sidecar.istio.io/status, never gets here (`policy` skips it)."""
+    found: list[user_containers.Found] = []
     for field in ("initContainers", "containers"):
         items = spec.get(field)
         if not items:
             continue
-        for container in items:
-            if type(container) is dict and container.get("name") == INIT_CONTAINER:
-                kind = "an init container" if field == "initContainers" else "a container"
-                raise NameConflict(f"the pod already has {kind} named {INIT_CONTAINER}, "
-                                   "which the sidecar needs")
+        for index, container in enumerate(items):
+            if type(container) is not dict or not user_containers.is_sidecar_name(
+                    container.get("name")):
+                continue
+            if container["name"] == INIT_CONTAINER and field == "containers":
+                raise NameConflict(f"the pod already has a container named {INIT_CONTAINER}, "
+                                   "which the sidecar needs as an init container")
+            found.append(user_containers.Found(field, index, container))
     volume_names = _names(spec.get("volumes"))
     if volume_names.isdisjoint(_VOLUME_NAME_SET):
-        return  # the common case, in one set operation
+        return found  # the common case, in one set operation
     taken = sorted(name for name in VOLUME_NAMES if name in volume_names)
     if taken:
         raise NameConflict(
             f"the pod already has volumes named {', '.join(taken)}, which the sidecar needs"
         )
+    return found
 
 
 def workload_name(pod: Mapping[str, Any]) -> str:
@@ -182,7 +194,7 @@ def build(
     spec = pod.get("spec") or {}
     annotations = metadata.get("annotations") or {}
     labels = metadata.get("labels") or {}
-    _check_names(spec)
+    found = _check_names(spec)
     parts = template(annotations, mesh)
     if parts.user_volume_names:
         taken = sorted(parts.user_volume_names & _names(spec.get("volumes")))
@@ -190,6 +202,8 @@ def build(
             raise NameConflict(f"the pod already has volumes named {', '.join(taken)}, which "
                                "sidecar.istio.io/userVolume adds")
     thaw: Any = orjson.Fragment if as_json else orjson.loads
+    if found:
+        return _with_pods_own(pod, mesh, name, parts, found)
     return Injection(
         init_container=None if parts.init_container is None else thaw(parts.init_container),
         proxy_container=thaw(parts.proxy_container),
@@ -201,4 +215,45 @@ def build(
         template=parts,
         # Probe rewriting (SPEC 8).
         rewritten_probes=probes.rewrite(spec, annotations, mesh, native=parts.native),
+    )
+
+
+def _with_pods_own(pod: Mapping[str, Any], mesh: MeshConfig, name: str | None, parts: Template,
+                   found: list[user_containers.Found]) -> Injection:
+    """The injection with the pod's own istio-proxy / istio-init merged over the injected ones
+    and recorded in proxy.istio.io/overrides, as Istio does. Dicts, not JSON: each such pod's
+    containers are its own (and so its patch is never taken from the cache)."""
+    metadata = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    annotations = metadata.get("annotations") or {}
+    proxy: dict[str, Any] = orjson.loads(parts.proxy_container)
+    init = None if parts.init_container is None else orjson.loads(parts.init_container)
+    recorded: dict[str, list[dict[str, Any]]] = {"containers": [], "initContainers": []}
+    removals: dict[str, list[int]] = {"containers": [], "initContainers": []}
+    for item in found:
+        if item.container["name"] == PROXY_CONTAINER:
+            proxy = user_containers.merge(proxy, item.container)
+            where = "initContainers" if parts.native else "containers"
+        elif init is not None:
+            init = user_containers.merge(init, item.container)
+            where = "initContainers"
+        else:
+            continue  # no istio-init injected (interceptionMode NONE): the pod's own stays
+        recorded[where].append(user_containers.overlay(item.container))
+        removals[item.field].append(item.position)
+    added = _annotations_to_add(annotations, spec, mesh, parts.status)
+    added[PROXY_OVERRIDES_ANNOTATION] = orjson.dumps(
+        {field: items for field, items in recorded.items() if items}).decode()
+    return Injection(
+        init_container=init,
+        proxy_container=proxy,
+        volumes=[orjson.loads(volume) for volume in parts.volumes],
+        labels=_labels_to_add(metadata.get("labels") or {}, name or workload_name(pod)),
+        annotations=added,
+        native=parts.native,
+        hold=parts.hold,
+        template=parts,
+        rewritten_probes=probes.rewrite(spec, annotations, mesh, native=parts.native),
+        removals=tuple(f"/spec/{field}/{index}" for field, indexes in removals.items()
+                       for index in sorted(indexes, reverse=True)),
     )

@@ -13,6 +13,8 @@ from typing import Final
 INJECT_LABEL: Final = "sidecar.istio.io/inject"  # also read as an annotation
 NAMESPACE_LABEL: Final = "istio-injection"
 STATUS_ANNOTATION: Final = "sidecar.istio.io/status"
+# The pod's own istio-proxy / istio-init, as merged over the injected ones (JSON).
+PROXY_OVERRIDES_ANNOTATION: Final = "proxy.istio.io/overrides"
 DEFAULT_CONTAINER_ANNOTATION: Final = "kubectl.kubernetes.io/default-container"
 DEFAULT_LOGS_CONTAINER_ANNOTATION: Final = "kubectl.kubernetes.io/default-logs-container"
 TLS_MODE_LABEL: Final = "security.istio.io/tlsMode"

@@ -21,13 +21,25 @@ def test_host_network_pods_are_skipped_even_when_opted_in() -> None:
     "already",
     [
         pod(annotations={"sidecar.istio.io/status": "{}"}),
-        pod(containers=[{"name": "app", "image": "a"}, {"name": "istio-proxy", "image": "p"}]),
-        pod(init_containers=[{"name": "istio-proxy", "image": "p", "restartPolicy": "Always"}]),
+        pod(annotations={"sidecar.istio.io/status": "{}"},
+            containers=[{"name": "app", "image": "a"}, {"name": "istio-proxy", "image": "p"}]),
     ],
 )
 def test_injected_pods_are_not_injected_again(already: dict) -> None:
     decision = decide(already, "shop", ENABLED, MESH)
     assert (decision.inject, decision.reason) == (False, "already-injected")
+
+
+@pytest.mark.parametrize(
+    "own",
+    [
+        pod(containers=[{"name": "app", "image": "a"}, {"name": "istio-proxy", "image": "auto"}]),
+        pod(init_containers=[{"name": "istio-proxy", "image": "p", "restartPolicy": "Always"}]),
+    ],
+)
+def test_a_pods_own_istio_proxy_without_our_status_is_injected(own: dict) -> None:
+    # As Istio: the pod's container is merged over the injected one (`user_containers`).
+    assert decide(own, "shop", ENABLED, MESH).inject
 
 
 @pytest.mark.parametrize("namespace", ["kube-system", "kube-public", "kube-node-lease",

@@ -78,7 +78,7 @@ def test_a_malformed_override_refuses_the_whole_injection() -> None:
     "conflicting",
     [
         pod(volumes=[{"name": "istio-envoy", "emptyDir": {}}]),
-        pod(init_containers=[{"name": "istio-init", "image": "busybox"}]),
+        pod(containers=[{"name": "istio-init", "image": "busybox"}]),
     ],
 )
 def test_a_pod_using_the_sidecars_names_is_refused(conflicting: dict) -> None:

@@ -201,19 +201,43 @@ def test_non_ascii_digits_in_a_quantity_are_refused_naming_the_annotation() -> N
     assert (outcome.result, outcome.reason) == ("denied", "invalid-annotation")
 
 
-@pytest.mark.parametrize("field", ["containers", "initContainers"])
-def test_an_app_container_named_istio_init_is_refused_naming_the_clash(field: str) -> None:
+def test_an_app_container_named_istio_init_is_refused_naming_the_clash() -> None:
     # It used to get a second container of that name (names are unique across both lists).
-    app = {"name": "istio-init", "image": "app:1"}
-    clashing = pod(containers=[app]) if field == "containers" else pod(init_containers=[app])
+    # (An init container of that name is the pod's own istio-init: merged, see below.)
+    clashing = pod(containers=[{"name": "istio-init", "image": "app:1"}])
     outcome, response = answer(review(clashing))
     assert response["allowed"] is False
     assert "istio-init" in response["status"]["message"]
     assert (outcome.result, outcome.reason) == ("denied", "name-conflict")
 
 
+def test_a_pods_own_istio_proxy_is_merged_through_the_webhook_with_its_probes_rewritten(
+        ) -> None:
+    # The pod's own istio-proxy comes first; the app's probe is rewritten (replace ops on the
+    # lists as they came), then the pod's istio-proxy removed, and ours appended with the env.
+    own = pod(containers=[
+        {"name": "istio-proxy", "image": "auto", "resources": {"requests": {"cpu": "1"}}},
+        {"name": "app", "image": "a", "ports": [{"containerPort": 8080}],
+         "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}}},
+    ])
+    for _ in range(2):  # and the same again: nothing of it is cached wrongly
+        outcome, response = answer(review(own))
+        assert (outcome.result, response["allowed"]) == ("injected", True)
+        ops = json.loads(base64.b64decode(response["patch"]))
+        out = jsonpatch.apply_patch(own, ops)
+        containers = out["spec"]["containers"]
+        assert [c["name"] for c in containers] == ["app", "istio-proxy"]
+        assert containers[1]["resources"]["requests"]["cpu"] == "1"
+        assert containers[1]["image"] != "auto"
+        assert "proxy.istio.io/overrides" in out["metadata"]["annotations"]
+        if "/app-health/" in json.dumps(containers[0].get("readinessProbe")):
+            env = {item["name"] for item in containers[1]["env"]}
+            assert "ISTIO_KUBE_APP_PROBERS" in env
+
+
 def test_a_pod_istio_injected_already_is_skipped_not_refused_for_its_istio_init() -> None:
-    injected = pod(init_containers=[{"name": "istio-init", "image": "proxyv2"}],
+    injected = pod(annotations={"sidecar.istio.io/status": '{"revision": "default"}'},
+                   init_containers=[{"name": "istio-init", "image": "proxyv2"}],
                    containers=[{"name": "app", "image": "a"},
                                {"name": "istio-proxy", "image": "proxyv2"}])
     outcome, response = answer(review(injected))
