@@ -34,7 +34,7 @@ PROXY_CONFIG: Final = "proxy.istio.io/config"
 # JSON objects: volume name to volume source, and to istio-proxy's mount of it.
 USER_VOLUME: Final = "sidecar.istio.io/userVolume"
 USER_VOLUME_MOUNT: Final = "sidecar.istio.io/userVolumeMount"
-# Image variants: `distroless` or `debug` appended to the tag of the mesh's images (`default`: none).
+# Image variants: `distroless` or `debug` on the tag of the mesh's images (`default`: none).
 PROXY_IMAGE_TYPE: Final = "sidecar.istio.io/proxyImageType"
 IMAGE_TYPE_DEFAULT: Final = "default"
 KNOWN_IMAGE_TYPES: Final = ("distroless", "debug")
