@@ -7,6 +7,7 @@ The flags and their checks; `injector.server.wiring` builds the server and runs 
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from injector.commands.cli import CommandParser, UsageError
@@ -16,6 +17,8 @@ from injector.mesh.config import load_mesh_config
 from injector.server import wiring
 
 MAX_WORKERS = 64
+# A revision names a label value and a webhook configuration (injector-<revision>): a DNS label.
+_REVISION = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 def add_arguments(parser: CommandParser) -> None:
@@ -37,6 +40,9 @@ def add_arguments(parser: CommandParser) -> None:
                   help="kubeconfig for the Kubernetes API (default: in-cluster when available)")
     parser.option("--workers", default=1, type=int,
                   help="worker processes sharing the port (one core each); default 1")
+    parser.option("--revision", default=None,
+                  help="the revision this server injects as (Istio's istio.io/rev): recorded on "
+                       "each pod; overrides the mesh config's revision (default: default)")
     parser.option("--log-level", default="info", type=str.lower,
                   choices=["debug", "info", "warning", "error"], help="log level")
 
@@ -56,6 +62,11 @@ def run(args: argparse.Namespace) -> int:
         mesh = load_mesh_config(args.config_data, source=f"config file {args.config}")
     except ConfigError as error:
         raise UsageError(str(error)) from None
+    if args.revision is not None:
+        if not _REVISION.fullmatch(args.revision):
+            raise UsageError(f"--revision {args.revision!r}: not a revision name (a label value: "
+                             "a-z, 0-9 and -, at most 63, alphanumeric at both ends)")
+        mesh = mesh.model_copy(update={"revision": args.revision})
     return wiring.serve(wiring.ServeSettings(
         host=args.host, port=args.port, certs_dir=Path(args.certs_dir),
         dns_names=tuple(args.dns_name), token_file=args.token_file,

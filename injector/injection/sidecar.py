@@ -27,9 +27,11 @@ from injector.mesh.names import (
     CANONICAL_REVISION_LABEL,
     DEFAULT_CONTAINER_ANNOTATION,
     DEFAULT_LOGS_CONTAINER_ANNOTATION,
+    DEFAULT_REVISION,
     INIT_CONTAINER,
     PROXY_CONTAINER,
     PROXY_OVERRIDES_ANNOTATION,
+    REVISION_LABEL,
     STATUS_ANNOTATION,
     TLS_MODE_LABEL,
     VOLUME_NAMES,
@@ -163,6 +165,10 @@ def _annotations_to_add(
     status: str,
 ) -> dict[str, str]:
     added = {STATUS_ANNOTATION: status}
+    # The revision that injected the pod, as Istio's template records it (unless the pod has
+    # its own: what the pod already has is never changed).
+    if REVISION_LABEL not in annotations:
+        added[REVISION_LABEL] = mesh.revision or DEFAULT_REVISION
     containers = spec.get("containers") or ()
     if containers:
         first = containers[0].get("name") if isinstance(containers[0], dict) else None

@@ -32,7 +32,7 @@ from injector.mesh.names import (
     NAMESPACE_LABEL,
     ROOT_CERT_CONFIGMAP,
     ROOT_CERT_KEY,
-    WEBHOOK_CONFIGURATION,
+    webhook_configuration,
 )
 
 NAMESPACE_LABEL_VALUES = frozenset({"enabled", "disabled"})
@@ -284,8 +284,10 @@ class ClusterSync:
 
     def _sync_ca_bundle(self) -> None:
         bundle = base64.b64encode(self._root_pem.encode()).decode()
-        path = ("/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/"
-                + WEBHOOK_CONFIGURATION)
+        # Ours for this server's revision: `injector`, or `injector-<revision>` (each revision's
+        # servers keep their own; a tag's webhooks live in the default or revision's one).
+        name = webhook_configuration(self._mesh.revision)
+        path = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/" + name
         configuration = self._rest.json("GET", path)
         ops: list[dict[str, Any]] = []
         for index, webhook in enumerate(configuration.get("webhooks") or []):
@@ -297,8 +299,7 @@ class ClusterSync:
                             "value": bundle})
         if ops:
             self._rest.json("PATCH", path, body=ops, content_type="application/json-patch+json")
-            log.info("patched the caBundle of MutatingWebhookConfiguration %s",
-                     WEBHOOK_CONFIGURATION)
+            log.info("patched the caBundle of MutatingWebhookConfiguration %s", name)
 
     def _keep_ca_bundle(self) -> None:
         def step() -> None:
@@ -307,4 +308,5 @@ class ClusterSync:
             self._stop.wait(self._resync_seconds)
 
         self._retry_forever(
-            "webhook-ca-bundle", f"keeping {WEBHOOK_CONFIGURATION}'s caBundle", step)
+            "webhook-ca-bundle",
+            f"keeping {webhook_configuration(self._mesh.revision)}'s caBundle", step)

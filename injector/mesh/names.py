@@ -90,6 +90,17 @@ ROOT_CERT_CONFIGMAP: Final = "istio-ca-root-cert"
 ROOT_CERT_KEY: Final = "root-cert.pem"
 SHARED_CA_SECRET: Final = "istio-ca-secret"
 WEBHOOK_CONFIGURATION: Final = "injector"
+# Revisions (Istio's istio.io/rev): a namespace or pod label choosing a revision's webhooks, and
+# the annotation injection adds naming the revision that injected the pod.
+REVISION_LABEL: Final = "istio.io/rev"
+DEFAULT_REVISION: Final = "default"
+
+
+def webhook_configuration(revision: str) -> str:
+    """Our MutatingWebhookConfiguration for a revision: `injector` for the default one,
+    `injector-<revision>` for another (the Helm chart's and deploy/revision's names)."""
+    return WEBHOOK_CONFIGURATION if revision in ("", DEFAULT_REVISION) else (
+        f"{WEBHOOK_CONFIGURATION}-{revision}")
 
 # --- Defaults -----------------------------------------------------------------------------------
 DEFAULT_TRUST_DOMAIN: Final = "cluster.local"

@@ -33,6 +33,14 @@ def test_status_and_default_container_annotations() -> None:
     assert injection.annotations["prometheus.io/path"] == "/stats/prometheus"
 
 
+def test_the_revision_is_recorded_on_the_pod_as_istio_does() -> None:
+    assert build(pod(), MESH).annotations["istio.io/rev"] == "default"
+    canary = MeshConfig(revision="canary")
+    assert build(pod(), canary).annotations["istio.io/rev"] == "canary"
+    own = build(pod(annotations={"istio.io/rev": "canary"}), MESH)
+    assert "istio.io/rev" not in own.annotations  # the pod's own is kept
+
+
 def test_the_pods_own_prometheus_and_default_container_annotations_win() -> None:
     injection = build(pod(annotations={"prometheus.io/port": "9090",
                                        "kubectl.kubernetes.io/default-container": "app"}), MESH)

@@ -232,3 +232,29 @@ def test_with_workers_each_watches_namespaces_and_one_writes(
                 assert decision(server, pod(), "shop") == "injected"
     finally:
         server.stop()
+
+
+def test_a_revisions_server_keeps_its_own_webhook_configurations_ca_bundle(
+    tmp_path: Path, cluster: RunningFakeKube
+) -> None:
+    # As the chart names them: `injector` for the default revision, `injector-<revision>`.
+    revision = {**webhook_configuration(), "metadata": {"name": "injector-canary",
+                                                        "labels": {"istio.io/rev": "canary"}}}
+    cluster.api.store.put("mutatingwebhookconfigurations", revision)
+    server = start_server(tmp_path, "--kubeconfig", str(cluster.kubeconfig),
+                          "--revision", "canary")
+    try:
+        bundle = base64.b64encode(root_pem(server).encode()).decode()
+
+        def patched() -> bool:
+            stored = cluster.api.store.get("mutatingwebhookconfigurations", None,
+                                           "injector-canary")
+            assert stored is not None
+            return all(hook["clientConfig"].get("caBundle") == bundle
+                       for hook in stored["webhooks"])
+
+        eventually(patched, what="the revision's caBundle patched")
+        default = cluster.api.store.get("mutatingwebhookconfigurations", None, "injector")
+        assert not any("caBundle" in hook["clientConfig"] for hook in default["webhooks"])
+    finally:
+        server.stop()

@@ -24,7 +24,7 @@ SYSTEM_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
 # `injector serve`'s own options: as config-file keys they are read as options, not mesh config.
 SERVE_OPTION_KEYS = {
     "host", "port", "certsDir", "dnsName", "config", "tokenFile", "kubeconfig", "logLevel",
-    "workers", "grpcPort", "clusterId",
+    "workers", "grpcPort", "clusterId", "revision",
 }
 
 
