@@ -179,6 +179,7 @@ class Template:
     status: str  # the sidecar.istio.io/status annotation
     native: bool
     hold: bool
+    gateway: bool = False  # the proxy is the pod's main container (no istio-init, no tlsMode)
 
     @property
     def size(self) -> int:
@@ -207,6 +208,7 @@ def _make_template(annotations: Mapping[str, Any], mesh: MeshConfig) -> Template
         status=orjson.dumps(status).decode(),
         native=settings.native,
         hold=settings.hold,
+        gateway=settings.gateway,
     )
 
 

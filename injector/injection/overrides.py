@@ -54,6 +54,8 @@ from injector.mesh.names import (
     READINESS_PERIOD,
     REROUTE_VIRTUAL_INTERFACES,
     STATUS_PORT_ANNOTATION,
+    TEMPLATES,
+    TEMPLATES_ANNOTATION,
     USER_VOLUME,
     USER_VOLUME_MOUNT,
     VOLUME_NAMES,
@@ -79,7 +81,7 @@ ANNOTATIONS: tuple[str, ...] = (
     REROUTE_VIRTUAL_INTERFACES, INTERCEPTION_MODE, STATUS_PORT_ANNOTATION,
     READINESS_INITIAL_DELAY, READINESS_PERIOD, READINESS_FAILURE_THRESHOLD,
     READINESS_APPLICATION_PORTS, USER_VOLUME, USER_VOLUME_MOUNT, PROXY_IMAGE_TYPE,
-    COMPONENT_LOG_LEVEL, AGENT_LOG_LEVEL,
+    COMPONENT_LOG_LEVEL, AGENT_LOG_LEVEL, TEMPLATES_ANNOTATION,
 )
 
 _Parsed = TypeVar("_Parsed")
@@ -160,6 +162,7 @@ class Overrides:
     traffic: TrafficOptions  # istio-init's redirection
     capture: bool  # istio-init is added at all (not with interceptionMode NONE)
     readiness: Readiness | None  # None: no readiness probe (status port 0)
+    gateway: bool  # inject.istio.io/templates: gateway, the proxy as the pod's main container
 
 
 def _annotation(annotations: Mapping[str, Any], key: str, default: str) -> str:
@@ -339,6 +342,19 @@ def _check_log_levels(annotations: Mapping[str, Any]) -> None:
                                            else "[scope:]level") + " pair")
 
 
+def _gateway(annotations: Mapping[str, Any]) -> bool:
+    """`inject.istio.io/templates`: `sidecar` (the default) or `gateway`, Istio's two built-in
+    templates; any other (a custom template of Istio's mesh config) or a mix is refused."""
+    text = _annotation(annotations, TEMPLATES_ANNOTATION, "sidecar")
+    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in TEMPLATES]
+    if unknown or len(set(chosen)) != 1:
+        raise InvalidAnnotation(TEMPLATES_ANNOTATION, text,
+                                "expected one template, sidecar or gateway (no custom "
+                                "templates here)")
+    return chosen[0] == "gateway"
+
+
 _RESOURCE_ANNOTATIONS = (PROXY_CPU, PROXY_MEMORY, PROXY_CPU_LIMIT, PROXY_MEMORY_LIMIT)
 
 
@@ -489,7 +505,9 @@ def read(annotations: Mapping[str, Any], mesh: MeshConfig) -> Overrides:
     proxy_metadata = _proxy_metadata(config, annotations.get(PROXY_CONFIG))
     resources = _resources(annotations, mesh)
     traffic = traffic_options(annotations, mesh)
-    capture = _capture(annotations, config)
+    gateway = _gateway(annotations)
+    # A gateway's traffic is its own: no istio-init (Istio's gateway template has none).
+    capture = _capture(annotations, config) and not gateway
     user_volumes = _user_volumes(annotations, USER_VOLUME)
     user_volume_mounts = _user_volumes(annotations, USER_VOLUME_MOUNT)
     readiness = _readiness(annotations, mesh)
@@ -520,8 +538,10 @@ def read(annotations: Mapping[str, Any], mesh: MeshConfig) -> Overrides:
     mtls_mode = _annotation(annotations, MTLS_MODE, mesh.mtls_mode)
     if mtls_mode not in MTLS_MODES:
         raise InvalidAnnotation(MTLS_MODE, mtls_mode, "expected PERMISSIVE or STRICT")
+    # A gateway's proxy is the pod's main container, never a native sidecar or held for.
     return Overrides(image=image, init_image=init_image, log_level=log_level,
-                     mtls_mode=mtls_mode, resources=resources, native=native, hold=hold,
+                     mtls_mode=mtls_mode, resources=resources, native=native and not gateway,
+                     hold=hold and not gateway,
                      proxy_metadata=proxy_metadata, user_volumes=user_volumes,
                      user_volume_mounts=user_volume_mounts,
-                     traffic=traffic, capture=capture, readiness=readiness)
+                     traffic=traffic, capture=capture, readiness=readiness, gateway=gateway)

@@ -144,7 +144,8 @@ def _label_value(text: str) -> str:
 _NOT_IN_LABEL_VALUE = re.compile(r"[^A-Za-z0-9._-]")
 
 
-def _labels_to_add(labels: Mapping[str, Any], name: str) -> dict[str, str]:
+def _labels_to_add(labels: Mapping[str, Any], name: str, gateway: bool = False,
+                   ) -> dict[str, str]:
     wanted = {
         TLS_MODE_LABEL: "istio",
         CANONICAL_NAME_LABEL: (
@@ -154,6 +155,8 @@ def _labels_to_add(labels: Mapping[str, Any], name: str) -> dict[str, str]:
             labels.get("app.kubernetes.io/version") or labels.get("version") or "latest"
         ),
     }
+    if gateway:  # Istio's gateway template: a gateway takes plaintext and mTLS alike
+        del wanted[TLS_MODE_LABEL]
     # The pod's own labels win: nothing it set is altered.
     return {key: str(value) for key, value in wanted.items() if key not in labels}
 
@@ -214,7 +217,7 @@ def build(
         init_container=None if parts.init_container is None else thaw(parts.init_container),
         proxy_container=thaw(parts.proxy_container),
         volumes=[thaw(volume) for volume in parts.volumes],
-        labels=_labels_to_add(labels, name or workload_name(pod)),
+        labels=_labels_to_add(labels, name or workload_name(pod), parts.gateway),
         annotations=_annotations_to_add(annotations, spec, mesh, parts.status),
         native=parts.native,
         hold=parts.hold,
@@ -254,7 +257,8 @@ def _with_pods_own(pod: Mapping[str, Any], mesh: MeshConfig, name: str | None, p
         init_container=init,
         proxy_container=proxy,
         volumes=[orjson.loads(volume) for volume in parts.volumes],
-        labels=_labels_to_add(metadata.get("labels") or {}, name or workload_name(pod)),
+        labels=_labels_to_add(metadata.get("labels") or {}, name or workload_name(pod),
+                              parts.gateway),
         annotations=added,
         native=parts.native,
         hold=parts.hold,

@@ -33,6 +33,10 @@ NATIVE_SIDECAR: Final = "sidecar.istio.io/nativeSidecar"
 PROXY_CONFIG: Final = "proxy.istio.io/config"
 # JSON objects: volume name to volume source, and to istio-proxy's mount of it.
 USER_VOLUME: Final = "sidecar.istio.io/userVolume"
+# Istio's injection templates, comma-separated: `sidecar` (the default) or `gateway` (the proxy
+# is the pod's main container: no istio-init, no tlsMode label).
+TEMPLATES_ANNOTATION: Final = "inject.istio.io/templates"
+TEMPLATES: Final = ("sidecar", "gateway")
 USER_VOLUME_MOUNT: Final = "sidecar.istio.io/userVolumeMount"
 # Image variants: `distroless` or `debug` on the tag of the mesh's images (`default`: none).
 PROXY_IMAGE_TYPE: Final = "sidecar.istio.io/proxyImageType"

@@ -104,3 +104,30 @@ def test_strategic_merge_rules() -> None:
     assert merged["ports"] == [{"containerPort": 15090, "name": "prom"}, {"containerPort": 9000}]
     assert "readinessProbe" not in merged  # null removes
     assert base["args"] == ["a"]  # the injected container is not changed
+
+
+def test_the_gateway_template_makes_the_proxy_the_main_container() -> None:
+    # Istio's own example (gateway.yaml): the pod is its istio-proxy alone, image auto.
+    gateway = pod(annotations={"inject.istio.io/templates": "gateway"},
+                  labels={"istio": "ingressgateway"},
+                  containers=[{"name": "istio-proxy", "image": "auto",
+                               "imagePullPolicy": "IfNotPresent"}])
+    out = injected(gateway)
+    spec = out["spec"]
+    assert "initContainers" not in spec  # no istio-init
+    assert [c["name"] for c in spec["containers"]] == ["istio-proxy"]
+    assert spec["containers"][0]["image"] == MESH.proxy_image
+    assert "security.istio.io/tlsMode" not in out["metadata"]["labels"]
+    status = json.loads(out["metadata"]["annotations"]["sidecar.istio.io/status"])
+    assert status["initContainers"] == [] and status["containers"] == ["istio-proxy"]
+    sidecar_pod = injected(pod(annotations={"inject.istio.io/templates": "sidecar"}))
+    assert sidecar_pod["metadata"]["labels"]["security.istio.io/tlsMode"] == "istio"
+
+
+@pytest.mark.parametrize("templates", ["custom", "sidecar,gateway", "", "gateway,spire"])
+def test_a_template_not_built_in_is_refused_by_name(templates: str) -> None:
+    from injector.injection.overrides import InvalidAnnotation
+
+    with pytest.raises(InvalidAnnotation) as refused:
+        sidecar.build(pod(annotations={"inject.istio.io/templates": templates}), MESH)
+    assert refused.value.annotation == "inject.istio.io/templates"
