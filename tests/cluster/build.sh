@@ -58,8 +58,10 @@ build() {
 	echo "building $name ($package) into $into" >&2
 	local started=$SECONDS
 	(cd "$module" && nice -n 10 go build -trimpath -buildvcs=false -mod=readonly \
-		-ldflags "-s -w $ldflags" -o "$into/.$name.partial" "$package")
-	mv -f "$into/.$name.partial" "$into/$name"
+		-ldflags "-s -w $ldflags" -o "$into/.$name.partial.$$" "$package")
+	# Each build writes its own partial file (two runs at once must not share one), and the
+	# rename is atomic: the binary is there whole, or not at all.
+	mv -f "$into/.$name.partial.$$" "$into/$name"
 	echo "built $name in $((SECONDS - started))s" >&2
 }
 
