@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import functools
 import json
 import os
 import subprocess
@@ -15,21 +14,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 
 from injector.mesh.config import load_mesh_config
 from tests.support.certs import self_signed_authority
 from tests.support.cluster import (
-    BUILD_COMMAND,
-    BUILD_SCRIPT,
     MESH_NAMESPACE,
     ROOT,
     Mesh,
     start_cluster,
 )
 from tests.support.deploy import DEPLOY, find, render, validate_strict, webhooks_called
+from tests.support.peers import CLUSTER_SCRIPT, built
 from tests.support.pods import pod
 from tests.support.servers import free_port
 
@@ -41,16 +38,8 @@ HELM_LABELS = ("app.kubernetes.io/instance", "app.kubernetes.io/managed-by",
 CONFIGMAP = "injector-mesh-config"
 
 
-@functools.cache
 def helm_binary() -> Path:
-    result = subprocess.run(["bash", str(BUILD_SCRIPT), "--helm-dir"], capture_output=True,
-                            text=True, timeout=30, check=False)
-    assert result.returncode == 0, result.stderr
-    path = Path(result.stdout.strip()) / "helm"
-    if not os.access(path, os.X_OK):
-        pytest.fail(f"helm is not built ({path} is missing): run `{BUILD_COMMAND}`, which builds "
-                    "it with Go from tests/cluster/helm/go.mod", pytrace=False)
-    return path
+    return built(CLUSTER_SCRIPT, "helm", "--helm-dir")
 
 
 def helm(*args: str, home: Path, check: bool = True, kubeconfig: Path | None = None

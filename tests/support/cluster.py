@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import functools
 import ipaddress
 import json
 import os
@@ -34,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -43,11 +41,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.support.deploy import KUBECTL
 from tests.support.eventually import eventually
+from tests.support.peers import CLUSTER_SCRIPT, built
 from tests.support.servers import Server, free_port, start_server
 
 ROOT = Path(__file__).resolve().parents[2]
-BUILD_SCRIPT = ROOT / "tests" / "cluster" / "build.sh"
-BUILD_COMMAND = "make cluster-binaries"
 
 # The issuer of the cluster's service-account tokens (the `iss` claim), as in a real cluster.
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
@@ -59,25 +56,10 @@ ATTEMPTS = 3
 
 # --- the binaries --------------------------------------------------------------------------------
 
-@functools.cache
-def binaries_dir() -> Path:
-    """Where build.sh puts (or has put) the binaries of the versions pinned in go.mod."""
-    result = subprocess.run(["bash", str(BUILD_SCRIPT), "--dir"], capture_output=True,
-                            text=True, timeout=30, check=False)
-    if result.returncode != 0:
-        pytest.fail(f"{BUILD_SCRIPT} --dir failed: {result.stderr.strip()}", pytrace=False)
-    return Path(result.stdout.strip())
-
-
 def binary(name: str) -> Path:
     """The path of `name` (etcd, kube-apiserver); fails the test, saying how to build it, when
     it is not built."""
-    path = binaries_dir() / name
-    if not os.access(path, os.X_OK):
-        pytest.fail(f"{name} is not built ({path} is missing): run `{BUILD_COMMAND}` "
-                    f"(or `bash {BUILD_SCRIPT.relative_to(ROOT)}`), which builds it with Go "
-                    f"from tests/cluster/go.mod", pytrace=False)
-    return path
+    return built(CLUSTER_SCRIPT, name)
 
 
 # --- certificates, made with cryptography ---------------------------------------------------------

@@ -3,38 +3,19 @@ built by tests/istio/build.sh into a cache outside the work tree, run here as a 
 
 from __future__ import annotations
 
-import functools
-import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from tests.support.peers import ISTIO_SCRIPT, built
 
 ROOT = Path(__file__).resolve().parents[2]
-BUILD_SCRIPT = ROOT / "tests" / "istio" / "build.sh"
-BUILD_COMMAND = "make cluster-binaries"
-
-
-@functools.cache
-def tools_dir() -> Path:
-    """Where build.sh puts (or has put) the tools of the Istio release pinned in go.mod."""
-    result = subprocess.run(["bash", str(BUILD_SCRIPT), "--dir"], capture_output=True,
-                            text=True, timeout=30, check=False)
-    if result.returncode != 0:
-        pytest.fail(f"{BUILD_SCRIPT} --dir failed: {result.stderr.strip()}", pytrace=False)
-    return Path(result.stdout.strip())
 
 
 def tool(name: str) -> Path:
     """The path of `name` (caclient, ...); fails the test, saying how to build it, when it is
     not built."""
-    path = tools_dir() / name
-    if not os.access(path, os.X_OK):
-        pytest.fail(f"{name} is not built ({path} is missing): run `{BUILD_COMMAND}` "
-                    f"(or `bash {BUILD_SCRIPT.relative_to(ROOT)}`), which builds it with Go "
-                    f"from tests/istio/go.mod", pytrace=False)
-    return path
+    return built(ISTIO_SCRIPT, name)
 
 
 @dataclass

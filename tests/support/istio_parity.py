@@ -34,11 +34,10 @@ from typing import Any
 import yaml
 
 from injector.mesh.quantity import parse_quantity
+from tests.support.peers import BUILD_COMMAND, ISTIO_SCRIPT, built
 
 REPO = Path(__file__).resolve().parents[2]
 GO_MOD = REPO / "tests" / "istio" / "go.mod"
-BUILD_SCRIPT = REPO / "tests" / "istio" / "build.sh"
-BUILD_COMMAND = "make cluster-binaries"
 COMPATIBILITY_DOC = REPO / "docs" / "istio-compatibility.md"
 
 PROXY = "istio-proxy"
@@ -115,16 +114,9 @@ def inputs() -> list[str]:
                   if not path.name.endswith(".iop.yaml"))
 
 
-@functools.cache
 def inject_binary() -> Path:
-    """tests/istio/inject, built; an AssertionError naming the command that builds it."""
-    directory = subprocess.run(["bash", str(BUILD_SCRIPT), "--dir"], check=True,
-                               capture_output=True, text=True, timeout=60).stdout.strip()
-    binary = Path(directory) / "inject"
-    if not os.access(binary, os.X_OK):
-        raise AssertionError(f"Istio's injector is not built ({binary} is missing): run "
-                             f"`{BUILD_COMMAND}` (or `bash tests/istio/build.sh`)")
-    return binary
+    """tests/istio/inject, built; the test fails, naming the command that builds it."""
+    return built(ISTIO_SCRIPT, "inject")
 
 
 def istio_inject_each(documents: Sequence[Any], *, native_sidecars: bool,
