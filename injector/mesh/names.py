@@ -73,6 +73,15 @@ APP_PROBERS_ENV: Final = "ISTIO_KUBE_APP_PROBERS"
 APP_HEALTH_PREFIX: Final = "/app-health/"  # then <container>/livez, readyz or startupz
 APP_LIFECYCLE_PREFIX: Final = "/app-lifecycle/"  # then <container>/prestopz or poststartz
 
+# --- Metrics merging: Prometheus scrapes the agent, which adds the app's metrics to Envoy's -------
+PROMETHEUS_MERGE_ANNOTATION: Final = "prometheus.istio.io/merge-metrics"
+PROMETHEUS_SCRAPE_ANNOTATION: Final = "prometheus.io/scrape"
+PROMETHEUS_PORT_ANNOTATION: Final = "prometheus.io/port"
+PROMETHEUS_PATH_ANNOTATION: Final = "prometheus.io/path"
+PROMETHEUS_ANNOTATIONS_ENV: Final = "ISTIO_PROMETHEUS_ANNOTATIONS"  # the app's, as JSON
+PROMETHEUS_STATS_PATH: Final = "/stats/prometheus"
+DEFAULT_APP_METRICS_PATH: Final = "/metrics"  # Prometheus' default, when the pod names none
+
 # --- What injection adds --------------------------------------------------------------------------
 PROXY_CONTAINER: Final = "istio-proxy"
 INIT_CONTAINER: Final = "istio-init"

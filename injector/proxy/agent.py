@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import random
 import socket
 import threading
@@ -18,10 +19,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from injector.mesh.names import AGENT_PORT
+from injector.mesh.names import AGENT_PORT, PROMETHEUS_ANNOTATIONS_ENV
 from injector.mesh.network import IpNetwork
 from injector.proxy import envoy
-from injector.proxy.app_health import AppHealthServer, Prober
+from injector.proxy.app_health import (
+    AppHealthServer,
+    AppMetrics,
+    Prober,
+    ProberError,
+    parse_app_metrics,
+)
 from injector.proxy.ca_address import CaAddress
 from injector.proxy.caclient import Attempt, CaClient
 from injector.proxy.envoy_process import exit_status, start_envoy
@@ -62,6 +69,8 @@ class Settings:
     # Probe rewriting (SPEC 8): the app's original probes, served on `agent_port` (none: off).
     app_probers: dict[str, Prober] = field(default_factory=dict)
     agent_port: int = AGENT_PORT
+    # Metrics merging: where the app's own metrics are, from the webhook's env by default.
+    app_metrics: AppMetrics | None = field(default_factory=lambda: app_metrics_from_environment())
 
     @property
     def spiffe_id(self) -> str | None:
@@ -141,22 +150,35 @@ def _envoy_ready(settings: Settings) -> bool:
         connection.close()
 
 
-def _start_app_health(settings: Settings) -> AppHealthServer | None:
-    """Serve the rewritten probes (SPEC 8) from the start: kubelet probes before Envoy runs.
-    A port that cannot be bound is logged: the probes then fail, which kubelet reports; the
-    proxy itself keeps working."""
-    if not settings.app_probers:
+def app_metrics_from_environment() -> AppMetrics | None:
+    """ISTIO_PROMETHEUS_ANNOTATIONS, as the webhook set it. A value that cannot be read is
+    logged and the app's metrics left out: Envoy's are still served, and the proxy runs."""
+    try:
+        return parse_app_metrics(os.environ.get(PROMETHEUS_ANNOTATIONS_ENV, ""))
+    except ProberError as error:
+        log.error("env %s: %s: the app's metrics are not merged", PROMETHEUS_ANNOTATIONS_ENV,
+                  error)
         return None
+
+
+def _start_app_health(settings: Settings) -> AppHealthServer | None:
+    """Serve the rewritten probes (SPEC 8) from the start: kubelet probes before Envoy runs;
+    and the merged metrics, which every injected pod's prometheus.io/port may name (so the port
+    is served even without probes, as Istio's agent serves it). A port that cannot be bound is
+    logged: the probes then fail, which kubelet reports; the proxy itself keeps working."""
     try:
         server = AppHealthServer(settings.app_probers, settings.agent_port,
                                  host="::" if settings.ipv6 else "0.0.0.0",
-                                 ready=lambda: _envoy_ready(settings))
+                                 ready=lambda: _envoy_ready(settings),
+                                 envoy_admin_port=settings.ports.admin,
+                                 app_metrics=settings.app_metrics)
     except OSError as error:
         log.error("cannot serve the app's probes on port %d: %s", settings.agent_port,
                   error.strerror)
         return None
     server.start()
-    log.info("serving %d app probe(s) on port %d", len(settings.app_probers), server.port)
+    log.info("serving %d app probe(s) and the merged metrics on port %d",
+             len(settings.app_probers), server.port)
     return server
 
 

@@ -21,6 +21,13 @@ directly, past the STRICT inbound listener that refuses kubelet's plaintext):
 Anything else (refused, timed out after the probe's timeoutSeconds, 1 s by default as for
 kubelet; NOT_SERVING; an unknown path) is a 5xx or 404 with a one-line text reason. Also
 `/healthz/ready`: Envoy's readiness, as Istio's agent serves it on this port.
+
+And metrics merging (`/stats/prometheus`), as Istio's agent: the webhook points the pod's
+`prometheus.io/*` at this port and hands us the app's own in env ISTIO_PROMETHEUS_ANNOTATIONS
+(`{"scrape": "true", "path": "/metrics", "port": "9100"}`). One scrape answers Envoy's metrics
+(its admin `/stats/prometheus`) followed by the app's. Each part is fetched within
+METRICS_TIMEOUT_SECONDS and at most MAX_METRICS_BYTES; a part that fails is left out and logged,
+and the rest is answered all the same: an app that breaks does not hide the proxy's metrics.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from injector.mesh.names import DEFAULT_APP_METRICS_PATH, PROMETHEUS_STATS_PATH
+
 log = logging.getLogger("injector.agent")
 
 DEFAULT_TIMEOUT_SECONDS = 1.0  # kubelet's default timeoutSeconds
@@ -48,6 +57,10 @@ MAX_CONNECTIONS = 64  # open at once (a thread each); more are closed at once
 MAX_BODY_BYTES = 10 * 1024  # of the app's answer passed back (kubelet keeps 10 KiB too)
 REQUEST_READ_SECONDS = 10.0  # a caller's request line and headers, all of them
 MAX_PROBERS_BYTES = 1024 * 1024
+METRICS_TIMEOUT_SECONDS = 5.0  # each part of a merged scrape (Envoy's, the app's)
+MAX_METRICS_BYTES = 8 * 1024 * 1024  # each part; more is dropped, not cut (a cut is invalid)
+MAX_METRICS_CONFIG_BYTES = 4096
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format
 
 # Not passed on to the app: they describe our connection to kubelet, not the app's.
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
@@ -109,9 +122,44 @@ def parse_probers(text: str) -> dict[str, Prober]:
 
 
 @dataclass(frozen=True, slots=True)
+class AppMetrics:
+    """Where the app's own metrics are, on this pod's loopback."""
+
+    port: int
+    path: str
+
+
+def parse_app_metrics(text: str) -> AppMetrics | None:
+    """ISTIO_PROMETHEUS_ANNOTATIONS' value: None when there is nothing to scrape (empty, no
+    port, or scrape "false"). Raises ProberError for a value that cannot be read."""
+    if not text.strip():
+        return None
+    if len(text) > MAX_METRICS_CONFIG_BYTES:
+        raise ProberError(f"over {MAX_METRICS_CONFIG_BYTES} bytes")
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as error:
+        raise ProberError(f"not JSON: {error}") from None
+    if not isinstance(data, dict) or not all(
+            isinstance(data.get(key, ""), str) for key in ("scrape", "path", "port")):
+        raise ProberError('expected {"scrape": "...", "path": "...", "port": "..."}')
+    if data.get("scrape", "") in ("false", "False", "FALSE", "f", "F", "0"):
+        return None
+    port_text = data.get("port", "")
+    if not port_text:
+        return None  # Istio's agent has no port to ask either
+    port = int(port_text) if port_text.isascii() and port_text.isdigit() else 0
+    if not 0 < port < 65536 or len(port_text) > 5:
+        raise ProberError(f"port: {port_text[:20]!r}: not a port")
+    path = data.get("path") or DEFAULT_APP_METRICS_PATH
+    return AppMetrics(port, path if path.startswith("/") else f"/{path}")
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     status: int
     body: bytes
+    content_type: str = "text/plain; charset=utf-8"
 
 
 def _failed(status: HTTPStatus, reason: str) -> Outcome:
@@ -229,13 +277,43 @@ def probe_grpc(prober: Prober, app_host: str, user_agent: str | None) -> Outcome
     return Outcome(HTTPStatus.OK, b"")
 
 
+def fetch_metrics(host: str, port: int, path: str, what: str) -> bytes | None:
+    """One part of a merged scrape: the body of a 200 from http://host:port/path, or None
+    (logged) when it cannot be had whole within the bounds."""
+    connection = http.client.HTTPConnection(host, port, timeout=METRICS_TIMEOUT_SECONDS)
+    try:
+        connection.request("GET", path, headers={"accept": "text/plain"})
+        response = connection.getresponse()
+        body = response.read(MAX_METRICS_BYTES + 1)
+    except (OSError, http.client.HTTPException) as error:
+        log.warning("metrics: %s at :%d%s: %s", what, port, path[:200],
+                    str(error) or type(error).__name__)
+        return None
+    finally:
+        connection.close()
+    if response.status != HTTPStatus.OK:
+        log.warning("metrics: %s at :%d%s answered %d", what, port, path[:200], response.status)
+        return None
+    if len(body) > MAX_METRICS_BYTES:
+        log.warning("metrics: %s at :%d%s: over %d bytes, left out", what, port, path[:200],
+                    MAX_METRICS_BYTES)
+        return None
+    return body
+
+
 class AppHealthServer:
-    """HTTP on `port`: the app probes at their paths, and `/healthz/ready` (`ready()`)."""
+    """HTTP on `port`: the app probes at their paths, `/healthz/ready` (`ready()`), and the
+    merged metrics at `/stats/prometheus`."""
 
     def __init__(self, probers: Mapping[str, Prober], port: int, *, host: str = "0.0.0.0",
                  app_host: str = "127.0.0.1", ready: Callable[[], bool] | None = None,
-                 request_read_seconds: float = REQUEST_READ_SECONDS) -> None:
+                 request_read_seconds: float = REQUEST_READ_SECONDS,
+                 envoy_admin_port: int | None = None,
+                 app_metrics: AppMetrics | None = None) -> None:
         self.probers = dict(probers)
+        # Metrics merging: Envoy's admin (None: no Envoy part) and the app's metrics.
+        self.envoy_admin_port = envoy_admin_port
+        self.app_metrics = app_metrics
         self._request_read_seconds = request_read_seconds
         self.app_host = app_host
         self.port = port
@@ -308,7 +386,7 @@ class AppHealthServer:
                 self.close_connection = True
                 self.send_response(outcome.status)
                 self.send_header("connection", "close")
-                self.send_header("content-type", "text/plain; charset=utf-8")
+                self.send_header("content-type", outcome.content_type)
                 self.send_header("content-length", str(len(outcome.body)))
                 self.end_headers()
                 self.wfile.write(outcome.body)
@@ -325,6 +403,8 @@ class AppHealthServer:
             ready = self._ready is not None and self._ready()
             return (Outcome(HTTPStatus.OK, b"") if ready
                     else _failed(HTTPStatus.SERVICE_UNAVAILABLE, "proxy not ready"))
+        if path == PROMETHEUS_STATS_PATH:
+            return self._merged_metrics()
         prober = self.probers.get(path)
         if prober is None:
             return _failed(HTTPStatus.NOT_FOUND, f"no app probe at {path[:200]}")
@@ -338,6 +418,25 @@ class AppHealthServer:
             log.warning("app probe %s: %s", path, outcome.body.decode(errors="replace").strip()
                         or f"HTTP {outcome.status}")
         return outcome
+
+    def _merged_metrics(self) -> Outcome:
+        """Envoy's metrics, then the app's: each part that fails is left out (and logged)."""
+        if not self._slots.acquire(blocking=False):
+            return _failed(HTTPStatus.SERVICE_UNAVAILABLE, "too many requests at once")
+        try:
+            parts = []
+            if self.envoy_admin_port is not None:
+                parts.append(fetch_metrics("127.0.0.1", self.envoy_admin_port,
+                                           PROMETHEUS_STATS_PATH, "Envoy's metrics"))
+            if self.app_metrics is not None:
+                parts.append(fetch_metrics(self.app_host, self.app_metrics.port,
+                                           self.app_metrics.path, "the app's metrics"))
+        finally:
+            self._slots.release()
+        # Each part ends its last line, or the next part's first line would join it.
+        body = b"".join(part if part.endswith(b"\n") else part + b"\n"
+                        for part in parts if part)
+        return Outcome(HTTPStatus.OK, body, PROMETHEUS_TEXT)
 
     def _run(self, prober: Prober, headers: list[tuple[str, str]],
              host_header: str | None) -> Outcome:

@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -278,3 +282,42 @@ def test_sigterm_during_a_trickling_renewal_drains_at_once(
         raise AssertionError(f"SIGTERM not honoured:\n{agent.log()}") from None
     log = agent.log()
     assert "abandoned: stopping" in log and "draining" in log
+
+
+class _AppMetrics(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"shop_orders_total 7\n" if self.path == "/app/metrics" else b""
+        self.send_response(200 if body else 404)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_the_agents_port_serves_envoys_metrics_merged_with_the_apps(
+        start_agent: Callable[..., Agent], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Metrics merging end to end: the env the webhook writes, the real Envoy's admin stats,
+    and a real app, answered together on the agent's port where Prometheus is pointed."""
+    app = ThreadingHTTPServer(("127.0.0.1", 0), _AppMetrics)
+    app.daemon_threads = True
+    threading.Thread(target=app.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("ISTIO_PROMETHEUS_ANNOTATIONS", json.dumps(
+            {"scrape": "true", "path": "/app/metrics", "port": str(app.server_address[1])}))
+        agent_port = free_port()
+        agent = start_agent(WEB_TOKEN, "--agent-port", str(agent_port))
+        agent.wait_ready()
+
+        def merged() -> str:
+            answer = httpx.get(f"http://127.0.0.1:{agent_port}/stats/prometheus", timeout=10)
+            assert answer.status_code == 200
+            return answer.text
+
+        text = merged()
+        assert "envoy_server_live" in text, text[:500]  # Envoy's own, from its admin
+        assert text.index("envoy_server_live") < text.index("shop_orders_total 7")
+    finally:
+        app.shutdown()
+        app.server_close()

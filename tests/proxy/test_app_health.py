@@ -27,11 +27,14 @@ import grpc
 import httpx
 import pytest
 
+from injector.proxy import app_health
 from injector.proxy.app_health import (
     AppHealthServer,
+    AppMetrics,
     ProberError,
     _health_check_request,
     _serving_status,
+    parse_app_metrics,
     parse_probers,
 )
 from tests.support.eventually import eventually
@@ -330,3 +333,104 @@ def test_a_request_trickled_in_is_cut_at_the_read_deadline(http_app: int) -> Non
         assert get(server, "/app-health/web/livez").status_code == 200
     finally:
         server.stop()
+
+
+ENVOY_STATS = b"# TYPE envoy_server_live gauge\nenvoy_server_live{} 1\n"
+APP_STATS = b"# TYPE shop_orders_total counter\nshop_orders_total 7"  # no last newline
+
+
+class Metrics(BaseHTTPRequestHandler):
+    """Envoy's admin at /stats/prometheus and the app's metrics at /app/metrics; /fail 500,
+    /slow 3 s late, /big 4 KiB."""
+
+    def do_GET(self) -> None:
+        if self.path == "/slow":
+            time.sleep(3)
+        body = {"/stats/prometheus": ENVOY_STATS, "/app/metrics": APP_STATS,
+                "/slow": APP_STATS, "/big": b"x" * 4096}.get(self.path, b"no")
+        self.send_response(500 if self.path == "/fail" else 200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def metrics_app() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    server.daemon_threads = True
+    yield from _serve(server)
+
+
+def merging_agent(envoy_admin_port: int | None, app_metrics: AppMetrics | None) -> AppHealthServer:
+    server = AppHealthServer({}, 0, host="127.0.0.1", envoy_admin_port=envoy_admin_port,
+                             app_metrics=app_metrics)
+    server.start()
+    return server
+
+
+def test_stats_prometheus_answers_envoys_metrics_then_the_apps(metrics_app: int) -> None:
+    server = merging_agent(metrics_app, AppMetrics(metrics_app, "/app/metrics"))
+    try:
+        answer = get(server, "/stats/prometheus")
+    finally:
+        server.stop()
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert answer.content == ENVOY_STATS + APP_STATS + b"\n"
+
+
+@pytest.mark.parametrize("path", ["/fail", "/slow", "/big"])
+def test_an_app_that_fails_still_gives_envoys_metrics(metrics_app: int, path: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """As Istio's agent: the app's part is left out (a 500, too slow, too big), Envoy's kept."""
+    monkeypatch.setattr(app_health, "METRICS_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(app_health, "MAX_METRICS_BYTES", 1024)
+    server = merging_agent(metrics_app, AppMetrics(metrics_app, path))
+    try:
+        answer = get(server, "/stats/prometheus")
+    finally:
+        server.stop()
+    assert answer.status_code == 200
+    assert answer.content == ENVOY_STATS
+
+
+def test_an_app_that_is_not_listening_still_gives_envoys_metrics(metrics_app: int) -> None:
+    server = merging_agent(metrics_app, AppMetrics(free_port(), "/metrics"))
+    try:
+        assert get(server, "/stats/prometheus").content == ENVOY_STATS
+    finally:
+        server.stop()
+
+
+def test_without_the_apps_metrics_only_envoys_are_served(metrics_app: int) -> None:
+    server = merging_agent(metrics_app, None)
+    try:
+        assert get(server, "/stats/prometheus").content == ENVOY_STATS
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("", None),
+    ('{"scrape":"true","path":"/app/metrics","port":"9100"}', AppMetrics(9100, "/app/metrics")),
+    ('{"scrape":"","path":"","port":"9100"}', AppMetrics(9100, "/metrics")),
+    ('{"scrape":"true","path":"/m","port":""}', None),
+    ('{"scrape":"false","path":"/m","port":"9100"}', None),
+])
+def test_istios_prometheus_annotations_are_read(text: str, expected: AppMetrics | None) -> None:
+    assert parse_app_metrics(text) == expected
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("{", "not JSON"),
+    ("[]", "expected"),
+    ('{"port": 9100}', "expected"),
+    ('{"port": "http"}', "not a port"),
+    ('{"port": "70000"}', "not a port"),
+])
+def test_prometheus_annotations_that_cannot_be_read_say_why(text: str, problem: str) -> None:
+    with pytest.raises(ProberError, match=problem):
+        parse_app_metrics(text)
