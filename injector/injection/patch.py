@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from injector.injection.sidecar import Injection, Part
-from injector.mesh.names import APP_PROBERS_ENV
+from injector.mesh.names import APP_PROBERS_ENV, PROMETHEUS_ANNOTATIONS_ENV
 
 Operation = dict[str, Any]
 
@@ -93,6 +93,11 @@ def build(pod: Mapping[str, Any], injection: Injection) -> list[Operation]:
     if rewrite is not None and rewrite.probers:
         ops.append({"op": "add", "path": f"{_proxy_pointer(spec, injection)}/env/-",
                     "value": {"name": APP_PROBERS_ENV, "value": rewrite.probers}})
+    if injection.prometheus_env is not None:
+        # Metrics merging: where the agent scrapes the app's own metrics.
+        ops.append({"op": "add", "path": f"{_proxy_pointer(spec, injection)}/env/-",
+                    "value": {"name": PROMETHEUS_ANNOTATIONS_ENV,
+                              "value": injection.prometheus_env}})
     return ops
 
 
@@ -173,7 +178,9 @@ def encoded(pod: Mapping[str, Any], injection: Injection) -> str:
     it is built once.
     """
     # Dicts may have been changed since the template made them; Fragments cannot be.
-    if injection.template is None or type(injection.proxy_container) is not orjson.Fragment:
+    # Removals (rare: a prometheus.io annotation spelled otherwise) are not in the key: no cache.
+    if (injection.template is None or type(injection.proxy_container) is not orjson.Fragment
+            or injection.removals):
         return base64.b64encode(orjson.dumps(build(pod, injection))).decode()
     labels, annotations = tuple(injection.labels.items()), tuple(injection.annotations.items())
     # Probe rewriting's replacements and env, whole: two pods share a patch only if they are
@@ -181,13 +188,19 @@ def encoded(pod: Mapping[str, Any], injection: Injection) -> str:
     # (Where the env goes depends on how many containers the pod has, which `_shape` omits.)
     rewrite = injection.rewritten_probes
     rewrite_key = None if rewrite is None else rewrite.key
+    # The merged metrics' env likewise (None for a pod without prometheus.io/* of its own).
+    prometheus_env = injection.prometheus_env
     key = (_shape(pod), injection.template, labels, annotations,
            None if rewrite is None else (rewrite_key, _proxy_pointer(pod.get("spec") or {},
-                                                                     injection)))
+                                                                     injection)),
+           None if prometheus_env is None else (prometheus_env,
+                                                _proxy_pointer(pod.get("spec") or {},
+                                                               injection)))
     cached = PATCHES.entries.get(key)
     if cached is None:
         cached = base64.b64encode(orjson.dumps(build(pod, injection))).decode()
         PATCHES.put(key, injection.template.size,
                     _strings_size(labels) + _strings_size(annotations)
-                    + (len(rewrite_key) if rewrite_key is not None else 0), cached)
+                    + (len(rewrite_key) if rewrite_key is not None else 0)
+                    + (len(prometheus_env) if prometheus_env is not None else 0), cached)
     return cached

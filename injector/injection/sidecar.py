@@ -21,6 +21,7 @@ import orjson
 from injector.errors import InvalidInput
 from injector.injection import probes, user_containers
 from injector.injection.containers import Template, template
+from injector.injection.overrides import InvalidAnnotation
 from injector.mesh.config import MeshConfig
 from injector.mesh.names import (
     CANONICAL_NAME_LABEL,
@@ -29,6 +30,11 @@ from injector.mesh.names import (
     DEFAULT_LOGS_CONTAINER_ANNOTATION,
     DEFAULT_REVISION,
     INIT_CONTAINER,
+    PROMETHEUS_MERGE_ANNOTATION,
+    PROMETHEUS_PATH_ANNOTATION,
+    PROMETHEUS_PORT_ANNOTATION,
+    PROMETHEUS_SCRAPE_ANNOTATION,
+    PROMETHEUS_STATS_PATH,
     PROXY_CONTAINER,
     PROXY_OVERRIDES_ANNOTATION,
     REVISION_LABEL,
@@ -68,8 +74,12 @@ class Injection(NamedTuple):
     # Probe rewriting (SPEC 8, `injector.injection.probes`): None when nothing is rewritten.
     rewritten_probes: probes.Rewrite | None = None
     # The pod's own istio-proxy / istio-init, merged into the containers above: where they were
-    # (JSON pointers, each list's last first), to be removed from there.
+    # (JSON pointers, each list's last first), to be removed from there; and with metrics
+    # merging, the pod's other spellings of prometheus.io/* (`prometheus.io.port`).
     removals: tuple[str, ...] = ()
+    # Metrics merging: the pod's own prometheus.io/* as ISTIO_PROMETHEUS_ANNOTATIONS' JSON, for
+    # the proxy's env (None: nothing to hand over).
+    prometheus_env: str | None = None
 
 
 def _names(items: Any) -> set[object]:
@@ -181,11 +191,102 @@ def _annotations_to_add(
                 added[DEFAULT_LOGS_CONTAINER_ANNOTATION] = first
             if DEFAULT_CONTAINER_ANNOTATION not in annotations:
                 added[DEFAULT_CONTAINER_ANNOTATION] = first
-    if not any(key.startswith("prometheus.io/") for key in annotations):
-        added["prometheus.io/scrape"] = "true"
-        added["prometheus.io/port"] = str(mesh.prometheus_port)
-        added["prometheus.io/path"] = "/stats/prometheus"
     return added
+
+
+# Go's strconv.ParseBool, which Istio reads its boolean annotations with.
+_GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+_GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+# Ports of the proxy that an app's metrics cannot be on, as Istio's agent reserves them: each
+# is the proxy's own (scraping 15020 would scrape ourselves; 15090 is Envoy's, merged already).
+_RESERVED_METRICS_PORTS = frozenset({15000, 15001, 15004, 15006, 15008, 15053})
+
+
+# Prometheus reads an annotation by its name with every character outside [A-Za-z0-9_] made
+# `_`: `prometheus.io.scrape` and `prometheus-io/scrape` are `prometheus.io/scrape` to it, and so
+# to Istio's injector.
+_NOT_IN_PROMETHEUS_NAME = re.compile(r"[^A-Za-z0-9_]")
+_PROMETHEUS_NAMES = {_NOT_IN_PROMETHEUS_NAME.sub("_", name): name for name in (
+    PROMETHEUS_SCRAPE_ANNOTATION, PROMETHEUS_PORT_ANNOTATION, PROMETHEUS_PATH_ANNOTATION)}
+
+
+def _pods_prometheus(annotations: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The pod's prometheus.io/{scrape,port,path}, whatever spelling Prometheus reads as them,
+    by their canonical names; and the keys of the other spellings (Istio removes them when it
+    writes its own, so that Prometheus is not left to pick one)."""
+    found: dict[str, Any] = {}
+    variants: list[str] = []
+    for key, value in annotations.items():
+        if key.startswith("prometheus"):  # one cheap test for the many keys that are not
+            name = _PROMETHEUS_NAMES.get(_NOT_IN_PROMETHEUS_NAME.sub("_", key))
+            if name is not None:
+                found[name] = value
+                if key != name:
+                    variants.append(key)
+    return found, variants
+
+
+def _merges_metrics(annotations: Mapping[str, Any], mesh: MeshConfig) -> bool:
+    """Istio's enablePrometheusMerge: the pod's annotation, else the mesh config's key."""
+    merge = annotations.get(PROMETHEUS_MERGE_ANNOTATION)
+    if merge is None:
+        return mesh.enable_prometheus_merge
+    if merge in _GO_TRUE or merge in _GO_FALSE:
+        return merge in _GO_TRUE
+    raise InvalidAnnotation(PROMETHEUS_MERGE_ANNOTATION, merge, "expected true or false")
+
+
+def _merge_metrics(own: Mapping[str, Any], variants: list[str], mesh: MeshConfig,
+                   added: dict[str, str]) -> tuple[str | None, tuple[str, ...]]:
+    """Point the pod's prometheus.io/* at the agent (as Istio does: the pod's own are
+    overwritten, other spellings of them removed) and return the pod's own, in
+    ISTIO_PROMETHEUS_ANNOTATIONS' JSON, for the agent to scrape the app with (None when the pod
+    has none), with the JSON pointers of the annotations to remove."""
+    agent_port = str(mesh.agent_port)
+    port = own.get(PROMETHEUS_PORT_ANNOTATION)
+    if port == agent_port:
+        return None, ()  # pointed at the agent already: re-injected, or its owner's choice
+    for name, value in own.items():
+        if type(value) is not str:
+            raise InvalidAnnotation(name, value, "expected a string")
+    if port is not None:
+        number = int(port) if port.isascii() and port.isdigit() and len(port) <= 5 else 0
+        if not 0 < number < 65536:
+            raise InvalidAnnotation(PROMETHEUS_PORT_ANNOTATION, port, "expected a port number")
+        if number in (mesh.agent_port, mesh.status_port, mesh.prometheus_port) or (
+                number in _RESERVED_METRICS_PORTS):
+            raise InvalidAnnotation(PROMETHEUS_PORT_ANNOTATION, port,
+                                    "a port of the proxy's, not the app's: its metrics cannot "
+                                    "be merged")
+    added[PROMETHEUS_SCRAPE_ANNOTATION] = "true"
+    added[PROMETHEUS_PORT_ANNOTATION] = agent_port
+    added[PROMETHEUS_PATH_ANNOTATION] = PROMETHEUS_STATS_PATH
+    removals = tuple("/metadata/annotations/" + key.replace("~", "~0").replace("/", "~1")
+                     for key in variants)  # RFC 6901 escaped
+    if not own:
+        return None, removals
+    # Istio's PrometheusScrapeConfiguration, its fields in Go's order.
+    return orjson.dumps({"scrape": own.get(PROMETHEUS_SCRAPE_ANNOTATION, ""),
+                         "path": own.get(PROMETHEUS_PATH_ANNOTATION, ""),
+                         "port": port or ""}).decode(), removals
+
+
+def _prometheus(annotations: Mapping[str, Any], mesh: MeshConfig,
+                added: dict[str, str]) -> tuple[str | None, tuple[str, ...]]:
+    """Metrics merging when on for this pod (see `_merge_metrics`), unless the pod says
+    prometheus.io/scrape is false (it asked not to be scraped: nothing is added, as Istio);
+    with merging off, Envoy's metrics on prometheus_port, unless the pod has prometheus.io/*
+    of its own."""
+    own, variants = _pods_prometheus(annotations)
+    if _merges_metrics(annotations, mesh):
+        if own.get(PROMETHEUS_SCRAPE_ANNOTATION) in _GO_FALSE:
+            return None, ()
+        return _merge_metrics(own, variants, mesh, added)
+    if not own and not any(key.startswith("prometheus.io/") for key in annotations):
+        added[PROMETHEUS_SCRAPE_ANNOTATION] = "true"
+        added[PROMETHEUS_PORT_ANNOTATION] = str(mesh.prometheus_port)
+        added[PROMETHEUS_PATH_ANNOTATION] = PROMETHEUS_STATS_PATH
+    return None, ()
 
 
 def build(
@@ -213,17 +314,21 @@ def build(
     thaw: Any = orjson.Fragment if as_json else orjson.loads
     if found:
         return _with_pods_own(pod, mesh, name, parts, found)
+    added = _annotations_to_add(annotations, spec, mesh, parts.status)
+    prometheus_env, prometheus_removals = _prometheus(annotations, mesh, added)
     return Injection(
         init_container=None if parts.init_container is None else thaw(parts.init_container),
         proxy_container=thaw(parts.proxy_container),
         volumes=[thaw(volume) for volume in parts.volumes],
         labels=_labels_to_add(labels, name or workload_name(pod), parts.gateway),
-        annotations=_annotations_to_add(annotations, spec, mesh, parts.status),
+        annotations=added,
         native=parts.native,
         hold=parts.hold,
         template=parts,
         # Probe rewriting (SPEC 8).
         rewritten_probes=probes.rewrite(spec, annotations, mesh, native=parts.native),
+        removals=prometheus_removals,
+        prometheus_env=prometheus_env,
     )
 
 
@@ -251,6 +356,7 @@ def _with_pods_own(pod: Mapping[str, Any], mesh: MeshConfig, name: str | None, p
         recorded[where].append(user_containers.overlay(item.container))
         removals[item.field].append(item.position)
     added = _annotations_to_add(annotations, spec, mesh, parts.status)
+    prometheus_env, prometheus_removals = _prometheus(annotations, mesh, added)
     added[PROXY_OVERRIDES_ANNOTATION] = orjson.dumps(
         {field: items for field, items in recorded.items() if items}).decode()
     return Injection(
@@ -264,6 +370,8 @@ def _with_pods_own(pod: Mapping[str, Any], mesh: MeshConfig, name: str | None, p
         hold=parts.hold,
         template=parts,
         rewritten_probes=probes.rewrite(spec, annotations, mesh, native=parts.native),
-        removals=tuple(f"/spec/{field}/{index}" for field, indexes in removals.items()
-                       for index in sorted(indexes, reverse=True)),
+        removals=prometheus_removals + tuple(
+            f"/spec/{field}/{index}" for field, indexes in removals.items()
+            for index in sorted(indexes, reverse=True)),
+        prometheus_env=prometheus_env,
     )

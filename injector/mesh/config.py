@@ -66,6 +66,9 @@ class MeshConfig(_Model):
     native_sidecars: bool = False
     # The app's HTTP, TCP and gRPC probes go through the agent (per pod: names.REWRITE_APP_PROBERS).
     rewrite_app_http_probers: bool = Field(True, alias="rewriteAppHTTPProbers")
+    # Prometheus scrapes the agent (15020), which merges the app's metrics into Envoy's
+    # (per pod: names.PROMETHEUS_MERGE_ANNOTATION); off, it scrapes Envoy on prometheus_port.
+    enable_prometheus_merge: bool = True
     revision: str = "default"
     include_outbound_ip_ranges: str = Field("*", alias="includeOutboundIPRanges")
     exclude_outbound_ip_ranges: str = Field("", alias="excludeOutboundIPRanges")

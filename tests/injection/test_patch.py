@@ -144,6 +144,11 @@ PATCH_VARIANTS = {
     "other labels": pod(labels={"app": "cart", "version": "v2"}),
     "annotations": pod(annotations={"example.com/team": "payments"}),
     "prometheus": pod(annotations={"prometheus.io/scrape": "false"}),
+    "merged metrics": pod(annotations={"prometheus.io/port": "9100"}),
+    "merged metrics elsewhere": pod(annotations={"prometheus.io/port": "9200"}),
+    "merged metrics spelled otherwise": pod(annotations={"prometheus.io.port": "9100"}),
+    "merged metrics, native": pod(annotations={"prometheus.io/port": "9100",
+                                               "sidecar.istio.io/nativeSidecar": "true"}),
     "init and volumes": pod(init_containers=[{"name": "migrate", "image": "flyway:10"}],
                             volumes=[{"name": "config", "configMap": {"name": "shop"}}]),
     "empty init list": pod(init_containers=[]),
@@ -197,3 +202,37 @@ def test_patches_of_many_kinds_of_pod_hold_a_bounded_memory() -> None:
     finally:
         tracemalloc.stop()
     assert retained < 5_000_000
+
+
+def test_merged_metrics_reach_the_proxys_env_and_prometheus_scrapes_the_agent() -> None:
+    """Applied, the patch overwrites the pod's prometheus.io/* to name the agent's 15020 and
+    hands the pod's own to istio-proxy in ISTIO_PROMETHEUS_ANNOTATIONS, wherever the proxy is
+    (a container, first with hold, or a native sidecar among the init containers)."""
+    for extra in ({}, {"sidecar.istio.io/nativeSidecar": "true"},
+                  {"proxy.istio.io/config": "holdApplicationUntilProxyStarts: true"}):
+        manifest = pod(annotations={"prometheus.io/scrape": "true", "prometheus.io/port": "9100",
+                                    "prometheus.io/path": "/app", **extra})
+        fresh = patch.build(manifest, sidecar.build(manifest, MESH))
+        cached = orjson.loads(base64.b64decode(
+            patch.encoded(manifest, sidecar.build(manifest, MESH, as_json=True))))
+        for ops in (fresh, cached):
+            injected = jsonpatch.apply_patch(manifest, ops)
+            annotations = injected["metadata"]["annotations"]
+            assert annotations["prometheus.io/port"] == "15020", extra
+            assert annotations["prometheus.io/path"] == "/stats/prometheus"
+            proxy = next(container for field in ("containers", "initContainers")
+                         for container in injected["spec"].get(field) or ()
+                         if container["name"] == "istio-proxy")
+            env = {item["name"]: item.get("value") for item in proxy["env"]}
+            assert orjson.loads(env["ISTIO_PROMETHEUS_ANNOTATIONS"]) == {
+                "scrape": "true", "path": "/app", "port": "9100"}, extra
+
+
+def test_merging_removes_the_pods_other_spellings_of_prometheus_annotations() -> None:
+    manifest = pod(annotations={"prometheus.io.port": "9100", "example.com/team": "a"})
+    cached = orjson.loads(base64.b64decode(
+        patch.encoded(manifest, sidecar.build(manifest, MESH, as_json=True))))
+    annotations = jsonpatch.apply_patch(manifest, cached)["metadata"]["annotations"]
+    assert "prometheus.io.port" not in annotations  # else Prometheus could scrape the app's port
+    assert annotations["prometheus.io/port"] == "15020"
+    assert annotations["example.com/team"] == "a"

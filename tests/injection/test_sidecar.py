@@ -28,9 +28,11 @@ def test_status_and_default_container_annotations() -> None:
     }
     assert injection.annotations["kubectl.kubernetes.io/default-container"] == "shop"
     assert injection.annotations["kubectl.kubernetes.io/default-logs-container"] == "shop"
+    # Metrics merging (on by default, as Istio): Prometheus scrapes the agent.
     assert injection.annotations["prometheus.io/scrape"] == "true"
-    assert injection.annotations["prometheus.io/port"] == "15090"
+    assert injection.annotations["prometheus.io/port"] == "15020"
     assert injection.annotations["prometheus.io/path"] == "/stats/prometheus"
+    assert injection.prometheus_env is None  # no metrics of the app's to merge
 
 
 def test_the_revision_is_recorded_on_the_pod_as_istio_does() -> None:
@@ -43,6 +45,7 @@ def test_the_revision_is_recorded_on_the_pod_as_istio_does() -> None:
 
 def test_the_pods_own_prometheus_and_default_container_annotations_win() -> None:
     injection = build(pod(annotations={"prometheus.io/port": "9090",
+                                       "prometheus.istio.io/merge-metrics": "false",
                                        "kubectl.kubernetes.io/default-container": "app"}), MESH)
     assert not any(key.startswith("prometheus.io/") for key in injection.annotations)
     assert "kubectl.kubernetes.io/default-container" not in injection.annotations
@@ -116,3 +119,64 @@ def test_canonical_names_are_valid_label_values() -> None:
     dotted = pod()
     dotted["metadata"] = {"name": "odd name/with:chars-"}
     assert build(dotted, MESH).labels["service.istio.io/canonical-name"] == "odd-name-with-chars"
+
+
+def test_without_merging_prometheus_scrapes_envoy_on_15090() -> None:
+    for mesh, pods_own in ((MeshConfig(enable_prometheus_merge=False), {}),
+                           (MESH, {"prometheus.istio.io/merge-metrics": "false"})):
+        injection = build(pod(annotations=pods_own), mesh)
+        assert injection.annotations["prometheus.io/port"] == "15090"
+        assert injection.annotations["prometheus.io/path"] == "/stats/prometheus"
+        assert injection.prometheus_env is None
+
+
+def test_merging_hands_the_apps_metrics_to_the_agent_and_points_prometheus_at_it() -> None:
+    """As Istio: the pod's prometheus.io/* go to the proxy in ISTIO_PROMETHEUS_ANNOTATIONS, and
+    the pod's annotations are overwritten to scrape the agent, which merges both."""
+    injection = build(pod(annotations={"prometheus.io/scrape": "true",
+                                       "prometheus.io/port": "9100",
+                                       "prometheus.io/path": "/app/metrics"}), MESH)
+    assert injection.annotations["prometheus.io/scrape"] == "true"
+    assert injection.annotations["prometheus.io/port"] == "15020"
+    assert injection.annotations["prometheus.io/path"] == "/stats/prometheus"
+    assert injection.prometheus_env is not None
+    assert json.loads(injection.prometheus_env) == {"scrape": "true", "path": "/app/metrics",
+                                                    "port": "9100"}
+
+
+def test_a_pod_that_asks_not_to_be_scraped_is_left_alone() -> None:
+    # In any spelling Prometheus reads as prometheus.io/scrape, as Istio reads it.
+    for key in ("prometheus.io/scrape", "prometheus.io.scrape", "prometheus-io/scrape"):
+        injection = build(pod(annotations={key: "false"}), MESH)
+        assert not any(key.startswith("prometheus") for key in injection.annotations)
+        assert injection.prometheus_env is None
+
+
+def test_other_spellings_of_the_pods_prometheus_annotations_are_merged_and_removed() -> None:
+    injection = build(pod(annotations={"prometheus.io.port": "9100",
+                                       "prometheus-io/path": "/m"}), MESH)
+    assert injection.annotations["prometheus.io/port"] == "15020"
+    assert injection.prometheus_env is not None
+    assert json.loads(injection.prometheus_env) == {"scrape": "", "path": "/m", "port": "9100"}
+    # Left, Prometheus would pick one of two ports at random: Istio removes them too.
+    assert sorted(injection.removals) == ["/metadata/annotations/prometheus-io~1path",
+                                          "/metadata/annotations/prometheus.io.port"]
+
+
+def test_a_pod_already_pointed_at_the_agent_is_not_merged_again() -> None:
+    injection = build(pod(annotations={"prometheus.io/port": "15020"}), MESH)
+    assert "prometheus.io/port" not in injection.annotations
+    assert injection.prometheus_env is None
+
+
+@pytest.mark.parametrize(("annotation", "value"), [
+    ("prometheus.istio.io/merge-metrics", "maybe"),
+    ("prometheus.io/port", "http"),
+    ("prometheus.io/port", "70000"),
+    ("prometheus.io/port", "15090"),
+    ("prometheus.io/port", "15000"),
+])
+def test_metrics_merging_refuses_what_it_cannot_honour_by_name(annotation: str,
+                                                                value: str) -> None:
+    with pytest.raises(InvalidAnnotation, match=annotation):
+        build(pod(annotations={annotation: value}), MESH)
