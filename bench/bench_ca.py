@@ -15,7 +15,6 @@ issue asked 0.65 in-process). Run alone with `python -m bench.bench_ca`.
 from __future__ import annotations
 
 import datetime as dt
-import secrets
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,7 +22,6 @@ from pathlib import Path
 
 import httpx
 import orjson
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -144,8 +142,7 @@ def main() -> dict[str, object]:
             verdicts[f"HTTPS at c16 >= {TARGET_HTTPS_RATIO} of bare"] = (
                 https_ratio >= TARGET_HTTPS_RATIO and refused == 0)
     print(f"sign_svid / crypto floor: {results['ratio_to_crypto_floor']:.2f}")
-    for target, met in verdicts.items():
-        print(f"target {target}: {'met' if met else 'NOT met'}")
+    harness.report_targets(verdicts)
     results["targets"] = verdicts
     return results
 
@@ -154,11 +151,7 @@ def _https_setup(workdir: Path, csr_pem: bytes) -> tuple[harness.Server, Path]:
     """`injector serve` with a static token file of IDENTITIES service accounts, and a wrk
     script posting the CSR with each of their tokens in turn; one request checked first."""
     certs = harness.certs_dir(workdir)
-    tokens = [secrets.token_urlsafe(24) for _ in range(IDENTITIES)]
-    token_file = workdir / "tokens.yaml"
-    token_file.write_text(yaml.safe_dump(
-        [{"token": token, "namespace": "bench", "serviceAccount": f"sa-{index}"}
-         for index, token in enumerate(tokens)]))
+    token_file, tokens = harness.write_static_tokens(workdir, IDENTITIES)
     server = harness.start("ca", ["-m", "injector", "serve", "--certs-dir", str(certs),
                                   "--token-file", str(token_file)], workdir, certs)
     body = orjson.dumps({"csr": csr_pem.decode()})

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import tempfile
 import threading
 import time
@@ -24,7 +23,6 @@ from pathlib import Path
 import grpc
 import httpx
 import orjson
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -67,11 +65,7 @@ def main() -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="bench-grpc-") as tmp:
         workdir = Path(tmp)
         certs = harness.certs_dir(workdir)
-        tokens = [secrets.token_urlsafe(24) for _ in range(IDENTITIES)]
-        token_file = workdir / "tokens.yaml"
-        token_file.write_text(yaml.safe_dump(
-            [{"token": token, "namespace": "bench", "serviceAccount": f"sa-{index}"}
-             for index, token in enumerate(tokens)]))
+        token_file, tokens = harness.write_static_tokens(workdir, IDENTITIES)
         grpc_port = free_port()
         server = harness.start("grpc-ca", [
             "-m", "injector", "serve", "--certs-dir", str(certs), "--token-file",

@@ -252,8 +252,7 @@ def main() -> dict[str, Any]:
         verdicts[f"{attack.name}: RSS after within 20% of idle"] = (
             row["rss_after_vs_idle"] <= TARGETS["rss_after_vs_idle"])
     results["targets"] = verdicts
-    for target, met in verdicts.items():
-        print(f"target {target}: {'met' if met else 'NOT met'}")
+    harness.report_targets(verdicts)
     return results
 
 

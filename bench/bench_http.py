@@ -189,8 +189,7 @@ def main() -> dict[str, Any]:
             rss["idle_rss_with_api_mib"] < TARGETS["idle_rss_mib"]),
     }
     results["targets"] = verdicts
-    for target, met in verdicts.items():
-        print(f"target {target}: {'met' if met else 'NOT met'}")
+    harness.report_targets(verdicts)
     return results
 
 

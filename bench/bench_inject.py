@@ -134,8 +134,7 @@ def main() -> dict[str, Any]:
     verdicts = {f"{name} < {limit} ms": results[name]["inject_ms"] < limit
                 for name, limit in TARGETS_MS.items()}
     verdicts["growth linear in size"] = linear
-    for target, met in verdicts.items():
-        print(f"target {target}: {'met' if met else 'NOT met'}")
+    harness.report_targets(verdicts)
     return {"cases": results, "targets": verdicts}
 
 

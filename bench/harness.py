@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import ssl
 import subprocess
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import yaml
 
 from tests.support.servers import free_port
 
@@ -239,3 +241,20 @@ def median(loads: Sequence[Load]) -> Load:
     """The run of median throughput (the upper one of an even count): a typical run."""
     ordered = sorted(loads, key=lambda load: load.per_second)
     return ordered[len(ordered) // 2]
+
+
+def report_targets(verdicts: Mapping[str, bool]) -> None:
+    """One line per target, as every benchmark prints them."""
+    for target, met in verdicts.items():
+        print(f"target {target}: {'met' if met else 'NOT met'}")
+
+
+def write_static_tokens(workdir: Path, count: int) -> tuple[Path, list[str]]:
+    """A `--token-file` of `count` service accounts (bench/sa-<i>), so that requests spread
+    over identities as a mesh's do, and their tokens in that order."""
+    tokens = [secrets.token_urlsafe(24) for _ in range(count)]
+    token_file = workdir / "tokens.yaml"
+    token_file.write_text(yaml.safe_dump(
+        [{"token": token, "namespace": "bench", "serviceAccount": f"sa-{index}"}
+         for index, token in enumerate(tokens)]))
+    return token_file, tokens
