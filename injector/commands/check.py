@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import yaml
 
-from injector.commands.cli import CommandParser, UsageError
+from injector.commands.cli import CommandParser, UsageError, read_input
 from injector.errors import ConfigError, Unavailable
 from injector.injection.explain import Report, render_text
 from injector.kube.check import CheckFailed, ClusterCheck, load_pod_manifest
@@ -64,16 +64,7 @@ def _kubeconfig(flag: str | None) -> str | None:
 
 
 def _read_manifest(filename: str) -> Any:
-    try:
-        if filename == "-":
-            data = sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
-        else:
-            with Path(filename).open("rb") as stream:
-                data = stream.read(MAX_FILE_BYTES + 1)
-    except OSError as error:
-        raise UsageError(f"{filename}: cannot read: {error.strerror or error}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise UsageError(f"{filename}: larger than 1 MiB")
+    data = read_input(filename, MAX_FILE_BYTES, "check")
     try:
         return list(yaml.safe_load_all(data.decode("utf-8")))
     except (UnicodeDecodeError, yaml.YAMLError):

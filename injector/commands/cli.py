@@ -92,6 +92,27 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+def read_input(filename: str, limit: int, reader: str) -> bytes:
+    """The bytes of `filename` (`-`: stdin), read no further than `limit`: `-f /dev/zero` (or an
+    endless pipe) is refused once past it, not read until memory runs out. Every failure is a
+    one-line UsageError naming the file; `reader` names the command in the size message."""
+    name = "stdin" if filename == "-" else filename
+    try:
+        if filename == "-":
+            data = sys.stdin.buffer.read(limit + 1)
+        else:
+            with Path(filename).open("rb") as stream:
+                data = stream.read(limit + 1)
+    except FileNotFoundError:
+        raise UsageError(f"{filename}: no such file") from None
+    except OSError as error:
+        raise UsageError(f"{name}: cannot read: {error.strerror or error}") from None
+    if len(data) > limit:
+        raise UsageError(f"{name}: larger than {limit // (1024 * 1024)} MiB, the most "
+                         f"{reader} reads")
+    return data
+
+
 def camel_case(dest: str) -> str:
     head, *rest = dest.split("_")
     return head + "".join(word.capitalize() for word in rest)

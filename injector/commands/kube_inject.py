@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from injector.commands.cli import CommandParser, UsageError
+from injector.commands.cli import CommandParser, UsageError, read_input
 from injector.errors import ConfigError
 from injector.injection.manifests import MAX_MANIFEST_BYTES, ManifestError, inject_yaml
 from injector.mesh.config import load_mesh_config
@@ -24,25 +24,12 @@ def add_arguments(parser: CommandParser) -> None:
 
 
 def _read(filename: str) -> str:
-    """The manifest's text, read no further than MAX_MANIFEST_BYTES: `-f /dev/zero` (or a
-    endless pipe) is refused once past it, not read until memory runs out."""
-    name = "stdin" if filename == "-" else filename
-    try:
-        if filename == "-":
-            data = sys.stdin.buffer.read(MAX_MANIFEST_BYTES + 1)
-        else:
-            with Path(filename).open("rb") as stream:
-                data = stream.read(MAX_MANIFEST_BYTES + 1)
-    except FileNotFoundError:
-        raise UsageError(f"{filename}: no such file") from None
-    except OSError as error:
-        raise UsageError(f"{name}: cannot read: {error.strerror or error}") from None
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise UsageError(f"{name}: larger than {MAX_MANIFEST_BYTES // (1024 * 1024)} MiB, "
-                         "the most kube-inject reads")
+    """The manifest's text, at most MAX_MANIFEST_BYTES of it."""
+    data = read_input(filename, MAX_MANIFEST_BYTES, "kube-inject")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
+        name = "stdin" if filename == "-" else filename
         raise UsageError(f"{name}: not UTF-8 text (byte {error.start})") from None
 
 

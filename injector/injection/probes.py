@@ -134,41 +134,33 @@ def _container(container: dict[str, Any], where: str, port: int,
     name = container.get("name")
     if type(name) is not str or not name or name == PROXY_CONTAINER:
         return
-    ports: dict[str, int] | None = None
+    # (where the handler is, the handler, the actions it may use, the agent's path for it,
+    # its timeout): the probes, then the lifecycle hooks, rewritten alike.
+    handlers: list[tuple[str, Any, Any, str, Any]] = []
     for field, suffix in _PROBES:
         if before_agent and field == "startupProbe":
             continue
         probe = container.get(field)
-        found = _action(probe, _PROBE_ACTIONS)
-        if found is None:
-            continue
-        assert type(probe) is dict
-        kind, action = found
-        path = f"{APP_HEALTH_PREFIX}{name}/{suffix}"
-        replacements.append((f"{where}/{field}", _agent_get(probe, kind, action, path, port)))
-        if ports is None:
-            ports = _named_ports(container)
-        prober = _prober(kind, action, probe.get("timeoutSeconds"), ports, port)
-        if prober is not None:
-            probers[path] = prober
+        timeout = probe.get("timeoutSeconds") if type(probe) is dict else None
+        handlers.append((f"{where}/{field}", probe, _PROBE_ACTIONS,
+                         f"{APP_HEALTH_PREFIX}{name}/{suffix}", timeout))
     lifecycle = container.get("lifecycle")
-    if type(lifecycle) is not dict:
-        return
-    for hook, suffix in _HOOKS:
-        if before_agent and hook == "postStart":
-            continue
-        handler = lifecycle.get(hook)
-        found = _action(handler, _HOOK_ACTIONS)
+    if type(lifecycle) is dict:
+        for hook, suffix in _HOOKS:
+            if before_agent and hook == "postStart":
+                continue
+            handlers.append((f"{where}/lifecycle/{hook}", lifecycle.get(hook), _HOOK_ACTIONS,
+                             f"{APP_LIFECYCLE_PREFIX}{name}/{suffix}", None))
+    ports: dict[str, int] | None = None
+    for location, handler, actions, path, timeout in handlers:
+        found = _action(handler, actions)
         if found is None:
             continue
-        assert type(handler) is dict
         kind, action = found
-        path = f"{APP_LIFECYCLE_PREFIX}{name}/{suffix}"
-        replacements.append((f"{where}/lifecycle/{hook}",
-                             _agent_get(handler, kind, action, path, port)))
+        replacements.append((location, _agent_get(handler, kind, action, path, port)))
         if ports is None:
             ports = _named_ports(container)
-        prober = _prober(kind, action, None, ports, port)
+        prober = _prober(kind, action, timeout, ports, port)
         if prober is not None:
             probers[path] = prober
 
