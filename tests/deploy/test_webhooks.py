@@ -63,10 +63,14 @@ def test_webhook_fields(webhook_config: dict[str, Any], objects: list[dict[str, 
         namespace_hook["namespaceSelector"]["matchExpressions"])
     assert namespace_hook["objectSelector"] == {"matchExpressions": [
         {"key": "sidecar.istio.io/inject", "operator": "NotIn", "values": ["false"]}]}
-    assert {"key": "istio-injection", "operator": "DoesNotExist"} in (
-        object_hook["namespaceSelector"]["matchExpressions"])
+    # As Istio's default revision: istio.io/rev, on the namespace or the pod, leaves the pod to
+    # the revision it names (another installation's webhooks), so no pod is sent to both.
+    for key in ("istio-injection", "istio.io/rev"):
+        assert {"key": key, "operator": "DoesNotExist"} in (
+            object_hook["namespaceSelector"]["matchExpressions"])
     assert object_hook["objectSelector"] == {"matchExpressions": [
-        {"key": "sidecar.istio.io/inject", "operator": "In", "values": ["true"]}]}
+        {"key": "sidecar.istio.io/inject", "operator": "In", "values": ["true"]},
+        {"key": "istio.io/rev", "operator": "DoesNotExist"}]}
 
 
 # Istio's: which of its two webhooks (namespace.*, object.*) is called.
