@@ -55,7 +55,7 @@ build() {
 	echo "built $name in $((SECONDS - started))s" >&2
 }
 
-for tool in caclient inject injectbench; do
+for tool in caclient inject injectbench webhook; do
 	build "$tool"
 done
 
