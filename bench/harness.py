@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import secrets
 import shutil
 import ssl
@@ -72,6 +73,11 @@ class Server:
                 figures[key] = int(value.split()[0])
         return figures
 
+    def cpu_seconds(self) -> float:
+        """User and system CPU time used so far by the server and every process under it (the
+        workers of `--workers N`), from /proc."""
+        return sum(_cpu_seconds(pid) for pid in _process_tree(self.process.pid))
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -80,6 +86,32 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants (a process that exits meanwhile is left out)."""
+    tree: list[int] = []
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending.extend(int(child) for child in (task / "children").read_text().split())
+    return tree
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (fields 14 and 15 of /proc/PID/stat, after the name)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
 def certs_dir(workdir: Path) -> Path:
@@ -93,22 +125,29 @@ def certs_dir(workdir: Path) -> Path:
 def start(name: str, args: Sequence[str], workdir: Path, certs: Path,
           env: Mapping[str, str] | None = None, pin: bool = True) -> Server:
     """Start a server (`python <args>` with `--port`) on the server core (on any with
-    `pin=False`); wait for /healthz. Tried three times: on a busy machine another process may
-    take the free port first."""
+    `pin=False`); wait for /healthz."""
+    return start_command(name, [sys.executable, *args], workdir, certs, env, pin)
+
+
+def start_command(name: str, command: Sequence[str], workdir: Path, certs: Path,
+                  env: Mapping[str, str] | None = None, pin: bool = True) -> Server:
+    """Start any server program (`command` with `--port`; a Go peer, say) as `start` does: on
+    the server core unless `pin=False`, answering /healthz over TLS with the dev root. Tried
+    three times: on a busy machine another process may take the free port first."""
     for attempt in range(3):
         try:
-            return _start(name, args, workdir, certs, env, pin)
+            return _start(name, command, workdir, certs, env, pin)
         except RuntimeError:
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
 
 
-def _start(name: str, args: Sequence[str], workdir: Path, certs: Path,
+def _start(name: str, program: Sequence[str], workdir: Path, certs: Path,
            env: Mapping[str, str] | None, pin: bool) -> Server:
     port = free_port()
     log_path = workdir / f"{name}.log"
-    command = [sys.executable, *args, "--port", str(port)]
+    command = [*program, "--port", str(port)]
     command = _pinned(SERVER_CPU, command) if pin else command
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -176,17 +215,36 @@ end
 """
 
 
+_VARY = """
+body_head, body_tail = [==[%s]==], [==[%s]==]
+counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, nil, nil, body_head .. counter .. body_tail)
+end
+"""
+
+
 def wrk_script(body: bytes, headers: Mapping[str, str], directory: Path,
-               bearer_tokens: Sequence[str] = ()) -> Path:
+               bearer_tokens: Sequence[str] = (), vary: str | None = None) -> Path:
     """A wrk script posting `body` with `headers`; with `bearer_tokens`, each request carries
-    the next one in turn (many callers, as a cluster's sidecars are)."""
+    the next one in turn (many callers, as a cluster's sidecars are); with `vary`, a string
+    found once in `body`, each request has the next number in its place (no two bodies
+    alike, so no server can answer one from a cache)."""
     text = body.decode()
     if "]==]" in text:
         raise ValueError("the body cannot be a Lua long string")
     lines = "\n".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}"
                       for k, v in headers.items())
+    if bearer_tokens and vary is not None:
+        raise ValueError("a script either rotates tokens or varies the body, not both")
     if bearer_tokens:
         lines += _ROTATE % ", ".join(json.dumps(token) for token in bearer_tokens)
+    if vary is not None:
+        head, found, tail = text.partition(vary)
+        if not found or vary in tail:
+            raise ValueError(f"{vary!r} must be in the body exactly once")
+        lines += _VARY % (head, tail)
     path = Path(tempfile.mkstemp(suffix=".lua", dir=directory)[1])
     path.write_text(_LUA % {"body": text, "headers": lines})
     return path
@@ -213,19 +271,36 @@ def wrk(url: str, script: Path, connections: int, seconds: int = SECONDS,
 
 
 def interleaved(servers: Mapping[str, Server], path: str, script: Path,
-                concurrencies: Sequence[int], pin: bool = True) -> dict[tuple[str, int],
-                                                                        list[Load]]:
+                concurrencies: Sequence[int], pin: bool | Mapping[str, bool] = True,
+                measure_cpu: bool = False) -> dict[tuple[str, int], list[Load]]:
     """wrk against each server at each concurrency, ROUNDS times: the servers of one
     comparison run one after the other, in reverse order every other round, so that a drift
-    in the machine's load favours none. Runs by (server name, concurrency)."""
+    in the machine's load favours none. Runs by (server name, concurrency). `pin` says whether
+    wrk is pinned to the client core, for all servers or by server name.
+
+    With `measure_cpu`, each run's `extra` has the CPU seconds the server (all its processes)
+    and wrk used during it: `server_cpu_s`, `client_cpu_s`."""
     runs: dict[tuple[str, int], list[Load]] = {}
     order = list(servers)
     for round_number in range(ROUNDS):
         for connections in concurrencies:
             for name in order if round_number % 2 == 0 else order[::-1]:
-                load = wrk(f"{servers[name].url}{path}", script, connections, pin=pin)
+                pinned = pin if isinstance(pin, bool) else pin[name]
+                server_before = servers[name].cpu_seconds() if measure_cpu else 0.0
+                client_before = _children_cpu_seconds()
+                load = wrk(f"{servers[name].url}{path}", script, connections, pin=pinned)
+                if measure_cpu:
+                    load.extra["server_cpu_s"] = servers[name].cpu_seconds() - server_before
+                    load.extra["client_cpu_s"] = _children_cpu_seconds() - client_before
                 runs.setdefault((name, connections), []).append(load)
     return runs
+
+
+def _children_cpu_seconds() -> float:
+    """CPU seconds of this process's waited-for children: around one wrk run, wrk's own (the
+    servers are children too, but are not waited for until they stop)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def best(loads: Sequence[Load]) -> Load:
