@@ -3,6 +3,8 @@ Kubernetes OpenAPI, and its label selectors evaluated as the API server does."""
 
 from __future__ import annotations
 
+import copy
+import os
 import re
 import shutil
 import subprocess
@@ -15,6 +17,7 @@ import pytest
 import yaml
 
 from injector.mesh.config import MeshConfig, load_mesh_config
+from tests.support.peers import CLUSTER_SCRIPT, built
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -151,7 +154,13 @@ def check_consistency(objects: list[dict[str, Any]]) -> None:
     """What kustomize cannot keep in step by itself: the mesh config against the manifests."""
     data, mesh = mesh_config_of(objects)
     namespace = find(objects, "Namespace")["metadata"]["name"]
-    assert not SERVE_OPTION_KEYS & set(data), "serve options belong on the command line"
+    # `revision` is the one exception: `injector check` and `kube-inject` read it from the same
+    # mesh config (a revision's), and serve's --revision must then say the same.
+    assert not (SERVE_OPTION_KEYS - {"revision"}) & set(data), (
+        "serve options belong on the command line")
+    if "revision" in data:
+        assert serve_args(objects).get("revision") == [data["revision"]], (
+            "the mesh config's revision and serve --revision differ")
     assert mesh.injector_namespace == namespace
     service = find(objects, "Service", "injector")
     assert mesh.ca_address == f"{service['metadata']['name']}.{namespace}.svc:443"
@@ -162,3 +171,50 @@ def check_consistency(objects: list[dict[str, Any]]) -> None:
     assert mesh.proxy_image == server["image"], "sidecars must run the deployed image"
     for hook in find(objects, "MutatingWebhookConfiguration")["webhooks"]:
         assert hook["clientConfig"]["service"]["namespace"] == namespace
+
+
+# --- Helm: the chart (and Istio's) rendered, and compared with deploy/ -------------------------
+
+# Labels only Helm adds: a comparison with deploy/ sets them aside.
+HELM_LABELS = ("app.kubernetes.io/instance", "app.kubernetes.io/managed-by",
+               "app.kubernetes.io/version", "helm.sh/chart")
+MESH_CONFIGMAP = "injector-mesh-config"
+
+
+def helm_template(chart: Path, release: str, namespace: str, *args: str, home: Path
+                  ) -> list[dict[str, Any]]:
+    """`helm template` (Helm built by tests/cluster/build.sh), its caches and settings in `home`,
+    never the user's; `args` as given (`--set ...`, `--show-only ...`)."""
+    helm = built(CLUSTER_SCRIPT, "helm", "--helm-dir")
+    environment = {**os.environ, "HELM_CACHE_HOME": str(home / "cache"),
+                   "HELM_CONFIG_HOME": str(home / "config"), "HELM_DATA_HOME": str(home / "data")}
+    environment.pop("KUBECONFIG", None)
+    result = subprocess.run([str(helm), "template", release, str(chart), "--namespace", namespace,
+                             *args], capture_output=True, text=True, timeout=120, check=False,
+                            env=environment)
+    assert result.returncode == 0, f"helm template {chart} {' '.join(args)}:\n{result.stderr}"
+    return [document for document in yaml.safe_load_all(result.stdout) if document]
+
+
+def comparable(objects: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """Objects by (kind, namespace, name), with what only one of Helm and kustomize writes set
+    aside: Helm's labels and the Deployment's mesh config checksum; kustomize's hash in the
+    ConfigMap's name. The mesh config is compared as YAML data, not text."""
+    keyed = {}
+    for original in objects:
+        obj = copy.deepcopy(original)
+        metadata = obj["metadata"]
+        for label in HELM_LABELS:
+            (metadata.get("labels") or {}).pop(label, None)
+        if obj["kind"] == "ConfigMap" and metadata["name"].startswith(f"{MESH_CONFIGMAP}-"):
+            metadata["name"] = MESH_CONFIGMAP
+        if obj["kind"] == "ConfigMap" and metadata["name"] == MESH_CONFIGMAP:
+            obj["data"]["mesh.yaml"] = yaml.safe_load(obj["data"]["mesh.yaml"])
+        if obj["kind"] == "Deployment":
+            pod_template = obj["spec"]["template"]
+            pod_template["metadata"]["annotations"].pop("checksum/mesh-config", None)
+            for volume in pod_template["spec"]["volumes"]:
+                if "configMap" in volume:
+                    volume["configMap"]["name"] = MESH_CONFIGMAP
+        keyed[(obj["kind"], metadata.get("namespace", ""), metadata["name"])] = obj
+    return keyed

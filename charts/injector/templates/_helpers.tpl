@@ -11,6 +11,15 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
+{{/*
+The name of the cluster-scoped objects (ClusterRole, ClusterRoleBinding and the webhook
+configuration): `injector`, or `injector-<revision>` for a revision, so that a revision installs
+beside the default installation instead of taking over its objects.
+*/}}
+{{- define "injector.clusterName" -}}
+{{ if .Values.revision }}injector-{{ .Values.revision }}{{ else }}injector{{ end }}
+{{- end -}}
+
 {{- define "injector.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag }}
 {{- end -}}
