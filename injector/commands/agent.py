@@ -2,9 +2,9 @@
 
 The command line only: the flags, the settings they resolve to (a flag, then `INJECTOR_<FLAG>`,
 then the env the webhook injects: CA_ADDR, TRUST_DOMAIN, POD_NAME, POD_NAMESPACE,
-SERVICE_ACCOUNT, INSTANCE_IP, MESH_CIDRS, MTLS_MODE; then the default; and the app's probes from
-ISTIO_KUBE_APP_PROBERS), each checked before anything starts, then one call into
-injector/proxy/agent.py, which does the work.
+SERVICE_ACCOUNT, INSTANCE_IP, MESH_CIDRS, MTLS_MODE; then the default; the app's probes from
+ISTIO_KUBE_APP_PROBERS and its metrics from ISTIO_PROMETHEUS_ANNOTATIONS), each checked before
+anything starts, then one call into injector/proxy/agent.py, which does the work.
 """
 
 from __future__ import annotations
@@ -21,7 +21,13 @@ from injector.commands.cli import CommandParser, UsageError
 from injector.mesh import names
 from injector.mesh.network import parse_cidrs
 from injector.proxy import envoy
-from injector.proxy.agent import Settings, ipv6_available, run_agent, wait_until_ready
+from injector.proxy.agent import (
+    Settings,
+    app_metrics_from_environment,
+    ipv6_available,
+    run_agent,
+    wait_until_ready,
+)
 from injector.proxy.app_health import ProberError, parse_probers
 from injector.proxy.ca_address import CaAddressError, parse_ca_address
 from injector.proxy.envoy_process import find_envoy
@@ -30,16 +36,30 @@ log = logging.getLogger("injector.agent")
 
 DEFAULT_MESH_CIDRS = ",".join(names.DEFAULT_MESH_CIDRS)
 MAX_DRAIN_SECONDS = 29.0  # below the pod's default 30 s grace period
+MAX_AGENT_LOG_LEVEL_CHARS = 4096  # as the injection bounds the annotation
 
 _PYTHON_LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
                       "warning": logging.WARNING, "error": logging.ERROR,
                       "critical": logging.CRITICAL, "off": logging.CRITICAL + 10}
+# pilot-agent's levels (Istio's agentLogLevel), for the agent's own logger.
+_ISTIO_AGENT_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
+                           "warn": logging.WARNING, "error": logging.ERROR,
+                           "fatal": logging.CRITICAL, "none": logging.CRITICAL + 10}
+# pilot-agent's scope that sets every scope at once; a bare level is the default scope's.
+_ALL_SCOPES = "all"
 
 
 def add_arguments(parser: CommandParser) -> None:
     # Defaults of None: the webhook's env (CA_ADDR, ...) is the next layer, read in settings_from.
     parser.option("--log-level", default="warning", type=str.lower, choices=names.LOG_LEVELS,
-                  help="the agent's and Envoy's log level")
+                  help="Envoy's log level, and the agent's unless --agent-log-level says")
+    parser.option("--component-log-level", default=None,
+                  help="Envoy's levels for some of its components, component:level,... "
+                       "(sidecar.istio.io/componentLogLevel)")
+    parser.option("--agent-log-level", default=None,
+                  help="pilot-agent's scoped levels, [scope:]level,... "
+                       "(sidecar.istio.io/agentLogLevel): the default scope's (or all's) is "
+                       "the agent's level; its other scopes are pilot-agent's own")
     parser.option("--ca-addr", default=None,
                   help=f"the CA: host[:port] or https://host[:port] (env CA_ADDR; default "
                        f"{names.DEFAULT_CA_ADDR})")
@@ -159,6 +179,16 @@ def settings_from(args: argparse.Namespace) -> Settings:
         app_probers = parse_probers(os.environ.get(names.APP_PROBERS_ENV, ""))
     except ProberError as error:
         raise UsageError(f"env {names.APP_PROBERS_ENV}: {error}") from None
+    try:
+        app_metrics = app_metrics_from_environment()
+    except ProberError as error:
+        raise UsageError(f"env {names.PROMETHEUS_ANNOTATIONS_ENV}: {error}") from None
+    component_log_level = None
+    if args.component_log_level is not None:
+        try:
+            component_log_level = envoy.component_log_levels(args.component_log_level)
+        except ValueError as error:
+            raise UsageError(f"--component-log-level: {error}") from None
     token_file = Path(args.token_file)
     _readable_file(token_file, "token file")
     ca_root_file = Path(args.ca_root_file)
@@ -192,7 +222,30 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ipv6=ipv6_available(),
         app_probers=app_probers,
         agent_port=args.agent_port,
+        app_metrics=app_metrics,
+        component_log_level=component_log_level,
     )
+
+
+def agent_logging_level(log_level: str, agent_log_level: str | None) -> int:
+    """The agent's logger's level: pilot-agent's `default` scope in --agent-log-level (a bare
+    level, or `all:`, sets it too; the last one given wins, as in pilot-agent), else
+    --log-level's. pilot-agent's other scopes (ads, sds, cache, ...) name parts our agent does
+    not have, and set nothing."""
+    level = _PYTHON_LOG_LEVELS[log_level]
+    if agent_log_level is None:
+        return level
+    if len(agent_log_level) > MAX_AGENT_LOG_LEVEL_CHARS:
+        raise UsageError(f"--agent-log-level: longer than {MAX_AGENT_LOG_LEVEL_CHARS} "
+                         "characters")
+    for item in agent_log_level.split(","):
+        scope, _, name = item.strip().rpartition(":")
+        if name not in _ISTIO_AGENT_LOG_LEVELS or ":" in scope:
+            raise UsageError(f"--agent-log-level: {item.strip()[:64]!r} is not a "
+                             f"[scope:]level pair (levels: {', '.join(names.AGENT_LOG_LEVELS)})")
+        if scope in ("", names.AGENT_DEFAULT_SCOPE, _ALL_SCOPES):
+            level = _ISTIO_AGENT_LOG_LEVELS[name]
+    return level
 
 
 def _run_wait(args: argparse.Namespace) -> int:
@@ -212,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
         return _run_wait(args)
     settings = settings_from(args)
     logging.basicConfig(
-        level=_PYTHON_LOG_LEVELS[settings.log_level], stream=sys.stderr,
+        level=agent_logging_level(settings.log_level, args.agent_log_level), stream=sys.stderr,
         format="%(asctime)s %(levelname)s agent: %(message)s",
     )
     # httpx logs every request at INFO; the agent says itself what matters, once.

@@ -26,7 +26,6 @@ from injector.proxy.app_health import (
     AppHealthServer,
     AppMetrics,
     Prober,
-    ProberError,
     parse_app_metrics,
 )
 from injector.proxy.ca_address import CaAddress
@@ -69,8 +68,11 @@ class Settings:
     # Probe rewriting (SPEC 8): the app's original probes, served on `agent_port` (none: off).
     app_probers: dict[str, Prober] = field(default_factory=dict)
     agent_port: int = AGENT_PORT
-    # Metrics merging: where the app's own metrics are, from the webhook's env by default.
-    app_metrics: AppMetrics | None = field(default_factory=lambda: app_metrics_from_environment())
+    # Metrics merging: where the app's own metrics are (ISTIO_PROMETHEUS_ANNOTATIONS, read by
+    # `app_metrics_from_environment`; None: Envoy's metrics alone).
+    app_metrics: AppMetrics | None = None
+    # Envoy's per-component levels (Istio's componentLogLevel; None: `log_level` for all).
+    component_log_level: str | None = None
 
     @property
     def spiffe_id(self) -> str | None:
@@ -151,14 +153,10 @@ def _envoy_ready(settings: Settings) -> bool:
 
 
 def app_metrics_from_environment() -> AppMetrics | None:
-    """ISTIO_PROMETHEUS_ANNOTATIONS, as the webhook set it. A value that cannot be read is
-    logged and the app's metrics left out: Envoy's are still served, and the proxy runs."""
-    try:
-        return parse_app_metrics(os.environ.get(PROMETHEUS_ANNOTATIONS_ENV, ""))
-    except ProberError as error:
-        log.error("env %s: %s: the app's metrics are not merged", PROMETHEUS_ANNOTATIONS_ENV,
-                  error)
-        return None
+    """ISTIO_PROMETHEUS_ANNOTATIONS, as the webhook set it. Raises ProberError for a value
+    that cannot be read: the agent then stops at its start, naming the variable (as
+    pilot-agent does), rather than serve Envoy's metrics without the app's, silently."""
+    return parse_app_metrics(os.environ.get(PROMETHEUS_ANNOTATIONS_ENV, ""))
 
 
 def _start_app_health(settings: Settings) -> AppHealthServer | None:
@@ -216,7 +214,7 @@ def _run(settings: Settings, stop: threading.Event) -> int:
         log.error("cannot write the Envoy bootstrap: %s (%s)", error.strerror, error.filename)
         return 1
     proxy = start_envoy(settings.envoy_binary, bootstrap, config, settings.log_level,
-                        settings.concurrency)
+                        settings.concurrency, settings.component_log_level)
     not_after = attempt.issued.not_after
     expired = False  # readiness failed in Envoy because the SVID expired unrenewed
     try:

@@ -471,19 +471,45 @@ ENVOY_LOG_LEVELS: dict[str, str] = {
     "trace": "trace", "debug": "debug", "info": "info", "warning": "warning",
     "error": "error", "critical": "critical", "off": "off",
 }
+# Envoy's `--component-log-level` takes spdlog's names, `warn` among them.
+_COMPONENT_LEVELS = frozenset({*ENVOY_LOG_LEVELS, "warn"})
+MAX_COMPONENT_LOG_LEVEL_CHARS = 4096
+
+
+def component_log_levels(text: str) -> str:
+    """Envoy's per-component levels (`upstream:debug,misc:error`, Istio's componentLogLevel)
+    as Envoy's `--component-log-level` takes them, spaces dropped. Raises ValueError saying
+    which pair is malformed. A component Envoy does not have is Envoy's to refuse: its
+    components differ between versions, and it names the one it does not know."""
+    if len(text) > MAX_COMPONENT_LOG_LEVEL_CHARS:
+        raise ValueError(f"longer than {MAX_COMPONENT_LOG_LEVEL_CHARS} characters")
+    pairs = [item.strip() for item in text.split(",")]
+    for pair in pairs:
+        component, colon, level = pair.partition(":")
+        if not (colon and component and level in _COMPONENT_LEVELS
+                and component.replace("_", "").isalnum() and component.isascii()
+                and component == component.lower()):
+            raise ValueError(f"{pair[:64]!r} is not a component:level pair (levels: "
+                             f"{', '.join(sorted(_COMPONENT_LEVELS))})")
+    return ",".join(pairs)
 
 
 def envoy_command(
     envoy_binary: str, bootstrap_path: str, log_level: str, config: ProxyConfig,
-    concurrency: int = 2,
+    concurrency: int = 2, component_log_level: str | None = None,
 ) -> list[str]:
     """Envoy's command line. No hot restart: the agent restarts nothing, and without it Envoy
-    needs no shared memory, so several Envoys can run on one host."""
+    needs no shared memory, so several Envoys can run on one host. `component_log_level`
+    (checked by `component_log_levels`) sets some components apart from `log_level`, as
+    pilot-agent passes Istio's componentLogLevel."""
+    components = (["--component-log-level", component_log_level] if component_log_level
+                  else [])
     return [
         envoy_binary,
         "-c", bootstrap_path,
         "--disable-hot-restart",
         "--log-level", ENVOY_LOG_LEVELS.get(log_level, "warning"),
+        *components,
         "--concurrency", str(concurrency),
         "--drain-time-s", str(max(1, round(config.drain_seconds))),
         "--drain-strategy", "immediate",

@@ -119,8 +119,9 @@ class EnvoyProcess:
 
 
 def start_envoy(binary: str, bootstrap: Path, config: envoy.ProxyConfig, log_level: str,
-                concurrency: int) -> EnvoyProcess:
-    command = envoy.envoy_command(binary, str(bootstrap), log_level, config, concurrency)
+                concurrency: int, component_log_level: str | None = None) -> EnvoyProcess:
+    command = envoy.envoy_command(binary, str(bootstrap), log_level, config, concurrency,
+                                  component_log_level)
     log.info("starting Envoy: %s", " ".join(command))
     # Its own session: a signal to the agent's process group (Ctrl-C in a terminal, `timeout`)
     # reaches the agent alone, which then drains Envoy as it should.

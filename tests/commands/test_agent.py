@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.server
 import ipaddress
+import logging
 import os
 import subprocess
 import sys
@@ -83,6 +84,50 @@ def test_the_webhooks_env_is_read_and_flags_win(files: dict[str, str]) -> None:
     assert "http://layered" in done.stderr
 
 
+@pytest.mark.parametrize("value", [
+    "scrape: true",  # YAML, not the JSON the webhook writes
+    '{"scrape": "true", "port": 9100}',  # a number where Istio writes a string
+    '{"scrape": "true", "port": "99999"}',
+    '["9100"]',
+])
+def test_metrics_merging_env_that_cannot_be_read_stops_the_agent_naming_it(
+        files: dict[str, str], value: str) -> None:
+    # As pilot-agent refuses it: not Envoy's metrics served without the app's, silently.
+    done = _injector("agent", *_flags(files), env={"ISTIO_PROMETHEUS_ANNOTATIONS": value})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("injector: env ISTIO_PROMETHEUS_ANNOTATIONS: ")
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("flag", "value", "words"), [
+    ("--component-log-level", "upstream", "'upstream' is not a component:level pair"),
+    ("--component-log-level", "misc:error,upstream:loud", "'upstream:loud' is not a "
+                                                          "component:level pair"),
+    ("--agent-log-level", "default:verbose", "'default:verbose' is not a [scope:]level pair"),
+    ("--agent-log-level", "a:b:debug", "'a:b:debug' is not a [scope:]level pair"),
+])
+def test_a_malformed_log_level_is_one_line_and_exit_2(files: dict[str, str], flag: str,
+                                                      value: str, words: str) -> None:
+    done = _injector("agent", *_flags(files), flag, value)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"injector: {flag}: ") and words in done.stderr
+    assert done.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(("log_level", "agent_log_level", "expected"), [
+    ("warning", None, logging.WARNING),  # --log-level's, as before
+    ("warning", "debug", logging.DEBUG),  # a bare level is the default scope's
+    ("info", "default:error,ads:debug", logging.ERROR),  # pilot-agent's other scopes: none here
+    ("info", "ads:debug", logging.INFO),
+    ("warning", "all:info", logging.INFO),  # every scope, the default among them
+    ("warning", "default:debug,all:none", logging.CRITICAL + 10),  # the last one wins
+    ("debug", "fatal", logging.CRITICAL),
+])
+def test_the_agent_logs_at_the_default_scope_of_agent_log_level(
+        log_level: str, agent_log_level: str | None, expected: int) -> None:
+    assert command.agent_logging_level(log_level, agent_log_level) == expected
+
+
 def test_unknown_flags_are_refused(files: dict[str, str]) -> None:
     done = _injector("agent", "--no-such-flag")
     assert done.returncode == 2 and done.stderr.count("\n") == 1
@@ -127,6 +172,18 @@ def test_the_webhooks_env_becomes_the_settings(files: dict[str, str],
     assert settings.spiffe_id == "spiffe://example.org/ns/shop/sa/web"
     assert settings.envoy_binary == sys.executable
     assert settings.certs_dir == Path(files["--certs-dir"])
+    assert settings.app_metrics is None and settings.component_log_level is None
+
+
+def test_the_metrics_env_and_envoys_component_levels_become_the_settings(
+        files: dict[str, str], bare_env: pytest.MonkeyPatch) -> None:
+    bare_env.setenv("ISTIO_PROMETHEUS_ANNOTATIONS",
+                    '{"scrape":"true","path":"/m","port":"9100"}')
+    settings = _settings(*_flags(files, envoy_binary=sys.executable),
+                         "--component-log-level", "misc:error, upstream:debug")
+    assert settings.app_metrics is not None
+    assert (settings.app_metrics.port, settings.app_metrics.path) == (9100, "/m")
+    assert settings.component_log_level == "misc:error,upstream:debug"
 
 
 def test_a_flag_or_its_injector_variable_beats_the_webhooks_env(

@@ -149,6 +149,27 @@ def test_the_agent_gets_its_svid_writes_the_files_and_becomes_ready(
     assert "draining" in agent.log()
 
 
+def test_componentloglevel_reaches_envoy_and_agentloglevel_the_agents_logger(
+        start_agent: Callable[..., Agent]) -> None:
+    """The flags the webhook writes from sidecar.istio.io/componentLogLevel and agentLogLevel,
+    as the real Envoy and the agent take them: Envoy's admin lists the components' levels,
+    and the agent's own lines follow pilot-agent's default scope, not --log-level (info)."""
+    admin = free_port()
+    agent = start_agent(WEB_TOKEN, "--admin-port", str(admin),
+                        "--component-log-level", "upstream:debug,misc:error",
+                        "--agent-log-level", "default:warn,ads:debug")
+    agent.wait_ready()
+    # Envoy's admin answers its loggers' levels to a POST of /logging without arguments.
+    levels = dict(line.strip().split(": ", 1) for line in httpx.post(
+        f"http://127.0.0.1:{admin}/logging", timeout=5).text.splitlines()[1:] if ": " in line)
+    assert (levels["upstream"], levels["misc"]) == ("debug", "error"), levels
+    assert levels["main"] == "info"  # every other component at --log-level
+    log = agent.log()
+    assert "[info][main]" in log  # Envoy's own lines at --log-level...
+    assert " INFO agent: " not in log and "got certificate" not in log  # ...the agent's not
+    assert agent.stop() == 0
+
+
 def test_a_refused_agent_says_why_does_not_spin_and_is_not_ready(
         start_agent: Callable[..., Agent]) -> None:
     agent = start_agent("not-a-known-token")
