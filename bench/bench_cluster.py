@@ -16,9 +16,12 @@ Each webhook is reached by URL on loopback (no kube-proxy here), its caBundle th
 the API server returns is checked: 201, and injected by the intended injector (ours runs
 `injector agent` in istio-proxy, Istio's runs `pilot-agent`'s `proxy sidecar`), or, in the
 floor, not injected; a misrouted webhook fails the run rather than pass for the other.
-Both configurations reinvoke (`reinvocationPolicy: IfNeeded`, as deploy/ ships it): the API
-server's ServiceAccount plugin mounts its token into the containers a webhook added, so each
-webhook is called twice per pod, the second time to find it already injected and change nothing.
+Each webhook keeps its own project's reinvocation policy. Ours is `IfNeeded`, as deploy/ ships
+it: the API server's ServiceAccount plugin mounts its token into the containers we added, so we
+are called twice per pod, the second time to find it already injected and change nothing.
+Istio's chart ships `Never`: its handler re-injects an injected pod (takes out what it added and
+injects again), so a reinvocation would cost it a second whole injection
+(BENCH_ISTIO_REINVOCATION=IfNeeded shows it: about twice the CPU per pod).
 
 Placement on this 2-core machine: both webhooks on the same core (harness.SERVER_CPU), one core
 each, one at a time busy: `injector serve` with one worker, Istio's with GOMAXPROCS=1. etcd,
@@ -78,6 +81,10 @@ INJECTORS = ("ours", "istio")
 # The namespace label that sends a namespace's pods to Istio's webhook, and only there.
 ISTIO_SELECTOR_LABEL = "bench.injector/webhook"
 ISTIO_WEBHOOK_CONFIGURATION = "istio-bench"
+# As Istio's istio-discovery chart ships it (values.yaml, sidecarInjectorWebhook): its handler
+# re-injects an injected pod, so a reinvocation would inject it a second time.
+# BENCH_ISTIO_REINVOCATION=IfNeeded gives it ours, to see what that costs.
+ISTIO_REINVOCATION_POLICY = os.environ.get("BENCH_ISTIO_REINVOCATION", "Never")
 STARTUP_SECONDS = 60
 
 
@@ -225,14 +232,15 @@ def start_istio_webhook(workdir: Path, certs: Path) -> IstioWebhook:
 
 def istio_webhook_configuration(url: str, ca_pem: bytes) -> dict[str, Any]:
     """A MutatingWebhookConfiguration of the same shape as deploy/'s namespace webhook (same
-    rules, object selector, failure policy, timeout, reinvocation), sending the namespaces
-    labelled ISTIO_SELECTOR_LABEL=istio, and those only, to `url`."""
+    rules, object selector, failure policy, timeout), with Istio's own reinvocation policy,
+    sending the namespaces labelled ISTIO_SELECTOR_LABEL=istio, and those only, to `url`."""
     shipped = yaml.safe_load((DEPLOY / "webhook.yaml").read_text())
     webhook = copy.deepcopy(next(w for w in shipped["webhooks"]
                                  if w["name"].startswith("namespace.")))
     webhook["name"] = "namespace.sidecar-injector.istio.io"
     webhook["clientConfig"] = {"url": url, "caBundle": base64.b64encode(ca_pem).decode()}
     webhook["namespaceSelector"] = {"matchLabels": {ISTIO_SELECTOR_LABEL: "istio"}}
+    webhook["reinvocationPolicy"] = ISTIO_REINVOCATION_POLICY
     return {"apiVersion": "admissionregistration.k8s.io/v1",
             "kind": "MutatingWebhookConfiguration",
             "metadata": {"name": ISTIO_WEBHOOK_CONFIGURATION}, "webhooks": [webhook]}
