@@ -63,7 +63,7 @@ def proxy_container(mesh: MeshConfig, settings: Overrides) -> dict[str, Any]:
         "image": settings.image,
         "imagePullPolicy": mesh.image_pull_policy,
         "command": ["injector", "agent"],
-        "args": ["--log-level", settings.log_level],
+        "args": _agent_args(settings),
         "ports": [
             {"name": "http-envoy-prom", "containerPort": mesh.prometheus_port, "protocol": "TCP"}
         ],
@@ -99,18 +99,32 @@ def proxy_container(mesh: MeshConfig, settings: Overrides) -> dict[str, Any]:
         container["readinessProbe"] = ready_probe
     # As Istio's (startupProbe.enabled by default): readiness waits until the proxy has started,
     # checked every second for up to 10 minutes; for a native sidecar it also holds the next
-    # init containers and the app. None with status port 0: the pod asked for no probe.
-    if readiness is not None:
+    # init containers and the app. None with status port 0: the pod asked for no probe; nor for
+    # a gateway, as in Istio's gateway template (a gateway slow to get ready is not restarted).
+    if readiness is not None and not settings.gateway:
         container["startupProbe"] = {**ready_probe, "periodSeconds": 1, "failureThreshold": 600}
         container["startupProbe"].pop("initialDelaySeconds", None)
     if settings.native:
         # A native sidecar is an init container that keeps running.
         container["restartPolicy"] = "Always"
-    elif settings.hold:
+    elif settings.hold and not settings.gateway:
+        # (A gateway's proxy is its main container: Istio's gateway template has no hook.)
         container["lifecycle"] = {
             "postStart": {"exec": {"command": ["injector", "agent", "wait"]}}
         }
     return container
+
+
+def _agent_args(settings: Overrides) -> list[str]:
+    """The agent's flags: its log levels, as the pod's annotations set them (Istio's template
+    passes the same three to pilot-agent: --proxyLogLevel, --proxyComponentLogLevel and
+    --log_output_level)."""
+    args = ["--log-level", settings.log_level]
+    if settings.component_log_level is not None:
+        args += ["--component-log-level", settings.component_log_level]
+    if settings.agent_log_level is not None:
+        args += ["--agent-log-level", settings.agent_log_level]
+    return args
 
 
 def init_container(mesh: MeshConfig, settings: Overrides) -> dict[str, Any]:

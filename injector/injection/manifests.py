@@ -120,7 +120,7 @@ def inject_document(document: Any, mesh: MeshConfig, where: str) -> Any:
     try:
         # The workload's own name: a template's pods do not exist yet to be named after it.
         injection = sidecar.build(pod, mesh, name=str(name).rstrip("-") if name else None)
-    except (InvalidAnnotation, sidecar.NameConflict) as error:
+    except (InvalidAnnotation, sidecar.NameConflict, sidecar.UnreadableField) as error:
         raise ManifestError(f"{where} ({kind} {shown}): {error}") from None
     injected = jsonpatch.apply_patch(pod, patch.build(pod, injection))
     if pod is document:

@@ -151,10 +151,14 @@ class Overrides:
     image: str
     init_image: str  # istio-init's: the mesh's, or a proxyImage naming a repository (Istio's)
     log_level: str
+    # componentLogLevel (Envoy's `--component-log-level`) and agentLogLevel (pilot-agent's
+    # scoped levels), as written less spaces; None: not set, and the agent keeps its defaults.
+    component_log_level: str | None
+    agent_log_level: str | None
     mtls_mode: str
     resources: Resources
     native: bool  # the proxy runs as a native sidecar (a restartable init container)
-    hold: bool  # the app waits for the proxy (holdApplicationUntilProxyStarts)
+    hold: bool  # the proxy goes first and the app waits for it (a gateway: first, no wait)
     proxy_metadata: tuple[tuple[str, str], ...]  # ProxyConfig's proxyMetadata: the proxy's env
     # userVolume and userVolumeMount: (name, the rest of the volume or mount), in name order.
     user_volumes: tuple[tuple[str, dict[str, Any]], ...]
@@ -324,22 +328,24 @@ _COMPONENT_LEVEL = re.compile(r"[a-z0-9_]{1,64}:(?:trace|debug|info|warning|warn
 _AGENT_LEVEL = re.compile(r"(?:[a-zA-Z0-9_.-]{1,64}:)?(?:" + "|".join(AGENT_LOG_LEVELS) + ")")
 
 
-def _check_log_levels(annotations: Mapping[str, Any]) -> None:
-    """Envoy's per-component levels (`upstream:debug,misc:error`) and pilot-agent's
-    (`info`, `default:info,ads:debug`): checked, so that a malformed one is refused by name;
-    our agent has one log level (`sidecar.istio.io/logLevel`), so they change nothing."""
-    for key, pattern in ((COMPONENT_LOG_LEVEL, _COMPONENT_LEVEL),
-                         (AGENT_LOG_LEVEL, _AGENT_LEVEL)):
-        if key not in annotations:
-            continue
-        text = _annotation(annotations, key, "")
-        if len(text) > MAX_LIST_CHARS:
-            raise InvalidAnnotation(key, text, f"longer than {MAX_LIST_CHARS} characters")
-        for item in text.split(","):
-            if not pattern.fullmatch(item.strip()):
-                raise InvalidAnnotation(key, text, f"{item.strip()[:64]!r} is not a "
-                                        + ("component:level" if key == COMPONENT_LOG_LEVEL
-                                           else "[scope:]level") + " pair")
+def _log_levels(annotations: Mapping[str, Any], key: str) -> str | None:
+    """componentLogLevel, Envoy's per-component levels (`upstream:debug,misc:error`), or
+    agentLogLevel, pilot-agent's (`info`, `default:info,ads:debug`): checked, so that a
+    malformed one is refused by name rather than stop the proxy at its start, and handed to the
+    agent as written, less spaces (None when the pod has none)."""
+    if key not in annotations:
+        return None
+    pattern = _COMPONENT_LEVEL if key == COMPONENT_LOG_LEVEL else _AGENT_LEVEL
+    text = _annotation(annotations, key, "")
+    if len(text) > MAX_LIST_CHARS:
+        raise InvalidAnnotation(key, text, f"longer than {MAX_LIST_CHARS} characters")
+    items = [item.strip() for item in text.split(",")]
+    for item in items:
+        if not pattern.fullmatch(item):
+            raise InvalidAnnotation(key, text, f"{item[:64]!r} is not a "
+                                    + ("component:level" if key == COMPONENT_LOG_LEVEL
+                                       else "[scope:]level") + " pair")
+    return ",".join(items)
 
 
 def _gateway(annotations: Mapping[str, Any]) -> bool:
@@ -358,9 +364,15 @@ def _gateway(annotations: Mapping[str, Any]) -> bool:
 _RESOURCE_ANNOTATIONS = (PROXY_CPU, PROXY_MEMORY, PROXY_CPU_LIMIT, PROXY_MEMORY_LIMIT)
 
 
-def _resources(annotations: Mapping[str, Any], mesh: MeshConfig) -> Resources:
+def _resources(annotations: Mapping[str, Any], mesh: MeshConfig, gateway: bool = False,
+               ) -> Resources:
     defaults = mesh.resources
     if not any(key in annotations for key in _RESOURCE_ANNOTATIONS):
+        if gateway:
+            # Istio's gateway template sets none: a gateway is sized by its own Deployment
+            # (the pod's istio-proxy, merged over ours), and a limit of ours it did not ask
+            # for must not be left beside the requests it set.
+            return Resources(None, None, None, None)
         return Resources(defaults.cpu, defaults.memory, defaults.cpu_limit, defaults.memory_limit)
     # Istio's template: the annotations set, and only those.
     cpu, memory, cpu_limit, memory_limit = (
@@ -503,9 +515,9 @@ def read(annotations: Mapping[str, Any], mesh: MeshConfig) -> Overrides:
     config = _proxy_config(annotations)
     hold = config.get("holdApplicationUntilProxyStarts", False)
     proxy_metadata = _proxy_metadata(config, annotations.get(PROXY_CONFIG))
-    resources = _resources(annotations, mesh)
-    traffic = traffic_options(annotations, mesh)
     gateway = _gateway(annotations)
+    resources = _resources(annotations, mesh, gateway)
+    traffic = traffic_options(annotations, mesh)
     # A gateway's traffic is its own: no istio-init (Istio's gateway template has none).
     capture = _capture(annotations, config) and not gateway
     user_volumes = _user_volumes(annotations, USER_VOLUME)
@@ -531,17 +543,20 @@ def read(annotations: Mapping[str, Any], mesh: MeshConfig) -> Overrides:
             raise InvalidAnnotation(key, annotations.get(key), str(error)) from None
     if PROXY_IMAGE in annotations and "/" in image:
         init_image = image
-    _check_log_levels(annotations)
+    component_log_level = _log_levels(annotations, COMPONENT_LOG_LEVEL)
+    agent_log_level = _log_levels(annotations, AGENT_LOG_LEVEL)
     log_level = _annotation(annotations, LOG_LEVEL, mesh.proxy_log_level)
     if log_level not in LOG_LEVELS:
         raise InvalidAnnotation(LOG_LEVEL, log_level, f"expected one of {sorted(LOG_LEVELS)}")
     mtls_mode = _annotation(annotations, MTLS_MODE, mesh.mtls_mode)
     if mtls_mode not in MTLS_MODES:
         raise InvalidAnnotation(MTLS_MODE, mtls_mode, "expected PERMISSIVE or STRICT")
-    # A gateway's proxy is the pod's main container, never a native sidecar or held for.
+    # A gateway's proxy is the pod's main container, never a native sidecar; held for, it
+    # comes first (as Istio orders it), though no app waits for it (`proxy_container`).
     return Overrides(image=image, init_image=init_image, log_level=log_level,
+                     component_log_level=component_log_level, agent_log_level=agent_log_level,
                      mtls_mode=mtls_mode, resources=resources, native=native and not gateway,
-                     hold=hold and not gateway,
+                     hold=hold,
                      proxy_metadata=proxy_metadata, user_volumes=user_volumes,
                      user_volume_mounts=user_volume_mounts,
                      traffic=traffic, capture=capture, readiness=readiness, gateway=gateway)

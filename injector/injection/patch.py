@@ -98,7 +98,24 @@ def build(pod: Mapping[str, Any], injection: Injection) -> list[Operation]:
         ops.append({"op": "add", "path": f"{_proxy_pointer(spec, injection)}/env/-",
                     "value": {"name": PROMETHEUS_ANNOTATIONS_ENV,
                               "value": injection.prometheus_env}})
+    if injection.sysctls:
+        _add_sysctls(ops, spec, injection.sysctls)
     return ops
+
+
+def _add_sysctls(ops: list[Operation], spec: Mapping[str, Any],
+                 sysctls: tuple[tuple[str, str], ...]) -> None:
+    """Append to the pod's securityContext.sysctls, making what is missing (`sidecar.build`
+    checked the shapes, and left out what the pod has already)."""
+    items = [{"name": name, "value": value} for name, value in sysctls]
+    security = spec.get("securityContext")
+    if not isinstance(security, dict):
+        ops.append({"op": "add", "path": "/spec/securityContext", "value": {"sysctls": items}})
+    elif not isinstance(security.get("sysctls"), list):
+        ops.append({"op": "add", "path": "/spec/securityContext/sysctls", "value": items})
+    else:
+        ops.extend({"op": "add", "path": "/spec/securityContext/sysctls/-", "value": item}
+                   for item in items)
 
 
 def _proxy_pointer(spec: Mapping[str, Any], injection: Injection) -> str:
@@ -178,9 +195,10 @@ def encoded(pod: Mapping[str, Any], injection: Injection) -> str:
     it is built once.
     """
     # Dicts may have been changed since the template made them; Fragments cannot be.
-    # Removals (rare: a prometheus.io annotation spelled otherwise) are not in the key: no cache.
+    # Removals (rare: a prometheus.io annotation spelled otherwise) and a gateway's sysctls
+    # (which depend on the pod's securityContext) are not in the key: no cache.
     if (injection.template is None or type(injection.proxy_container) is not orjson.Fragment
-            or injection.removals):
+            or injection.removals or injection.sysctls):
         return base64.b64encode(orjson.dumps(build(pod, injection))).decode()
     labels, annotations = tuple(injection.labels.items()), tuple(injection.annotations.items())
     # Probe rewriting's replacements and env, whole: two pods share a patch only if they are

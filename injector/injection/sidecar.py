@@ -40,12 +40,19 @@ from injector.mesh.names import (
     REVISION_LABEL,
     STATUS_ANNOTATION,
     TLS_MODE_LABEL,
+    UNPRIVILEGED_PORT_START,
+    UNPRIVILEGED_PORT_SYSCTL,
     VOLUME_NAMES,
 )
 
 
 class NameConflict(InvalidInput):
     """The pod already uses a name the sidecar needs; injecting would make an invalid pod."""
+
+
+class UnreadableField(InvalidInput):
+    """A field of the pod that injection must add to is not of the shape Kubernetes gives it
+    (the pod is refused as `invalid-pod`, as `injector.injection.limits` refuses others)."""
 
 
 # A container or volume: a dict, or its JSON as an `orjson.Fragment` (see `build`).
@@ -80,6 +87,8 @@ class Injection(NamedTuple):
     # Metrics merging: the pod's own prometheus.io/* as ISTIO_PROMETHEUS_ANNOTATIONS' JSON, for
     # the proxy's env (None: nothing to hand over).
     prometheus_env: str | None = None
+    # Sysctls (name, value) to add to the pod's securityContext (a gateway's; see `_sysctls`).
+    sysctls: tuple[tuple[str, str], ...] = ()
 
 
 def _names(items: Any) -> set[object]:
@@ -182,15 +191,20 @@ def _annotations_to_add(
     # its own: what the pod already has is never changed).
     if REVISION_LABEL not in annotations:
         added[REVISION_LABEL] = mesh.revision or DEFAULT_REVISION
-    containers = spec.get("containers") or ()
-    if containers:
-        first = containers[0].get("name") if isinstance(containers[0], dict) else None
-        if isinstance(first, str) and first:
-            # The app, not the proxy, for `kubectl logs` and `exec`; as Istio, each unless set.
-            if DEFAULT_LOGS_CONTAINER_ANNOTATION not in annotations:
-                added[DEFAULT_LOGS_CONTAINER_ANNOTATION] = first
-            if DEFAULT_CONTAINER_ANNOTATION not in annotations:
-                added[DEFAULT_CONTAINER_ANNOTATION] = first
+    # The first container that is not the proxy, as Istio's templates pick it: a pod's own
+    # istio-proxy (merged over ours) may come first, and a gateway's may be its only one.
+    first = None
+    for container in spec.get("containers") or ():
+        name = container.get("name") if isinstance(container, dict) else None
+        if name != PROXY_CONTAINER:
+            first = name
+            break
+    if isinstance(first, str) and first:
+        # The app, not the proxy, for `kubectl logs` and `exec`; as Istio, each unless set.
+        if DEFAULT_LOGS_CONTAINER_ANNOTATION not in annotations:
+            added[DEFAULT_LOGS_CONTAINER_ANNOTATION] = first
+        if DEFAULT_CONTAINER_ANNOTATION not in annotations:
+            added[DEFAULT_CONTAINER_ANNOTATION] = first
     return added
 
 
@@ -289,6 +303,31 @@ def _prometheus(annotations: Mapping[str, Any], mesh: MeshConfig,
     return None, ()
 
 
+def _sysctls(spec: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """A gateway's sysctls, as Istio's gateway template gives them: ports under 1024 bindable
+    by the proxy's unprivileged user. Added to the pod's own, of which none is lost (Istio's
+    template replaces the pod's whole list); a pod that sets the sysctl itself keeps its value,
+    as everything else it has.
+
+    Raises UnreadableField when the pod's securityContext or its sysctls are not of
+    Kubernetes' shape (an object; a list of objects with a string name)."""
+    security = spec.get("securityContext")
+    if security is None:
+        return ((UNPRIVILEGED_PORT_SYSCTL, UNPRIVILEGED_PORT_START),)
+    if type(security) is not dict:
+        raise UnreadableField("spec.securityContext must be an object")
+    own = security.get("sysctls")
+    if own is None:
+        return ((UNPRIVILEGED_PORT_SYSCTL, UNPRIVILEGED_PORT_START),)
+    if type(own) is not list or not all(type(item) is dict and type(item.get("name")) is str
+                                        for item in own):
+        raise UnreadableField("spec.securityContext.sysctls must be a list of objects with a "
+                              "name")
+    if any(item["name"] == UNPRIVILEGED_PORT_SYSCTL for item in own):
+        return ()
+    return ((UNPRIVILEGED_PORT_SYSCTL, UNPRIVILEGED_PORT_START),)
+
+
 def build(
     pod: Mapping[str, Any], mesh: MeshConfig, name: str | None = None, *, as_json: bool = False
 ) -> Injection:
@@ -298,7 +337,8 @@ def build(
     JSON, for a caller that only serialises them (the webhook): that skips building dicts.
 
     Raises InvalidAnnotation for an override the pod cannot have, NameConflict when the pod
-    already uses a name the sidecar needs.
+    already uses a name the sidecar needs, UnreadableField when a gateway's securityContext
+    cannot take its sysctl.
     """
     metadata = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
@@ -329,6 +369,7 @@ def build(
         rewritten_probes=probes.rewrite(spec, annotations, mesh, native=parts.native),
         removals=prometheus_removals,
         prometheus_env=prometheus_env,
+        sysctls=_sysctls(spec) if parts.gateway else (),
     )
 
 
@@ -374,4 +415,5 @@ def _with_pods_own(pod: Mapping[str, Any], mesh: MeshConfig, name: str | None, p
             f"/spec/{field}/{index}" for field, indexes in removals.items()
             for index in sorted(indexes, reverse=True)),
         prometheus_env=prometheus_env,
+        sysctls=_sysctls(spec) if parts.gateway else (),
     )

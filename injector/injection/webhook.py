@@ -139,5 +139,8 @@ def admit(review: AdmissionReview, mesh: MeshConfig, namespace_labels: Namespace
         reason = "invalid-annotation" if isinstance(error, InvalidAnnotation) else "name-conflict"
         return Outcome(_denied(review, f"sidecar injection refused: {error}"), "denied", reason,
                        namespace, name)
+    except sidecar.UnreadableField as error:
+        return Outcome(_denied(review, f"invalid pod: {error}"), "denied", limits.INVALID_POD,
+                       namespace, name)
     return Outcome(_patched(review, patch.encoded(pod, injection)), "injected", decision.reason,
                    namespace, name)

@@ -37,15 +37,22 @@ USER_VOLUME: Final = "sidecar.istio.io/userVolume"
 # is the pod's main container: no istio-init, no tlsMode label).
 TEMPLATES_ANNOTATION: Final = "inject.istio.io/templates"
 TEMPLATES: Final = ("sidecar", "gateway")
+# Istio's gateway template lets the pod bind ports under 1024 without a capability: this sysctl,
+# at this value, in the pod's securityContext.
+UNPRIVILEGED_PORT_SYSCTL: Final = "net.ipv4.ip_unprivileged_port_start"
+UNPRIVILEGED_PORT_START: Final = "0"
 USER_VOLUME_MOUNT: Final = "sidecar.istio.io/userVolumeMount"
 # Image variants: `distroless` or `debug` on the tag of the mesh's images (`default`: none).
 PROXY_IMAGE_TYPE: Final = "sidecar.istio.io/proxyImageType"
 IMAGE_TYPE_DEFAULT: Final = "default"
 KNOWN_IMAGE_TYPES: Final = ("distroless", "debug")
-# pilot-agent's own log levels (checked; our agent has one, LOG_LEVEL's).
+# Envoy's per-component levels (`upstream:debug,misc:error`), handed to Envoy by the agent; and
+# pilot-agent's scoped levels (`default:info,ads:debug`), whose `default` scope (or a bare level)
+# is our agent's one logger's level.
 COMPONENT_LOG_LEVEL: Final = "sidecar.istio.io/componentLogLevel"
 AGENT_LOG_LEVEL: Final = "sidecar.istio.io/agentLogLevel"
 AGENT_LOG_LEVELS: Final = ("none", "fatal", "error", "warn", "info", "debug")
+AGENT_DEFAULT_SCOPE: Final = "default"
 # Capture: istio-init's flags (-q, -c, -k, -m); NONE means no istio-init at all.
 INCLUDE_OUTBOUND_PORTS: Final = "traffic.sidecar.istio.io/includeOutboundPorts"
 EXCLUDE_INTERFACES: Final = "traffic.sidecar.istio.io/excludeInterfaces"

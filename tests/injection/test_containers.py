@@ -136,6 +136,35 @@ def test_every_proxy_has_istios_startup_probe() -> None:
                      "periodSeconds": 1, "timeoutSeconds": 3, "failureThreshold": 600}
 
 
+def test_the_log_level_annotations_reach_the_agent_as_its_flags() -> None:
+    # As Istio's template hands them to pilot-agent (--proxyComponentLogLevel,
+    # --log_output_level); the agent passes the first to Envoy, and logs at the second.
+    assert made().proxy["args"] == ["--log-level", "warning"]
+    proxy = made({"sidecar.istio.io/logLevel": "info",
+                  "sidecar.istio.io/componentLogLevel": "misc:error, upstream:debug",
+                  "sidecar.istio.io/agentLogLevel": "default:debug,ads:warn"}).proxy
+    assert proxy["args"] == ["--log-level", "info", "--component-log-level",
+                             "misc:error,upstream:debug", "--agent-log-level",
+                             "default:debug,ads:warn"]
+
+
+def test_a_gateways_proxy_is_sized_by_its_deployment_and_not_restarted_for_readiness() -> None:
+    # Istio's gateway template: no resources of ours (the gateway's Deployment sizes its
+    # istio-proxy; a default limit must not sit beside the requests it set) and no startup
+    # probe; the readiness probe as every proxy's.
+    gateway = orjson.loads(containers.template({"inject.istio.io/templates": "gateway"},
+                                               MESH).proxy_container)
+    assert "resources" not in gateway or gateway["resources"] == {}
+    assert "startupProbe" not in gateway
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/healthz/ready"
+    # The resource annotations, when a gateway has them, are still the ones it gets.
+    sized = orjson.loads(containers.template({"inject.istio.io/templates": "gateway",
+                                              "sidecar.istio.io/proxyCPU": "500m"},
+                                             MESH).proxy_container)
+    assert sized["resources"] == {"requests": {"cpu": "500m"}}
+    assert made().proxy["resources"]["limits"]  # a sidecar keeps the mesh's defaults
+
+
 def test_hold_application_adds_a_post_start_wait() -> None:
     held = made({"proxy.istio.io/config": "holdApplicationUntilProxyStarts: true\n"})
     assert held.hold

@@ -214,9 +214,13 @@ def test_an_unknown_proxy_config_field_is_named() -> None:
 
 
 def test_log_levels_of_envoys_components_and_of_the_agent_are_read() -> None:
-    read({names.COMPONENT_LOG_LEVEL: "misc:error, upstream:debug",
-          names.AGENT_LOG_LEVEL: "default:info,ads:debug"}, MESH)
-    read({names.AGENT_LOG_LEVEL: "warn"}, MESH)
+    settings = read({names.COMPONENT_LOG_LEVEL: "misc:error, upstream:debug",
+                     names.AGENT_LOG_LEVEL: "default:info,ads:debug"}, MESH)
+    assert settings.component_log_level == "misc:error,upstream:debug"
+    assert settings.agent_log_level == "default:info,ads:debug"
+    assert read({names.AGENT_LOG_LEVEL: "warn"}, MESH).agent_log_level == "warn"
+    unset = read({}, MESH)
+    assert (unset.component_log_level, unset.agent_log_level) == (None, None)
 
 
 def test_an_image_pinned_by_digest_has_no_variant() -> None:

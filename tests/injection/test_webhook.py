@@ -277,3 +277,106 @@ def test_every_json_type_in_every_position_gets_an_answer_or_a_bad_review() -> N
         assert sent["response"]["uid"] == review_in["request"]["uid"], case.description
         assert outcome.result in ("injected", "skipped", "denied", "ignored"), case.description
     assert count >= 21 * 80  # every hostile value at every one of the review's positions
+
+
+# --- Istio's gateway template: the pod's securityContext and the default container ---------------
+
+GATEWAY = {"inject.istio.io/templates": "gateway"}
+UNPRIVILEGED_PORTS = {"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}
+SOMAXCONN = {"name": "net.core.somaxconn", "value": "1024"}
+
+
+def gateway_pod(containers: list[dict[str, Any]] | None = None, **spec: Any) -> dict[str, Any]:
+    """Istio's gateway.yaml as a pod: its istio-proxy alone, image auto."""
+    return pod(annotations=dict(GATEWAY), labels={"istio": "ingressgateway"},
+               containers=containers or [{"name": "istio-proxy", "image": "auto"}], **spec)
+
+
+def patched(original: dict[str, Any]) -> dict[str, Any]:
+    outcome, response = answer(review(original))
+    assert outcome.result == "injected", response
+    injected: dict[str, Any] = jsonpatch.apply_patch(
+        original, json.loads(base64.b64decode(response["patch"])))
+    return injected
+
+
+@pytest.mark.parametrize(("own", "expected"), [
+    (None, {"sysctls": [UNPRIVILEGED_PORTS]}),
+    ({}, {"sysctls": [UNPRIVILEGED_PORTS]}),
+    ({"runAsUser": 1000, "sysctls": None}, {"runAsUser": 1000, "sysctls": [UNPRIVILEGED_PORTS]}),
+    ({"sysctls": [SOMAXCONN]}, {"sysctls": [SOMAXCONN, UNPRIVILEGED_PORTS]}),
+    # The pod's own value of the sysctl is its owner's choice, kept (Istio overwrites it).
+    ({"sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "80"}, SOMAXCONN]},
+     {"sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "80"}, SOMAXCONN]}),
+])
+def test_a_gateway_may_bind_low_ports_and_keeps_every_sysctl_of_its_own(
+        own: dict[str, Any] | None, expected: dict[str, Any]) -> None:
+    # Both with the pod's own istio-proxy (merged: no patch cached) and without (a gateway
+    # like it admitted first: the patch it got, cached, must not be handed to this one).
+    for listed in ([{"name": "istio-proxy", "image": "auto"}],
+                   [{"name": "envoy-gateway", "image": "gateway:1"}]):
+        patched(gateway_pod(listed))
+        original = (gateway_pod(listed) if own is None
+                    else gateway_pod(listed, securityContext=own))
+        assert patched(original)["spec"]["securityContext"] == expected
+
+
+def test_a_sidecars_pod_gets_no_sysctl() -> None:
+    injected = patched(pod(securityContext={"sysctls": [SOMAXCONN]}))
+    assert injected["spec"]["securityContext"] == {"sysctls": [SOMAXCONN]}
+    assert "securityContext" not in patched(pod())["spec"]
+
+
+@pytest.mark.parametrize(("own", "words"), [
+    (["runAsUser"], "spec.securityContext must be an object"),
+    ({"sysctls": {"net.core.somaxconn": "1024"}}, "spec.securityContext.sysctls must be a list"),
+    ({"sysctls": [{"value": "0"}]}, "spec.securityContext.sysctls must be a list of objects "
+                                    "with a name"),
+])
+def test_a_gateway_whose_security_context_cannot_take_the_sysctl_is_refused_naming_it(
+        own: Any, words: str) -> None:
+    outcome, response = answer(review(gateway_pod(securityContext=own)))
+    assert response["allowed"] is False and words in response["status"]["message"]
+    assert (outcome.result, outcome.reason) == ("denied", "invalid-pod")
+
+
+def test_every_json_type_in_a_gateways_security_context_gets_an_answer() -> None:
+    document = review(gateway_pod(securityContext={"runAsUser": 1000, "sysctls": [SOMAXCONN]}))
+    count = 0
+    for case in mutator.cases(document, mutator.systematic_count(document)):
+        if "securityContext" not in case.description:
+            continue
+        count += 1
+        try:
+            review_in = webhook.parse(mutator.encode(case.document))
+        except webhook.BadReview:
+            continue
+        outcome = webhook.admit(review_in, MESH, unknown)
+        assert outcome.result in ("injected", "denied"), case.description
+    assert count >= 100  # every hostile value in each place of the securityContext
+
+
+@pytest.mark.parametrize(("listed", "expected"), [
+    # Istio's gateway.yaml: the proxy alone, so no default container (as Istio's template).
+    ([{"name": "istio-proxy", "image": "auto"}], None),
+    # The pod's own istio-proxy listed first: the app is still the default (it was the proxy).
+    ([{"name": "istio-proxy", "image": "auto"}, {"name": "httpbin", "image": "httpbin"}],
+     "httpbin"),
+])
+def test_the_default_container_is_the_first_that_is_not_the_proxy(
+        listed: list[dict[str, Any]], expected: str | None) -> None:
+    for original in (gateway_pod(listed), pod(containers=listed)):
+        annotations = patched(original)["metadata"]["annotations"]
+        assert annotations.get("kubectl.kubernetes.io/default-container") == expected
+        assert annotations.get("kubectl.kubernetes.io/default-logs-container") == expected
+
+
+def test_a_held_gateways_proxy_comes_first_with_no_app_waiting_for_it() -> None:
+    # As Istio orders a pod held for its proxy, whatever its template; the gateway template
+    # adds no hook (the proxy is the pod's main container: nothing waits for it).
+    original = gateway_pod([{"name": "app", "image": "app:1"}])
+    original["metadata"]["annotations"]["proxy.istio.io/config"] = (
+        "holdApplicationUntilProxyStarts: true")
+    listed = patched(original)["spec"]["containers"]
+    assert [container["name"] for container in listed] == ["istio-proxy", "app"]
+    assert "lifecycle" not in listed[0]
