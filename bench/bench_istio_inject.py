@@ -63,6 +63,7 @@ import orjson
 
 from bench import bench_inject, harness
 from injector.injection import containers, patch, webhook
+from injector.mesh import names
 from injector.mesh.config import MeshConfig
 from tests.support.pods import review
 
@@ -73,7 +74,6 @@ FROM_BENCH_INJECT = ("typical replicaset pod", "10 containers, 10 env each",
 TARGET_RATIO = 0.5
 # Per pod and round, on each side: Go's -benchtime, and the budget of our loop.
 SECONDS_PER_POD = max(harness.SECONDS / 3, 0.2)
-PROXY = "istio-proxy"
 
 
 def istio_benchmark_pod(env_vars: int = 2000) -> dict[str, Any]:
@@ -111,7 +111,8 @@ def adds_proxy(answer: bytes) -> bool:
             continue
         value = operation.get("value")
         added = value if isinstance(value, list) else [value]
-        if any(isinstance(item, dict) and item.get("name") == PROXY for item in added):
+        if any(isinstance(item, dict) and item.get("name") == names.PROXY_CONTAINER
+               for item in added):
             return True
     return False
 
