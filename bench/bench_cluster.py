@@ -50,9 +50,7 @@ import copy
 import json
 import os
 import shutil
-import ssl
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -66,11 +64,11 @@ import httpx
 import yaml
 
 from bench import harness
+from bench.bench_istio_http import istio_webhook_command
 from injector.mesh.names import NAMESPACE_LABEL, PROXY_CONTAINER, STATUS_ANNOTATION
 from tests.support.cluster import DEPLOY, Cluster, install_mesh, start_cluster
-from tests.support.peers import ISTIO_SCRIPT, built
 from tests.support.pods import pod
-from tests.support.servers import child_pids, free_port
+from tests.support.servers import child_pids
 
 PODS = int(os.environ.get("BENCH_PODS", "200"))
 WARMUP_PODS = 20
@@ -85,7 +83,6 @@ ISTIO_WEBHOOK_CONFIGURATION = "istio-bench"
 # re-injects an injected pod, so a reinvocation would inject it a second time.
 # BENCH_ISTIO_REINVOCATION=IfNeeded gives it ours, to see what that costs.
 ISTIO_REINVOCATION_POLICY = os.environ.get("BENCH_ISTIO_REINVOCATION", "Never")
-STARTUP_SECONDS = 60
 
 
 # --- where each pod went -------------------------------------------------------------------------
@@ -147,6 +144,9 @@ def _pin(pid: int, cpu: int) -> None:
         _pin(child, cpu)
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system CPU time of `pid` and its children so far (utime and stime, fields 14
     and 15 of /proc/PID/stat): what a webhook spent, whatever the API server waited."""
@@ -157,9 +157,6 @@ def cpu_seconds(pid: int) -> float:
     fields = stat[stat.rindex(")") + 2:].split()
     ticks = int(fields[11]) + int(fields[12])
     return ticks / _CLOCK_TICKS + sum(cpu_seconds(child) for child in child_pids(pid))
-
-
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
@@ -176,58 +173,11 @@ def _on_client_cpu() -> Iterator[None]:
 
 # --- Istio's webhook -----------------------------------------------------------------------------
 
-@dataclass
-class IstioWebhook:
-    """Istio's injection webhook (tests/istio/webhook) on loopback, one core, GOMAXPROCS=1."""
-
-    process: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}/inject"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def start_istio_webhook(workdir: Path, certs: Path) -> IstioWebhook:
-    """Istio's webhook serving `certs`' tls.crt/tls.key, pinned to the webhooks' core; waits
-    until it answers over TLS (trusting only `certs`' root)."""
-    binary = built(ISTIO_SCRIPT, "webhook")
-    port = free_port()
-    log_path = workdir / "istio-webhook.log"
-    command = [str(binary), "--port", str(port), "--cert", str(certs / "tls.crt"),
-               "--key", str(certs / "tls.key")]
-    if harness.PINNED:
-        command = ["taskset", "-c", str(harness.SERVER_CPU), *command]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, cwd=workdir,
-                                   env={**os.environ, "GOMAXPROCS": "1",
-                                        "ENABLE_NATIVE_SIDECARS": "false"})
-    webhook = IstioWebhook(process, port, log_path)
-    trust = ssl.create_default_context(cafile=str(certs / "root-cert.pem"))
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"Istio's webhook exited with {process.returncode}:\n"
-                               f"{log_path.read_text(errors='replace')}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(f"https://127.0.0.1:{port}/healthz", verify=trust,
-                         timeout=2).status_code == 200:
-                return webhook
-        time.sleep(0.1)
-    webhook.stop()
-    raise RuntimeError(f"Istio's webhook did not answer in {STARTUP_SECONDS} s:\n"
-                       f"{log_path.read_text(errors='replace')}")
+def start_istio_webhook(workdir: Path, certs: Path) -> harness.Server:
+    """Istio's webhook (tests/istio/webhook, started as bench_istio_http starts it) serving
+    `certs`' tls.crt/tls.key on the webhooks' core with GOMAXPROCS=1, answering /healthz."""
+    return harness.start_command("istio-webhook", istio_webhook_command(certs), workdir, certs,
+                                 env={"GOMAXPROCS": "1"})
 
 
 def istio_webhook_configuration(url: str, ca_pem: bytes) -> dict[str, Any]:
@@ -407,7 +357,7 @@ def run(workdir: Path) -> dict[str, Any]:
             istio = start_istio_webhook(workdir, certs)
             try:
                 cluster.apply(istio_webhook_configuration(
-                    istio.url, (certs / "root-cert.pem").read_bytes()))
+                    f"{istio.url}/inject", (certs / "root-cert.pem").read_bytes()))
                 for process in cluster.processes:
                     _pin(process.process.pid, harness.CLIENT_CPU)
                 _pin(mesh.injector.process.pid, harness.SERVER_CPU)
