@@ -30,8 +30,8 @@ system-deps:
 
 # The real kube-apiserver and etcd of the cluster tests, built with Go from tests/cluster/go.mod
 # into ~/.cache/injector/cluster/<versions>/ (outside the work tree); only what is missing is built.
-# And the Istio peers (its CA client, its injector), from tests/istio/go.mod into
-# ~/.cache/injector/istio/<istio version>/.
+# And the Istio peers (its CA client, its injector and webhook, its injection benchmark), from
+# tests/istio/go.mod into ~/.cache/injector/istio/<istio version>/<hash of our Go sources>/.
 cluster-binaries:
 	bash tests/cluster/build.sh
 	bash tests/istio/build.sh

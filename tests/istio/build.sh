@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the Istio peers of the tests, each a small main package of ours over Istio's own Go code
 # (caclient/: Istio's CA client, as pilot-agent uses it), from the one module pinned in go.mod
-# beside this script, into a cache outside the work tree keyed by Istio's version:
-#   ~/.cache/injector/istio/<istio version>/<tool>
+# beside this script, into a cache outside the work tree keyed by Istio's version and by our own
+# Go sources here (so that editing a tool rebuilds it instead of reusing a stale binary):
+#   ~/.cache/injector/istio/<istio version>/<hash of our sources>/<tool>
 # A binary already there is reused; only what is missing is built. `make cluster-binaries` (and
 # so `make test`) runs this after tests/cluster/build.sh. `build.sh --dir` prints the directory
 # and builds nothing. Istio's files are never copied here: tests read its test data from the Go
@@ -19,7 +20,10 @@ if [[ -z "$istio_version" ]]; then
 	exit 2
 fi
 cache_root="${INJECTOR_ISTIO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/injector/istio}"
-dir="$cache_root/$istio_version"
+# Our sources: every Go file and the module files beside this script, hashed in a stable order.
+sources_hash="$(cd "$here" && find . -name '*.go' -o -name go.mod -o -name go.sum | LC_ALL=C sort \
+	| xargs sha256sum | sha256sum | cut -c1-12)"
+dir="$cache_root/$istio_version/$sources_hash"
 
 if [[ "${1:-}" == "--dir" ]]; then
 	echo "$dir"

@@ -1,6 +1,7 @@
 // Istio's own code, run by the tests as the oracle of our injector and CA client: one module, one
-// main package per tool (inject/, caclient/), built by build.sh beside it into a cache outside
-// the work tree keyed by the pinned version below.
+// main package per tool (inject/, caclient/, webhook/, injectbench/; their shared settings in
+// internal/settings), built by build.sh beside it into a cache outside the work tree keyed by the
+// pinned version below and a hash of these sources.
 module injector.test/istio
 
 go 1.26.0

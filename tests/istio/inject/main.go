@@ -28,11 +28,11 @@ import (
 
 	"k8s.io/apimachinery/pkg/util/yaml"
 
-	meshconfig "istio.io/api/mesh/v1alpha1"
-	"istio.io/istio/operator/pkg/render"
 	"istio.io/istio/pkg/config/mesh"
 	"istio.io/istio/pkg/kube/inject"
 	istiolog "istio.io/istio/pkg/log"
+
+	"injector.test/istio/internal/settings"
 )
 
 // setFlags collects repeated --set options (Istio's install values, as `istioctl install --set`).
@@ -45,71 +45,28 @@ func (s *setFlags) Set(v string) error {
 	return nil
 }
 
-// settings is what the injection needs from an installation: templates, values and mesh config.
-type settings struct {
-	config *inject.Config
-	values inject.ValuesConfig
-	mesh   *meshconfig.MeshConfig
-}
-
-// loadSettings renders the chart the way Istio's injection tests do (profile empty, pilot only),
-// so that our oracle is configured exactly like the one that produced Istio's golden files.
-func loadSettings(manifests string, sets []string) (*settings, error) {
-	flags := append([]string{
-		"installPackagePath=" + manifests, "profile=empty", "components.pilot.enabled=true",
-	}, sets...)
-	rendered, _, err := render.GenerateManifest(nil, flags, false, nil, nil)
-	if err != nil {
-		return nil, fmt.Errorf("rendering the istio-discovery chart: %w", err)
-	}
-	out := &settings{}
-	for _, set := range rendered {
-		for _, object := range set.Manifests {
-			if object.GetKind() != "ConfigMap" {
-				continue
-			}
-			data, _ := object.Object["data"].(map[string]any)
-			switch object.GetName() {
-			case "istio-sidecar-injector":
-				raw, _ := data["config"].(string)
-				cfg, err := inject.UnmarshalConfig([]byte(raw))
-				if err != nil {
-					return nil, fmt.Errorf("the injector's templates: %w", err)
-				}
-				out.config = &cfg
-				rawValues, _ := data["values"].(string)
-				if out.values, err = inject.NewValuesConfig(rawValues); err != nil {
-					return nil, fmt.Errorf("the injector's values: %w", err)
-				}
-			case "istio":
-				meshData, _ := data["mesh"].(string)
-				if out.mesh, err = mesh.ApplyMeshConfig(meshData, mesh.DefaultMeshConfig()); err != nil {
-					return nil, fmt.Errorf("the mesh config: %w", err)
-				}
-			}
-		}
-	}
-	if out.config == nil || out.mesh == nil {
-		return nil, errors.New("the rendered chart has no istio-sidecar-injector or istio ConfigMap")
-	}
-	return out, nil
+// oracle injects with the settings of an installation rendered as Istio's injection tests render
+// it (profile empty, pilot only), so that it is configured exactly like the one that produced
+// Istio's golden files.
+type oracle struct {
+	*settings.Settings
 }
 
 // injectOne injects one YAML stream (one or more documents) with a fresh copy of the mesh config,
 // since IntoResourceFile applies a pod's proxy.istio.io/config to the mesh config it is given.
-func (s *settings) injectOne(in io.Reader, out io.Writer) error {
-	meshCopy, err := mesh.DeepCopyMeshConfig(s.mesh)
+func (s oracle) injectOne(in io.Reader, out io.Writer) error {
+	meshCopy, err := mesh.DeepCopyMeshConfig(s.Mesh)
 	if err != nil {
 		return err
 	}
 	warn := func(message string) { fmt.Fprint(os.Stderr, message) }
-	return inject.IntoResourceFile(nil, s.config.Templates, s.values, "", meshCopy, in, out, warn)
+	return inject.IntoResourceFile(nil, s.Config.Templates, s.Values, "", meshCopy, in, out, warn)
 }
 
 // answerEach injects every document of in on its own and writes one JSON line per document,
 // flushed at once: a test can keep one process and send it a document at a time, each ended by
 // a "---" line (the reader returns a document when it sees the next one begin).
-func (s *settings) answerEach(in io.Reader, out *bufio.Writer) error {
+func (s oracle) answerEach(in io.Reader, out *bufio.Writer) error {
 	reader := yaml.NewYAMLReader(bufio.NewReaderSize(in, 1<<16))
 	encoder := json.NewEncoder(out)
 	for {
@@ -156,10 +113,11 @@ func run() error {
 	if *manifests == "" || flag.NArg() != 0 {
 		return errors.New("usage: inject --manifests DIR [--set k=v ...] [--json] [-f FILE ...]")
 	}
-	loaded, err := loadSettings(*manifests, sets)
+	rendered, err := settings.Load(*manifests, sets)
 	if err != nil {
 		return err
 	}
+	loaded := oracle{rendered}
 	if len(files) == 0 {
 		files = setFlags{"-"}
 	}
