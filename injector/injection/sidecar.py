@@ -21,11 +21,12 @@ import orjson
 from injector.errors import InvalidInput
 from injector.injection import probes, user_containers
 from injector.injection.containers import Template, template
-from injector.injection.overrides import InvalidAnnotation
+from injector.injection.overrides import MAX_LIST_CHARS, InvalidAnnotation
 from injector.mesh.config import MeshConfig
 from injector.mesh.names import (
     CANONICAL_NAME_LABEL,
     CANONICAL_REVISION_LABEL,
+    DEFAULT_APP_METRICS_PATH,
     DEFAULT_CONTAINER_ANNOTATION,
     DEFAULT_LOGS_CONTAINER_ANNOTATION,
     DEFAULT_REVISION,
@@ -34,6 +35,7 @@ from injector.mesh.names import (
     PROMETHEUS_PATH_ANNOTATION,
     PROMETHEUS_PORT_ANNOTATION,
     PROMETHEUS_SCRAPE_ANNOTATION,
+    PROMETHEUS_SCRAPE_TARGETS_ANNOTATION,
     PROMETHEUS_STATS_PATH,
     PROXY_CONTAINER,
     PROXY_OVERRIDES_ANNOTATION,
@@ -221,23 +223,28 @@ _RESERVED_METRICS_PORTS = frozenset({15000, 15001, 15004, 15006, 15008, 15053})
 # to Istio's injector.
 _NOT_IN_PROMETHEUS_NAME = re.compile(r"[^A-Za-z0-9_]")
 _PROMETHEUS_NAMES = {_NOT_IN_PROMETHEUS_NAME.sub("_", name): name for name in (
-    PROMETHEUS_SCRAPE_ANNOTATION, PROMETHEUS_PORT_ANNOTATION, PROMETHEUS_PATH_ANNOTATION)}
+    PROMETHEUS_SCRAPE_ANNOTATION, PROMETHEUS_PORT_ANNOTATION, PROMETHEUS_PATH_ANNOTATION,
+    PROMETHEUS_SCRAPE_TARGETS_ANNOTATION)}
+# At most this many of the app's metrics endpoints (Istio sets no bound): the agent fetches
+# them at once, each bounded as one (`injector.proxy.app_health`).
+MAX_SCRAPE_TARGETS = 8
 
 
 def _pods_prometheus(annotations: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """The pod's prometheus.io/{scrape,port,path}, whatever spelling Prometheus reads as them,
-    by their canonical names; and the keys of the other spellings (Istio removes them when it
-    writes its own, so that Prometheus is not left to pick one)."""
+    """The pod's prometheus.io/{scrape,port,path} and prometheus.istio.io/scrape-targets,
+    whatever spelling Prometheus reads as them, by their canonical names; and the keys to
+    remove when merging: the other spellings (Istio removes them when it writes its own, so
+    that Prometheus is not left to pick one), and scrape-targets, handed over whole."""
     found: dict[str, Any] = {}
-    variants: list[str] = []
+    removed: list[str] = []
     for key, value in annotations.items():
         if key.startswith("prometheus"):  # one cheap test for the many keys that are not
             name = _PROMETHEUS_NAMES.get(_NOT_IN_PROMETHEUS_NAME.sub("_", key))
             if name is not None:
                 found[name] = value
-                if key != name:
-                    variants.append(key)
-    return found, variants
+                if key != name or name == PROMETHEUS_SCRAPE_TARGETS_ANNOTATION:
+                    removed.append(key)
+    return found, removed
 
 
 def _merges_metrics(annotations: Mapping[str, Any], mesh: MeshConfig) -> bool:
@@ -250,12 +257,49 @@ def _merges_metrics(annotations: Mapping[str, Any], mesh: MeshConfig) -> bool:
     raise InvalidAnnotation(PROMETHEUS_MERGE_ANNOTATION, merge, "expected true or false")
 
 
-def _merge_metrics(own: Mapping[str, Any], variants: list[str], mesh: MeshConfig,
+def _check_metrics_port(port: str, mesh: MeshConfig, annotation: str, value: str) -> None:
+    """An app's metrics port, as Istio checks it: a port number, and not one of the proxy's."""
+    number = int(port) if port.isascii() and port.isdigit() and len(port) <= 5 else 0
+    if not 0 < number < 65536:
+        raise InvalidAnnotation(annotation, value, f"{port[:20]!r} is not a port number")
+    if number in (mesh.agent_port, mesh.status_port, mesh.prometheus_port) or (
+            number in _RESERVED_METRICS_PORTS):
+        raise InvalidAnnotation(annotation, value,
+                                f"{number} is a port of the proxy's, not the app's: its "
+                                "metrics cannot be merged")
+
+
+def _scrape_targets(text: str, mesh: MeshConfig) -> list[tuple[str, str]]:
+    """prometheus.istio.io/scrape-targets, `port:path,...` (a path left out is /metrics), read
+    as Istio reads it, each port checked. Where Istio would drop the whole annotation silently
+    (an entry without a port) the pod is refused by name, as is a path that cannot be asked
+    for (a space or a control character in it) and more than MAX_SCRAPE_TARGETS."""
+    if len(text) > MAX_LIST_CHARS:
+        raise InvalidAnnotation(PROMETHEUS_SCRAPE_TARGETS_ANNOTATION, text,
+                                f"longer than {MAX_LIST_CHARS} characters")
+    targets: list[tuple[str, str]] = []
+    for entry in (entry.strip() for entry in text.split(",")):
+        if not entry:
+            continue
+        port, _, path = entry.partition(":")
+        port, path = port.strip(), path.strip() or DEFAULT_APP_METRICS_PATH
+        _check_metrics_port(port, mesh, PROMETHEUS_SCRAPE_TARGETS_ANNOTATION, text)
+        if not path.isprintable() or " " in path:
+            raise InvalidAnnotation(PROMETHEUS_SCRAPE_TARGETS_ANNOTATION, text,
+                                    f"the path of {entry[:64]!r} cannot be asked for")
+        targets.append((port, path))
+    if len(targets) > MAX_SCRAPE_TARGETS:
+        raise InvalidAnnotation(PROMETHEUS_SCRAPE_TARGETS_ANNOTATION, text,
+                                f"more than {MAX_SCRAPE_TARGETS} targets")
+    return targets
+
+
+def _merge_metrics(own: Mapping[str, Any], removed: list[str], mesh: MeshConfig,
                    added: dict[str, str]) -> tuple[str | None, tuple[str, ...]]:
     """Point the pod's prometheus.io/* at the agent (as Istio does: the pod's own are
-    overwritten, other spellings of them removed) and return the pod's own, in
-    ISTIO_PROMETHEUS_ANNOTATIONS' JSON, for the agent to scrape the app with (None when the pod
-    has none), with the JSON pointers of the annotations to remove."""
+    overwritten, other spellings of them and scrape-targets removed) and return the pod's own,
+    in ISTIO_PROMETHEUS_ANNOTATIONS' JSON, for the agent to scrape the app with (None when the
+    pod has none), with the JSON pointers of the annotations to remove."""
     agent_port = str(mesh.agent_port)
     port = own.get(PROMETHEUS_PORT_ANNOTATION)
     if port == agent_port:
@@ -263,26 +307,29 @@ def _merge_metrics(own: Mapping[str, Any], variants: list[str], mesh: MeshConfig
     for name, value in own.items():
         if type(value) is not str:
             raise InvalidAnnotation(name, value, "expected a string")
-    if port is not None:
-        number = int(port) if port.isascii() and port.isdigit() and len(port) <= 5 else 0
-        if not 0 < number < 65536:
-            raise InvalidAnnotation(PROMETHEUS_PORT_ANNOTATION, port, "expected a port number")
-        if number in (mesh.agent_port, mesh.status_port, mesh.prometheus_port) or (
-                number in _RESERVED_METRICS_PORTS):
-            raise InvalidAnnotation(PROMETHEUS_PORT_ANNOTATION, port,
-                                    "a port of the proxy's, not the app's: its metrics cannot "
-                                    "be merged")
+    targets_text = own.get(PROMETHEUS_SCRAPE_TARGETS_ANNOTATION)
+    targets = [] if targets_text is None else _scrape_targets(targets_text, mesh)
+    if port is not None and not targets:  # with targets, Istio scrapes those, not this port
+        _check_metrics_port(port, mesh, PROMETHEUS_PORT_ANNOTATION, port)
     added[PROMETHEUS_SCRAPE_ANNOTATION] = "true"
     added[PROMETHEUS_PORT_ANNOTATION] = agent_port
     added[PROMETHEUS_PATH_ANNOTATION] = PROMETHEUS_STATS_PATH
     removals = tuple("/metadata/annotations/" + key.replace("~", "~0").replace("/", "~1")
-                     for key in variants)  # RFC 6901 escaped
+                     for key in removed)  # RFC 6901 escaped
     if not own:
         return None, removals
-    # Istio's PrometheusScrapeConfiguration, its fields in Go's order.
-    return orjson.dumps({"scrape": own.get(PROMETHEUS_SCRAPE_ANNOTATION, ""),
-                         "path": own.get(PROMETHEUS_PATH_ANNOTATION, ""),
-                         "port": port or ""}).decode(), removals
+    # Istio's PrometheusScrapeConfiguration, its fields in Go's order; with targets, the first
+    # is also the port and path (for an agent that knows no targets).
+    config: dict[str, Any] = {
+        "scrape": own.get(PROMETHEUS_SCRAPE_ANNOTATION, ""),
+        "path": targets[0][1] if targets else own.get(PROMETHEUS_PATH_ANNOTATION, ""),
+        "port": targets[0][0] if targets else port or ""}
+    if targets:
+        config["targets"] = [{"port": target_port, "path": path}
+                             for target_port, path in targets]
+    elif not any(config.values()):
+        return None, removals  # nothing to hand over (Istio's IsEmpty)
+    return orjson.dumps(config).decode(), removals
 
 
 def _prometheus(annotations: Mapping[str, Any], mesh: MeshConfig,
@@ -291,11 +338,12 @@ def _prometheus(annotations: Mapping[str, Any], mesh: MeshConfig,
     prometheus.io/scrape is false (it asked not to be scraped: nothing is added, as Istio);
     with merging off, Envoy's metrics on prometheus_port, unless the pod has prometheus.io/*
     of its own."""
-    own, variants = _pods_prometheus(annotations)
+    own, removed = _pods_prometheus(annotations)
     if _merges_metrics(annotations, mesh):
         if own.get(PROMETHEUS_SCRAPE_ANNOTATION) in _GO_FALSE:
             return None, ()
-        return _merge_metrics(own, variants, mesh, added)
+        return _merge_metrics(own, removed, mesh, added)
+    own.pop(PROMETHEUS_SCRAPE_TARGETS_ANNOTATION, None)  # Istio's, for merging alone
     if not own and not any(key.startswith("prometheus.io/") for key in annotations):
         added[PROMETHEUS_SCRAPE_ANNOTATION] = "true"
         added[PROMETHEUS_PORT_ANNOTATION] = str(mesh.prometheus_port)

@@ -85,6 +85,9 @@ PROMETHEUS_MERGE_ANNOTATION: Final = "prometheus.istio.io/merge-metrics"
 PROMETHEUS_SCRAPE_ANNOTATION: Final = "prometheus.io/scrape"
 PROMETHEUS_PORT_ANNOTATION: Final = "prometheus.io/port"
 PROMETHEUS_PATH_ANNOTATION: Final = "prometheus.io/path"
+# Several metrics endpoints of the app, `port:path,...` (Istio's, newer than its API's list):
+# handed to the agent with the others, which scrapes them all.
+PROMETHEUS_SCRAPE_TARGETS_ANNOTATION: Final = "prometheus.istio.io/scrape-targets"
 PROMETHEUS_ANNOTATIONS_ENV: Final = "ISTIO_PROMETHEUS_ANNOTATIONS"  # the app's, as JSON
 PROMETHEUS_STATS_PATH: Final = "/stats/prometheus"
 DEFAULT_APP_METRICS_PATH: Final = "/metrics"  # Prometheus' default, when the pod names none

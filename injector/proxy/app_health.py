@@ -24,8 +24,10 @@ kubelet; NOT_SERVING; an unknown path) is a 5xx or 404 with a one-line text reas
 
 And metrics merging (`/stats/prometheus`), as Istio's agent: the webhook points the pod's
 `prometheus.io/*` at this port and hands us the app's own in env ISTIO_PROMETHEUS_ANNOTATIONS
-(`{"scrape": "true", "path": "/metrics", "port": "9100"}`). One scrape answers Envoy's metrics
-(its admin `/stats/prometheus`) followed by the app's. Each part is fetched within
+(`{"scrape": "true", "path": "/metrics", "port": "9100"}`, and with Istio's
+prometheus.istio.io/scrape-targets `"targets": [{"port": "9100", "path": "/metrics"}, ...]`).
+One scrape answers Envoy's metrics (its admin `/stats/prometheus`) followed by the app's, from
+each target in order (fetched at once). Each part is fetched within
 METRICS_TIMEOUT_SECONDS and at most MAX_METRICS_BYTES; a part that fails is left out and logged,
 and the rest is answered all the same: an app that breaks does not hide the proxy's metrics.
 """
@@ -39,6 +41,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -60,6 +63,7 @@ MAX_PROBERS_BYTES = 1024 * 1024
 METRICS_TIMEOUT_SECONDS = 5.0  # each part of a merged scrape (Envoy's, the app's)
 MAX_METRICS_BYTES = 8 * 1024 * 1024  # each part; more is dropped, not cut (a cut is invalid)
 MAX_METRICS_CONFIG_BYTES = 4096
+MAX_SCRAPE_TARGETS = 8  # the app's metrics endpoints, fetched at once (the webhook's bound)
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus' text format
 
 # Not passed on to the app: they describe our connection to kubelet, not the app's.
@@ -123,15 +127,35 @@ def parse_probers(text: str) -> dict[str, Prober]:
 
 @dataclass(frozen=True, slots=True)
 class AppMetrics:
-    """Where the app's own metrics are, on this pod's loopback."""
+    """Where the app's own metrics are, on this pod's loopback: a port and path, and `more`
+    (prometheus.istio.io/scrape-targets past the first), scraped with it, in order."""
 
     port: int
     path: str
+    more: tuple[tuple[int, str], ...] = ()
+
+    @property
+    def targets(self) -> tuple[tuple[int, str], ...]:
+        return ((self.port, self.path), *self.more)
+
+
+def _metrics_port(text: str, where: str) -> int:
+    port = int(text) if text.isascii() and text.isdigit() else 0
+    if not 0 < port < 65536 or len(text) > 5:
+        raise ProberError(f"{where}: {text[:20]!r}: not a port")
+    return port
+
+
+def _metrics_path(path: str) -> str:
+    path = path or DEFAULT_APP_METRICS_PATH
+    return path if path.startswith("/") else f"/{path}"
 
 
 def parse_app_metrics(text: str) -> AppMetrics | None:
     """ISTIO_PROMETHEUS_ANNOTATIONS' value: None when there is nothing to scrape (empty, no
-    port, or scrape "false"). Raises ProberError for a value that cannot be read."""
+    port, or scrape "false"). With `targets` (Istio's scrape-targets: a list of
+    {"port", "path"}, at most MAX_SCRAPE_TARGETS) those are scraped, as Istio's agent does.
+    Raises ProberError for a value that cannot be read."""
     if not text.strip():
         return None
     if len(text) > MAX_METRICS_CONFIG_BYTES:
@@ -143,16 +167,22 @@ def parse_app_metrics(text: str) -> AppMetrics | None:
     if not isinstance(data, dict) or not all(
             isinstance(data.get(key, ""), str) for key in ("scrape", "path", "port")):
         raise ProberError('expected {"scrape": "...", "path": "...", "port": "..."}')
+    targets = data.get("targets") or []
+    if not (isinstance(targets, list) and len(targets) <= MAX_SCRAPE_TARGETS and all(
+            isinstance(target, dict) and isinstance(target.get("port"), str)
+            and isinstance(target.get("path", ""), str) for target in targets)):
+        raise ProberError(f'targets: expected a list of at most {MAX_SCRAPE_TARGETS} '
+                          '{"port": "...", "path": "..."}')
     if data.get("scrape", "") in ("false", "False", "FALSE", "f", "F", "0"):
         return None
+    if targets:
+        found = [(_metrics_port(target["port"], "targets: port"),
+                  _metrics_path(target.get("path", ""))) for target in targets]
+        return AppMetrics(*found[0], more=tuple(found[1:]))
     port_text = data.get("port", "")
     if not port_text:
         return None  # Istio's agent has no port to ask either
-    port = int(port_text) if port_text.isascii() and port_text.isdigit() else 0
-    if not 0 < port < 65536 or len(port_text) > 5:
-        raise ProberError(f"port: {port_text[:20]!r}: not a port")
-    path = data.get("path") or DEFAULT_APP_METRICS_PATH
-    return AppMetrics(port, path if path.startswith("/") else f"/{path}")
+    return AppMetrics(_metrics_port(port_text, "port"), _metrics_path(data.get("path", "")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,14 +459,26 @@ class AppHealthServer:
                 parts.append(fetch_metrics("127.0.0.1", self.envoy_admin_port,
                                            PROMETHEUS_STATS_PATH, "Envoy's metrics"))
             if self.app_metrics is not None:
-                parts.append(fetch_metrics(self.app_host, self.app_metrics.port,
-                                           self.app_metrics.path, "the app's metrics"))
+                parts.extend(self._app_parts(self.app_metrics.targets))
         finally:
             self._slots.release()
         # Each part ends its last line, or the next part's first line would join it.
         body = b"".join(part if part.endswith(b"\n") else part + b"\n"
                         for part in parts if part)
         return Outcome(HTTPStatus.OK, body, PROMETHEUS_TEXT)
+
+    def _app_parts(self, targets: tuple[tuple[int, str], ...]) -> list[bytes | None]:
+        """The app's metrics from each target, in order; several are fetched at once, so that
+        the scrape takes as long as the slowest, not their sum."""
+        def fetch(target: tuple[int, str]) -> bytes | None:
+            port, path = target
+            return fetch_metrics(self.app_host, port, path, "the app's metrics")
+
+        if len(targets) == 1:
+            return [fetch(targets[0])]
+        with ThreadPoolExecutor(max_workers=len(targets),
+                                thread_name_prefix="app-metrics") as pool:
+            return list(pool.map(fetch, targets))
 
     def _run(self, prober: Prober, headers: list[tuple[str, str]],
              host_header: str | None) -> Outcome:

@@ -153,6 +153,7 @@ _SAMPLE_VALUES = {
     "sidecar.istio.io/statsInclusionRegexps": "http.*",
     "sidecar.istio.io/statsInclusionSuffixes": "upstream_rq_total",
     "proxy.istio.io/overrides": '{"containers":[{"name":"istio-proxy"}]}',
+    "prometheus.istio.io/secure-port": "15091",
     "inject.istio.io/templates": "gateway",
     "istio.io/rev": "canary",
 }

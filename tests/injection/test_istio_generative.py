@@ -67,6 +67,7 @@ ANNOTATIONS: dict[str, list[str]] = {
     "prometheus.io/port": ["9100"],
     "prometheus.io/path": ["/metrics"],
     "prometheus.istio.io/merge-metrics": ["false"],
+    "prometheus.istio.io/scrape-targets": ["9100:/metrics,9200", ":/metrics"],
     "kubectl.kubernetes.io/default-logs-container": ["app"],
 }
 LABELS: dict[str, list[str]] = {

@@ -169,12 +169,38 @@ def test_a_pod_already_pointed_at_the_agent_is_not_merged_again() -> None:
     assert injection.prometheus_env is None
 
 
+def test_every_scrape_target_goes_to_the_agent_and_the_annotation_goes_away() -> None:
+    """Istio's prometheus.istio.io/scrape-targets (`port:path,...`, /metrics when left out):
+    handed to the agent with the pod's other prometheus.io/*, the first also as port and path
+    (a target, not prometheus.io/port, is what is scraped), and removed from the pod, as Istio
+    removes it."""
+    injection = build(pod(annotations={
+        "prometheus.io/port": "8080", "prometheus.io/path": "/legacy",
+        "prometheus.istio.io/scrape-targets": " 9100:/app/metrics , 9200 "}), MESH)
+    assert injection.annotations["prometheus.io/port"] == "15020"
+    assert injection.prometheus_env is not None
+    assert json.loads(injection.prometheus_env) == {
+        "scrape": "", "path": "/app/metrics", "port": "9100",
+        "targets": [{"port": "9100", "path": "/app/metrics"},
+                    {"port": "9200", "path": "/metrics"}]}
+    assert injection.removals == ("/metadata/annotations/prometheus.istio.io~1scrape-targets",)
+    # Not scraped (prometheus.io/scrape false) or not merged: left as the pod has it.
+    for own in ({"prometheus.io/scrape": "false"}, {"prometheus.istio.io/merge-metrics": "false"}):
+        kept = build(pod(annotations={**own, "prometheus.istio.io/scrape-targets": "9100"}), MESH)
+        assert kept.prometheus_env is None and kept.removals == ()
+
+
 @pytest.mark.parametrize(("annotation", "value"), [
     ("prometheus.istio.io/merge-metrics", "maybe"),
     ("prometheus.io/port", "http"),
     ("prometheus.io/port", "70000"),
     ("prometheus.io/port", "15090"),
     ("prometheus.io/port", "15000"),
+    ("prometheus.istio.io/scrape-targets", "9100,15000:/stats"),  # Envoy's admin (as Istio)
+    ("prometheus.istio.io/scrape-targets", "http:/metrics"),  # (as Istio)
+    ("prometheus.istio.io/scrape-targets", ":/metrics"),  # Istio drops all targets silently
+    ("prometheus.istio.io/scrape-targets", "9100:/my metrics"),  # cannot be asked for
+    ("prometheus.istio.io/scrape-targets", ",".join(str(9100 + n) for n in range(9))),
 ])
 def test_metrics_merging_refuses_what_it_cannot_honour_by_name(annotation: str,
                                                                 value: str) -> None:

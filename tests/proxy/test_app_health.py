@@ -337,6 +337,7 @@ def test_a_request_trickled_in_is_cut_at_the_read_deadline(http_app: int) -> Non
 
 ENVOY_STATS = b"# TYPE envoy_server_live gauge\nenvoy_server_live{} 1\n"
 APP_STATS = b"# TYPE shop_orders_total counter\nshop_orders_total 7"  # no last newline
+QUEUE_STATS = b"# TYPE shop_queue_depth gauge\nshop_queue_depth 3\n"  # a second endpoint
 
 
 class Metrics(BaseHTTPRequestHandler):
@@ -347,7 +348,8 @@ class Metrics(BaseHTTPRequestHandler):
         if self.path == "/slow":
             time.sleep(3)
         body = {"/stats/prometheus": ENVOY_STATS, "/app/metrics": APP_STATS,
-                "/slow": APP_STATS, "/big": b"x" * 4096}.get(self.path, b"no")
+                "/queue/metrics": QUEUE_STATS, "/slow": APP_STATS,
+                "/big": b"x" * 4096}.get(self.path, b"no")
         self.send_response(500 if self.path == "/fail" else 200)
         self.send_header("content-length", str(len(body)))
         self.end_headers()
@@ -397,6 +399,20 @@ def test_an_app_that_fails_still_gives_envoys_metrics(metrics_app: int, path: st
     assert answer.content == ENVOY_STATS
 
 
+def test_every_scrape_target_of_the_app_is_merged_in_order(metrics_app: int) -> None:
+    """Istio's prometheus.istio.io/scrape-targets: each endpoint's metrics after Envoy's, in
+    the order given; one that fails (here a 500) is left out, the others kept."""
+    server = merging_agent(metrics_app, AppMetrics(
+        metrics_app, "/app/metrics", more=((metrics_app, "/fail"),
+                                           (metrics_app, "/queue/metrics"))))
+    try:
+        answer = get(server, "/stats/prometheus")
+    finally:
+        server.stop()
+    assert answer.status_code == 200
+    assert answer.content == ENVOY_STATS + APP_STATS + b"\n" + QUEUE_STATS
+
+
 def test_an_app_that_is_not_listening_still_gives_envoys_metrics(metrics_app: int) -> None:
     server = merging_agent(metrics_app, AppMetrics(free_port(), "/metrics"))
     try:
@@ -419,6 +435,12 @@ def test_without_the_apps_metrics_only_envoys_are_served(metrics_app: int) -> No
     ('{"scrape":"","path":"","port":"9100"}', AppMetrics(9100, "/metrics")),
     ('{"scrape":"true","path":"/m","port":""}', None),
     ('{"scrape":"false","path":"/m","port":"9100"}', None),
+    # Istio's scrape-targets: the targets are scraped (the first is also port and path).
+    ('{"scrape":"","path":"/m","port":"9100","targets":[{"port":"9100","path":"/m"},'
+     '{"port":"9200","path":""}]}', AppMetrics(9100, "/m", more=((9200, "/metrics"),))),
+    ('{"scrape":"true","path":"","port":"","targets":[{"port":"9300","path":"x"}]}',
+     AppMetrics(9300, "/x")),
+    ('{"scrape":"true","path":"/m","port":"9100","targets":[]}', AppMetrics(9100, "/m")),
 ])
 def test_istios_prometheus_annotations_are_read(text: str, expected: AppMetrics | None) -> None:
     assert parse_app_metrics(text) == expected
@@ -430,6 +452,10 @@ def test_istios_prometheus_annotations_are_read(text: str, expected: AppMetrics 
     ('{"port": 9100}', "expected"),
     ('{"port": "http"}', "not a port"),
     ('{"port": "70000"}', "not a port"),
+    ('{"port": "9100", "targets": {"port": "9200"}}', "targets: expected a list"),
+    ('{"targets": [{"port": 9200}]}', "targets: expected a list"),
+    ('{"targets": [{"port": "9200"}' + ', {"port": "9201"}' * 8 + ']}', "at most 8"),
+    ('{"targets": [{"port": ""}]}', "targets: port: '': not a port"),
 ])
 def test_prometheus_annotations_that_cannot_be_read_say_why(text: str, problem: str) -> None:
     with pytest.raises(ProberError, match=problem):
