@@ -33,8 +33,10 @@ cluster's disks: the ratios are the figures.
 
 Pods are created at concurrency 1 (one client, one pod at a time) and 8 (eight clients),
 BENCH_PODS a batch; pods/s is the batch over its wall time, p50 and p99 of the single creates,
-and the webhook's own CPU per pod (utime + stime of its process over the batch, from /proc):
-the cost the API server's latency hides when the webhook's core is otherwise idle. The three
+the webhook's own CPU per pod (utime + stime of its process over the batch, from /proc), and
+the API server's calls to it per pod with their mean time as the API server waits (from its
+/metrics, `apiserver_admission_webhook_admission_duration_seconds`): what of a create's time is
+the webhook's, round trip included, and what is the API server's own work. The three
 namespaces take turns in every round (in reverse order every other round); ratios are taken
 within a round, then the median over rounds. Pods are deleted between batches, untimed, so that
 etcd holds the same few in every batch.
@@ -79,6 +81,9 @@ INJECTORS = ("ours", "istio")
 # The namespace label that sends a namespace's pods to Istio's webhook, and only there.
 ISTIO_SELECTOR_LABEL = "bench.injector/webhook"
 ISTIO_WEBHOOK_CONFIGURATION = "istio-bench"
+ISTIO_WEBHOOK = "namespace.sidecar-injector.istio.io"
+# deploy/'s webhook for labelled namespaces, the one our pods go through.
+OUR_WEBHOOK = "namespace.injector.mesh"
 # As Istio's istio-discovery chart ships it (values.yaml, sidecarInjectorWebhook): its handler
 # re-injects an injected pod, so a reinvocation would inject it a second time.
 # BENCH_ISTIO_REINVOCATION=IfNeeded gives it ours, to see what that costs.
@@ -185,9 +190,8 @@ def istio_webhook_configuration(url: str, ca_pem: bytes) -> dict[str, Any]:
     rules, object selector, failure policy, timeout), with Istio's own reinvocation policy,
     sending the namespaces labelled ISTIO_SELECTOR_LABEL=istio, and those only, to `url`."""
     shipped = yaml.safe_load((DEPLOY / "webhook.yaml").read_text())
-    webhook = copy.deepcopy(next(w for w in shipped["webhooks"]
-                                 if w["name"].startswith("namespace.")))
-    webhook["name"] = "namespace.sidecar-injector.istio.io"
+    webhook = copy.deepcopy(next(w for w in shipped["webhooks"] if w["name"] == OUR_WEBHOOK))
+    webhook["name"] = ISTIO_WEBHOOK
     webhook["clientConfig"] = {"url": url, "caBundle": base64.b64encode(ca_pem).decode()}
     webhook["namespaceSelector"] = {"matchLabels": {ISTIO_SELECTOR_LABEL: "istio"}}
     webhook["reinvocationPolicy"] = ISTIO_REINVOCATION_POLICY
@@ -277,6 +281,45 @@ class Creator:
         return Batch(times, seconds, cpu)
 
 
+@dataclass(frozen=True)
+class Webhook:
+    """A case's webhook: its server's process, and its name in its configuration (the name
+    the API server's metrics give it)."""
+
+    pid: int
+    name: str
+
+
+_CALLS = "apiserver_admission_webhook_admission_duration_seconds"
+
+
+def webhook_calls(api: httpx.Client) -> dict[str, tuple[int, float]]:
+    """(calls, seconds) of pod creates the API server has sent each webhook so far, from its
+    /metrics: the webhook's time as the API server waits for it, round trip included."""
+    calls: dict[str, tuple[int, float]] = {}
+    for line in api.get("/metrics").raise_for_status().text.splitlines():
+        if not line.startswith(f"{_CALLS}_") or 'operation="CREATE"' not in line:
+            continue
+        metric, _, value = line.rpartition(" ")
+        name = metric.partition('name="')[2].partition('"')[0]
+        count, seconds = calls.get(name, (0, 0.0))
+        if metric.startswith(f"{_CALLS}_count{{"):
+            calls[name] = (count + int(float(value)), seconds)
+        elif metric.startswith(f"{_CALLS}_sum{{"):
+            calls[name] = (count, seconds + float(value))
+    return calls
+
+
+def _calls_between(before: dict[str, tuple[int, float]], after: dict[str, tuple[int, float]],
+                   name: str) -> dict[str, float]:
+    """Calls of webhook `name` per pod of a batch, and their mean milliseconds."""
+    calls_before, seconds_before = before.get(name, (0, 0.0))
+    calls_after, seconds_after = after.get(name, (0, 0.0))
+    calls = calls_after - calls_before
+    return {"webhook_calls_per_pod": calls / PODS,
+            "webhook_call_ms": (seconds_after - seconds_before) * 1000 / calls if calls else 0.0}
+
+
 def _delete_pods(api: httpx.Client, namespace: str) -> None:
     """Every pod of `namespace`, untimed: unscheduled pods go at once, without a grace period."""
     api.delete(f"/api/v1/namespaces/{namespace}/pods").raise_for_status()
@@ -284,11 +327,11 @@ def _delete_pods(api: httpx.Client, namespace: str) -> None:
 
 # --- the run -------------------------------------------------------------------------------------
 
-def measure(cluster: Cluster, namespaces: dict[str, str], webhook_pids: dict[str, int],
+def measure(cluster: Cluster, namespaces: dict[str, str], webhooks: dict[str, Webhook],
             ) -> dict[str, Any]:
-    """Rounds of batches, every case (its pods in `namespaces[case]`, its webhook's process
-    `webhook_pids[case]`) at every concurrency in each; the figures by concurrency: per case
-    the median over rounds, and the ratios, each the median of within-round ones."""
+    """Rounds of batches, every case (its pods in `namespaces[case]`, its webhook
+    `webhooks[case]`) at every concurrency in each; the figures by concurrency: per case the
+    median over rounds, and the ratios, each the median of within-round ones."""
     rounds: list[dict[int, dict[str, dict[str, float]]]] = []
     with _on_client_cpu(), cluster.admin_client() as api:
         creators = {c: Creator(cluster, c) for c in CONCURRENCY}
@@ -301,9 +344,15 @@ def measure(cluster: Cluster, namespaces: dict[str, str], webhook_pids: dict[str
                 figures: dict[int, dict[str, dict[str, float]]] = {}
                 for concurrency in CONCURRENCY:
                     for case in order:
+                        webhook = webhooks.get(case)
+                        calls_before = webhook_calls(api)
                         batch = creators[concurrency].create(
-                            case, namespaces[case], PODS, webhook_pids.get(case))
+                            case, namespaces[case], PODS, webhook.pid if webhook else None)
+                        calls_after = webhook_calls(api)
                         figures.setdefault(concurrency, {})[case] = batch.figures()
+                        if webhook is not None:
+                            figures[concurrency][case].update(
+                                _calls_between(calls_before, calls_after, webhook.name))
                         _delete_pods(api, namespaces[case])
                 rounds.append(figures)
         finally:
@@ -320,6 +369,10 @@ def summarise(rounds: list[dict[int, dict[str, dict[str, float]]]]) -> dict[str,
             case: {key: statistics.median(figures[case][key] for figures in at)
                    for key in ("pods_per_s", "p50_ms", "p99_ms", "webhook_cpu_ms_per_pod")}
             for case in CASES}
+        for injector in INJECTORS:
+            summary[injector].update({
+                key: statistics.median(figures[injector][key] for figures in at)
+                for key in ("webhook_calls_per_pod", "webhook_call_ms")})
         # Each ratio within a round first (a drift in the machine's load touches both sides
         # of it alike), then the median over rounds.
         summary["ours_over_istio_pods_per_s"] = statistics.median(
@@ -363,8 +416,9 @@ def run(workdir: Path) -> dict[str, Any]:
                 for process in cluster.processes:
                     _pin(process.process.pid, harness.CLIENT_CPU)
                 _pin(mesh.injector.process.pid, harness.SERVER_CPU)
-                return measure(cluster, _namespaces(cluster),
-                               {"ours": mesh.injector.process.pid, "istio": istio.process.pid})
+                return measure(cluster, _namespaces(cluster), {
+                    "ours": Webhook(mesh.injector.process.pid, OUR_WEBHOOK),
+                    "istio": Webhook(istio.process.pid, ISTIO_WEBHOOK)})
             finally:
                 istio.stop()
         finally:
@@ -376,14 +430,17 @@ def run(workdir: Path) -> dict[str, Any]:
 def report(result: dict[str, Any]) -> None:
     print(f"pod creates through kube-apiserver, {PODS} a batch, {harness.ROUNDS} rounds, "
           "each webhook the only one called: median round; ratios: median of the within-round "
-          "ratios; cpu: the webhook's own CPU per pod")
+          "ratios; calls, call ms: the API server's calls to the webhook per pod and their mean "
+          "time as it waits; cpu: the webhook's own CPU per pod")
     print(f"{'conc':>4} {'namespace':<11} {'pods/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'added p50':>10} {'of floor':>9} {'cpu ms':>7}")
+          f"{'added p50':>10} {'of floor':>9} {'calls':>6} {'call ms':>8} {'cpu ms':>7}")
     for concurrency in CONCURRENCY:
         summary = result[f"c{concurrency}"]
         for case in CASES:
             figures = summary[case]
             webhook = (f"{figures['added_p50_ms']:>+10.2f} {figures['pods_per_s_of_floor']:>9.2f}"
+                       f" {figures['webhook_calls_per_pod']:>6.2f}"
+                       f" {figures['webhook_call_ms']:>8.2f}"
                        f" {figures['webhook_cpu_ms_per_pod']:>7.2f}"
                        if case in INJECTORS else "")
             print(f"{concurrency:>4} {case:<11} {figures['pods_per_s']:>8.1f} "
