@@ -183,8 +183,20 @@ class GuardedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self.header_bytes = 0
 
     def on_message_complete(self) -> None:
+        answered_early = self.cycle is not None and self.cycle.response_complete
         super().on_message_complete()
         self.phase = ANSWERING
+        if answered_early:
+            # Answered before its body was read (413 by content-length, 503): the rest of the
+            # body is read and dropped, and the connection waits for its next request, idle
+            # within the keep-alive's limit. (Reading the rest cancelled uvicorn's keep-alive
+            # timer: without this the connection was held open for ever.)
+            self.phase = WAITING
+            self.since = self.loop.time()
+            if not self.transport.is_closing():
+                self._unset_keepalive_if_required()
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

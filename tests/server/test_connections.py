@@ -247,6 +247,28 @@ def test_forty_slow_8_mib_bodies_are_bounded_and_their_memory_returned(serve: Se
                what=f"RSS back near idle ({idle_kib} KiB): {hostile.memory_kib(pid)}")
 
 
+def test_a_connection_answered_before_its_body_is_closed_once_idle(serve: Server) -> None:
+    # 413 by content-length, before the body is read; the client sends it all the same (it is
+    # read and dropped), then nothing: the keep-alive's 5 s hold as after any answer. They
+    # did not: reading the rest had stopped uvicorn's timer, and the connection stayed open.
+    size = 9 * 1024 * 1024
+    connection = hostile.tls(serve.port, serve.root_cert, timeout=30)
+    with connection:
+        connection.sendall(b"POST /inject HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+                           b"\r\ncontent-length: %d\r\n\r\n" % size)
+        connection.sendall(b" " * size)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += connection.recv(65536)
+        assert hostile.status_of(answer) == 413
+        idle_since = time.monotonic()
+        connection.settimeout(20)
+        with contextlib.suppress(ConnectionError):
+            while connection.recv(65536):
+                pass
+        assert time.monotonic() - idle_since < 8  # 5 s, and the sweep's own second
+
+
 def test_a_stalled_request_does_not_hold_a_shutdown_past_its_deadline(serve: Server) -> None:
     head = (b"POST /inject HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
             b"content-length: 100000\r\n\r\n{")
