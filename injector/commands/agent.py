@@ -60,6 +60,9 @@ def add_arguments(parser: CommandParser) -> None:
                   help="pilot-agent's scoped levels, [scope:]level,... "
                        "(sidecar.istio.io/agentLogLevel): the default scope's (or all's) is "
                        "the agent's level; its other scopes are pilot-agent's own")
+    parser.option("--proxy-type", default="sidecar", choices=envoy.PROXY_TYPES,
+                  help="sidecar, or router for a gateway (Istio's gateway template): Envoy "
+                       "without the outbound and inbound capture listeners")
     parser.option("--ca-addr", default=None,
                   help=f"the CA: host[:port] or https://host[:port] (env CA_ADDR; default "
                        f"{names.DEFAULT_CA_ADDR})")
@@ -224,6 +227,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         agent_port=args.agent_port,
         app_metrics=app_metrics,
         component_log_level=component_log_level,
+        proxy_type="router" if args.proxy_type == "router" else "sidecar",
     )
 
 

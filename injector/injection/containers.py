@@ -21,6 +21,7 @@ from injector.mesh.names import (
     INIT_CONTAINER,
     PROXY_CONTAINER,
     ROOT_CERT_CONFIGMAP,
+    ROUTER_PROXY_TYPE,
     TOKEN_AUDIENCE,
     TOKEN_EXPIRATION_SECONDS,
     VOLUME_MOUNTS,
@@ -120,6 +121,9 @@ def _agent_args(settings: Overrides) -> list[str]:
     passes the same three to pilot-agent: --proxyLogLevel, --proxyComponentLogLevel and
     --log_output_level)."""
     args = ["--log-level", settings.log_level]
+    if settings.gateway:
+        # pilot-agent's `proxy router`, as Istio's gateway template runs it.
+        args += ["--proxy-type", ROUTER_PROXY_TYPE]
     if settings.component_log_level is not None:
         args += ["--component-log-level", settings.component_log_level]
     if settings.agent_log_level is not None:

@@ -41,6 +41,8 @@ TEMPLATES: Final = ("sidecar", "gateway")
 # at this value, in the pod's securityContext.
 UNPRIVILEGED_PORT_SYSCTL: Final = "net.ipv4.ip_unprivileged_port_start"
 UNPRIVILEGED_PORT_START: Final = "0"
+# A gateway's proxy type (pilot-agent's `proxy router`); a sidecar's is `sidecar`.
+ROUTER_PROXY_TYPE: Final = "router"
 USER_VOLUME_MOUNT: Final = "sidecar.istio.io/userVolumeMount"
 # Image variants: `distroless` or `debug` on the tag of the mesh's images (`default`: none).
 PROXY_IMAGE_TYPE: Final = "sidecar.istio.io/proxyImageType"

@@ -73,6 +73,8 @@ class Settings:
     app_metrics: AppMetrics | None = None
     # Envoy's per-component levels (Istio's componentLogLevel; None: `log_level` for all).
     component_log_level: str | None = None
+    # `router` for a gateway (Istio's gateway template): Envoy without the capture listeners.
+    proxy_type: envoy.ProxyType = "sidecar"
 
     @property
     def spiffe_id(self) -> str | None:
@@ -95,7 +97,7 @@ class Settings:
     def proxy_config(self) -> envoy.ProxyConfig:
         return envoy.ProxyConfig(
             node_id=envoy.node_id(self.instance_ip or "0.0.0.0", self.pod_name or "unknown",
-                                  self.namespace or "default"),
+                                  self.namespace or "default", self.proxy_type),
             node_cluster=f"{self.service_account or 'default'}.{self.namespace or 'default'}",
             trust_domain=self.trust_domain,
             mesh_cidrs=self.mesh_cidrs,
@@ -104,6 +106,7 @@ class Settings:
             ports=self.ports,
             drain_seconds=self.drain_seconds,
             ipv6=self.ipv6,
+            proxy_type=self.proxy_type,
         )
 
 

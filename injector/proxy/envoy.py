@@ -45,6 +45,9 @@ from injector.mesh import names
 from injector.mesh.network import IpNetwork
 
 MtlsMode = Literal["PERMISSIVE", "STRICT"]
+# Istio's proxy types: a sidecar, or a router (a gateway: pilot-agent's `proxy router`).
+ProxyType = Literal["sidecar", "router"]
+PROXY_TYPES: tuple[ProxyType, ...] = ("sidecar", "router")
 
 CERTIFICATE_SECRET = "default"  # Istio's names for the workload certificate and the roots
 TRUST_SECRET = "ROOTCA"
@@ -100,11 +103,18 @@ class ProxyConfig:
     # connections the ip6tables rules redirect find the proxy. Off when IPv6 is disabled, since
     # Envoy refuses to start on an address it cannot bind.
     ipv6: bool = False
+    # Istio's proxy types: `sidecar`, or `router`, a gateway (pilot-agent's `proxy router`):
+    # the pod's main container, whose traffic nothing captures, so without the capture
+    # listeners (outbound and inbound), which would only hold ports open.
+    proxy_type: ProxyType = "sidecar"
 
 
-def node_id(instance_ip: str, pod_name: str, namespace: str) -> str:
-    """Istio's sidecar node ID: `sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`."""
-    return f"sidecar~{instance_ip}~{pod_name}.{namespace}~{namespace}.svc.cluster.local"
+
+def node_id(instance_ip: str, pod_name: str, namespace: str,
+            proxy_type: ProxyType = "sidecar") -> str:
+    """Istio's node ID: `<type>~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`, the
+    type `sidecar` or `router`."""
+    return f"{proxy_type}~{instance_ip}~{pod_name}.{namespace}~{namespace}.svc.cluster.local"
 
 
 # --- building blocks -----------------------------------------------------------------------------
@@ -421,14 +431,16 @@ def _clusters(config: ProxyConfig) -> list[dict[str, Any]]:
 # --- the documents -------------------------------------------------------------------------------
 
 def build_bootstrap(config: ProxyConfig) -> dict[str, Any]:
-    """The Envoy bootstrap for one sidecar."""
+    """The Envoy bootstrap for one sidecar (or a router: the same, less the capture
+    listeners)."""
+    capture = ([_outbound_listener(config), _inbound_listener(config)]
+               if config.proxy_type == "sidecar" else [])
     return {
         "node": {"id": config.node_id, "cluster": config.node_cluster},
         "admin": {"address": _socket_address("127.0.0.1", config.ports.admin)},
         "static_resources": {
             "listeners": [
-                _outbound_listener(config),
-                _inbound_listener(config),
+                *capture,
                 _status_listener(config),
                 _prometheus_listener(config),
             ],

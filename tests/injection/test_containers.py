@@ -157,6 +157,9 @@ def test_a_gateways_proxy_is_sized_by_its_deployment_and_not_restarted_for_readi
     assert "resources" not in gateway or gateway["resources"] == {}
     assert "startupProbe" not in gateway
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/healthz/ready"
+    # Its agent runs Envoy as a router (pilot-agent's `proxy router` in Istio's template).
+    assert gateway["args"] == ["--log-level", "warning", "--proxy-type", "router"]
+    assert "--proxy-type" not in made().proxy["args"]
     # The resource annotations, when a gateway has them, are still the ones it gets.
     sized = orjson.loads(containers.template({"inject.istio.io/templates": "gateway",
                                               "sidecar.istio.io/proxyCPU": "500m"},

@@ -170,6 +170,21 @@ def test_componentloglevel_reaches_envoy_and_agentloglevel_the_agents_logger(
     assert agent.stop() == 0
 
 
+def test_a_gateways_agent_runs_envoy_as_a_router(start_agent: Callable[..., Agent]) -> None:
+    """`--proxy-type router`, as the gateway template asks: the real Envoy gets its SVID and is
+    ready, but holds no capture port open (nothing is redirected to a gateway's)."""
+    outbound, inbound = free_port(), free_port()
+    agent = start_agent(WEB_TOKEN, "--proxy-type", "router", "--outbound-port", str(outbound),
+                        "--inbound-port", str(inbound))
+    agent.wait_ready()
+    bootstrap = json.loads((agent.envoy_dir / "envoy-rev.json").read_text())
+    assert bootstrap["node"]["id"].startswith("router~127.0.0.1~web-0.shop~")
+    for port in (outbound, inbound):
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=2)
+    assert agent.stop() == 0
+
+
 def test_a_refused_agent_says_why_does_not_spin_and_is_not_ready(
         start_agent: Callable[..., Agent]) -> None:
     agent = start_agent("not-a-known-token")

@@ -91,6 +91,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ipv6-cidrs": {"mesh_cidrs": (ipaddress.ip_network("fd00::/8"),
                                   ipaddress.ip_network("10.0.0.0/8"))},
     "dual-stack": {"ipv6": True, "mtls_mode": "STRICT"},
+    "router": {"proxy_type": "router",
+               "node_id": envoy.node_id("10.1.2.3", "ingress", "demo", "router")},
     "other-ports-and-trust-domain": {
         "ports": envoy.Ports(admin=25000, outbound=25001, inbound=25006, status=25021,
                              prometheus=25090),
@@ -234,6 +236,20 @@ def test_secret_documents() -> None:
 def test_node_id_is_istios_sidecar_form() -> None:
     assert envoy.node_id("10.1.2.3", "httpbin", "demo") == \
         "sidecar~10.1.2.3~httpbin.demo~demo.svc.cluster.local"
+    assert envoy.node_id("10.1.2.3", "ingress", "demo", "router") == \
+        "router~10.1.2.3~ingress.demo~demo.svc.cluster.local"
+
+
+def test_a_router_has_no_capture_listeners(tmp_path: Path) -> None:
+    """A gateway (Istio's `proxy router`): nothing captures its traffic, so no listener waits
+    for captured traffic; readiness and metrics are served as a sidecar's."""
+    def names(config: envoy.ProxyConfig) -> list[str]:
+        return [item["name"] for item in envoy.build_bootstrap(config)["static_resources"]
+                ["listeners"]]
+
+    assert names(_config(tmp_path)) == ["virtualOutbound", "virtualInbound", "status",
+                                        "prometheus"]
+    assert names(_config(tmp_path, proxy_type="router")) == ["status", "prometheus"]
 
 
 def test_ipv6_listeners_only_when_the_pod_has_ipv6(tmp_path: Path) -> None:
