@@ -381,9 +381,11 @@ def summarise(rounds: list[dict[int, dict[str, dict[str, float]]]]) -> dict[str,
             f["istio"]["p50_ms"] / f["ours"]["p50_ms"] for f in at)
         summary["istio_over_ours_p99"] = statistics.median(
             f["istio"]["p99_ms"] / f["ours"]["p99_ms"] for f in at)
-        summary["istio_over_ours_cpu"] = statistics.median(
-            f["istio"]["webhook_cpu_ms_per_pod"] / f["ours"]["webhook_cpu_ms_per_pod"]
-            for f in at)
+        # CPU time counts in clock ticks (10 ms): a short run's batch may show none of ours,
+        # and then has no ratio (None if no round has one).
+        cpu_ratios = [f["istio"]["webhook_cpu_ms_per_pod"] / f["ours"]["webhook_cpu_ms_per_pod"]
+                      for f in at if f["ours"]["webhook_cpu_ms_per_pod"]]
+        summary["istio_over_ours_cpu"] = statistics.median(cpu_ratios) if cpu_ratios else None
         for injector in INJECTORS:
             # What the webhook adds to a create over the floor, and the floor's pods/s kept.
             summary[injector]["added_p50_ms"] = statistics.median(
@@ -448,13 +450,17 @@ def report(result: dict[str, Any]) -> None:
         print(f"{concurrency:>4} ours/Istio pods/s {summary['ours_over_istio_pods_per_s']:.2f}; "
               f"Istio/ours p50 {summary['istio_over_ours_p50']:.2f}, "
               f"p99 {summary['istio_over_ours_p99']:.2f}, "
-              f"cpu per pod {summary['istio_over_ours_cpu']:.2f}")
+              f"cpu per pod {_figure(summary['istio_over_ours_cpu'])}")
     harness.report_targets({
         **{f"pods/s at concurrency {c} >= 1.0x Istio's webhook":
            result[f"c{c}"]["ours_over_istio_pods_per_s"] >= 1.0 for c in CONCURRENCY},
         **{f"p99 at concurrency {c} no worse than Istio's webhook":
            result[f"c{c}"]["istio_over_ours_p99"] >= 1.0 for c in CONCURRENCY},
     })
+
+
+def _figure(value: float | None) -> str:
+    return "n/a (too short a run)" if value is None else f"{value:.2f}"
 
 
 def main() -> dict[str, Any]:
