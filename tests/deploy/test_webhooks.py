@@ -35,9 +35,9 @@ def test_selector_matcher_can_fail() -> None:
 
 def test_webhook_fields(webhook_config: dict[str, Any], objects: list[dict[str, Any]]) -> None:
     hooks = webhook_config["webhooks"]
-    assert len(hooks) == 2
+    assert len(hooks) == 4
     names = [hook["name"] for hook in hooks]
-    assert len(set(names)) == 2
+    assert len(set(names)) == 4
     service = find(objects, "Service", "injector")
     for hook in hooks:
         # Fully qualified names, as the API server requires (at least three DNS labels).
@@ -58,7 +58,10 @@ def test_webhook_fields(webhook_config: dict[str, Any], objects: list[dict[str, 
     by_name = dict(zip(names, hooks, strict=True))
     namespace_hook = next(h for h in hooks if h["name"].startswith("namespace."))
     object_hook = next(h for h in hooks if h["name"].startswith("object."))
-    assert set(by_name) == {namespace_hook["name"], object_hook["name"]}
+    rev_namespace_hook = next(h for h in hooks if h["name"].startswith("rev-default.namespace."))
+    rev_object_hook = next(h for h in hooks if h["name"].startswith("rev-default.object."))
+    assert set(by_name) == {hook["name"] for hook in (
+        namespace_hook, object_hook, rev_namespace_hook, rev_object_hook)}
     assert {"key": "istio-injection", "operator": "In", "values": ["enabled"]} in (
         namespace_hook["namespaceSelector"]["matchExpressions"])
     assert namespace_hook["objectSelector"] == {"matchExpressions": [
@@ -71,9 +74,23 @@ def test_webhook_fields(webhook_config: dict[str, Any], objects: list[dict[str, 
     assert object_hook["objectSelector"] == {"matchExpressions": [
         {"key": "sidecar.istio.io/inject", "operator": "In", "values": ["true"]},
         {"key": "istio.io/rev", "operator": "DoesNotExist"}]}
+    # Istio's default revision's own istio.io/rev=default webhooks: the namespace's
+    # istio-injection wins over its istio.io/rev, and a pod's label counts only in a namespace
+    # with neither (tests/deploy/test_revision.py holds them to Istio's chart).
+    opted_out = {"key": "sidecar.istio.io/inject", "operator": "NotIn", "values": ["false"]}
+    assert rev_namespace_hook["namespaceSelector"]["matchExpressions"][:2] == [
+        {"key": "istio.io/rev", "operator": "In", "values": ["default"]},
+        {"key": "istio-injection", "operator": "DoesNotExist"}]
+    assert rev_namespace_hook["objectSelector"] == {"matchExpressions": [opted_out]}
+    assert rev_object_hook["namespaceSelector"]["matchExpressions"][:2] == [
+        {"key": "istio-injection", "operator": "DoesNotExist"},
+        {"key": "istio.io/rev", "operator": "DoesNotExist"}]
+    assert rev_object_hook["objectSelector"] == {"matchExpressions": [
+        opted_out, {"key": "istio.io/rev", "operator": "In", "values": ["default"]}]}
 
 
-# Istio's: which of its two webhooks (namespace.*, object.*) is called.
+# Istio's: which of its webhooks (namespace.*, object.*) is called for labels without
+# istio.io/rev (tests/deploy/test_revision.py has the istio.io/rev cases).
 EXPECTED = {
     ("enabled", "true"): "namespace", ("enabled", "unset"): "namespace",
     ("enabled", "false"): None,

@@ -157,13 +157,30 @@ def test_tags_on_the_default_revision_stay_exclusive_of_its_webhooks(tmp_path: P
                          "MutatingWebhookConfiguration")
     assert configuration["metadata"]["name"] == "injector"
     label_sets: list[dict[str, str]] = [{}, {"istio-injection": "enabled"},
-                                        {"istio.io/rev": "prod"}]
+                                        {"istio.io/rev": "prod"}, {"istio.io/rev": "default"}]
     for namespace_labels in label_sets:
-        for pod_labels in ({}, {"sidecar.istio.io/inject": "true"}):
+        for pod_labels in ({}, {"sidecar.istio.io/inject": "true"}, {"istio.io/rev": "default"},
+                           {"istio.io/rev": "prod"}):
             assert len(webhooks_called(configuration, "shop", namespace_labels,
                                        pod_labels)) <= 1, (namespace_labels, pod_labels)
     assert webhooks_called(configuration, "shop", {"istio.io/rev": "prod"}, {}) == [
         "tag-prod.namespace.injector.mesh"]
+    assert webhooks_called(configuration, "shop", {"istio.io/rev": "default"}, {}) == [
+        "rev-default.namespace.injector.mesh"]
+    assert webhooks_called(configuration, "shop", {}, {"istio.io/rev": "default"}) == [
+        "rev-default.object.injector.mesh"]
+
+
+def test_default_is_refused_as_a_revision_or_a_tag_name(tmp_path: Path) -> None:
+    """The default installation answers istio.io/rev=default itself: a tag `default` (Istio's
+    `istioctl tag set default`) would send its pods to a second webhook, and a revision `default`
+    would be a second default installation. Both stop the install with a message saying so."""
+    for value, message in (("revisionTags={prod,default}", "revisionTags: `default` is refused"),
+                           ("revision=default", "revision: `default` is the default")):
+        result = helm("template", RELEASE, str(CHART), "--set", value, home=tmp_path,
+                      check=False)
+        assert result.returncode != 0, value
+        assert message in result.stderr, result.stderr
 
 
 def test_a_plugged_in_ca_is_a_secret_the_pods_wait_for(tmp_path: Path) -> None:
@@ -226,7 +243,7 @@ def test_helm_install_into_a_real_api_server_injects_a_pod(tmp_path: Path) -> No
         token = cluster.token(MESH_NAMESPACE, "injector", seconds=3600)
         kubeconfig = cluster.token_kubeconfig(tmp_path / "injector.kubeconfig", token)
         mesh = Mesh(cluster, tmp_path / "mesh", port, kubeconfig, config)
-        mesh.start_injector()  # and waits for its root in both webhooks' caBundle
+        mesh.start_injector()  # and waits for its root in every webhook's caBundle
 
         shop = cluster.namespace("shop", {"istio-injection": "enabled"})
         stored = cluster.create_pod(shop, pod("web"))
