@@ -93,7 +93,10 @@ def json_values_at_most(body: bytes) -> int:
 
 class Admission:
     """The webhook's answer to one request body, with its metrics and log line: the one
-    implementation behind both the fast path and the FastAPI route."""
+    implementation behind the direct route (injector.server.direct), the fast route and the
+    FastAPI route."""
+
+    max_body_bytes = MAX_ADMISSION_BYTES
 
     def __init__(self, mesh: MeshConfig, namespace_labels: webhook.NamespaceLabels,
                  observe: AdmissionObserver | None = None) -> None:
@@ -256,4 +259,5 @@ def create_app(
 
     for router in routers:
         app.include_router(router)
-    return asgi.FastRoutes(app, {("POST", "/inject"): admission.route, **(fast_routes or {})})
+    return asgi.FastRoutes(app, {("POST", "/inject"): admission.route, **(fast_routes or {})},
+                           direct_routes={(b"POST", b"/inject"): admission})

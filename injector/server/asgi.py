@@ -4,7 +4,9 @@
 and renewal. Starlette's routing, Request object and middleware cost about as much per request
 as the webhook's whole work (bench/bench_http.py), so these two are answered here; the FastAPI
 app serves everything else, and still has their routes for what is not a plain POST (405 for
-other methods, the redirect of a trailing slash).
+other methods, the redirect of a trailing slash). `/inject` goes further still: the connection
+answers it without ASGI (injector.server.direct), and reaches its route here only when that
+cannot (a request pipelined behind another, say).
 """
 
 from __future__ import annotations
@@ -33,11 +35,18 @@ def header(scope: Any, name: bytes) -> str | None:
 
 
 class FastRoutes:
-    """ASGI: `routes` (by method and exact path) answered here, all else by `app`."""
+    """ASGI: `routes` (by method and exact path) answered here, all else by `app`.
 
-    def __init__(self, app: Any, routes: Mapping[tuple[str, str], FastRoute]) -> None:
+    `direct_routes` (by method and raw path) are answered by the connection itself, without
+    ASGI (injector.server.direct); a request for one that reaches ASGI all the same (pipelined
+    behind another, say) is answered by the route of `routes` for it, alike.
+    """
+
+    def __init__(self, app: Any, routes: Mapping[tuple[str, str], FastRoute],
+                 direct_routes: Mapping[tuple[bytes, bytes], Any] | None = None) -> None:
         self.app = app
         self.routes = dict(routes)
+        self.direct_routes = dict(direct_routes or {})
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         route = None

@@ -8,9 +8,10 @@ process has no file descriptor left, when every other caller waits in the backlo
 - `Listener` accepts from the listening socket itself. A connection over the worker's limit, or
   over one address's share of it, is closed at once, before any TLS work; the others get their
   TLS handshake with a deadline (and a short one for the TLS close).
-- `GuardedHttpToolsProtocol` is uvicorn's httptools protocol (with coalesced writes) that knows
-  which phase its connection is in (waiting for a request, reading headers, reading the body,
-  answering) and since when; it bounds the headers' size as they arrive.
+- `GuardedHttpToolsProtocol` is uvicorn's httptools protocol (with coalesced writes and the
+  direct routes of `injector.server.direct`) that knows which phase its connection is in
+  (waiting for a request, reading headers, reading the body, answering) and since when; it
+  bounds the headers' size as they arrive.
 - `ConnectionGuard` counts the connections and, once a second, cuts those past their phase's
   deadline. A sweep rather than a timer per request: the admission path only stores a number.
 - `GuardedServer` is uvicorn's server with `Listener` in place of the loop's server.
@@ -32,7 +33,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
 from injector.server import limits, memory
-from injector.server.coalesce import CoalescingHttpToolsProtocol
+from injector.server.direct import DirectHttpToolsProtocol
 from injector.server.httpio import json_error
 from injector.server.limits import Limits
 from injector.server.metrics import CONNECTIONS_OPEN
@@ -117,7 +118,7 @@ class GuardedConfig(uvicorn.Config):
         self.guard = guard
 
 
-class GuardedHttpToolsProtocol(CoalescingHttpToolsProtocol):
+class GuardedHttpToolsProtocol(DirectHttpToolsProtocol):
     """One connection, knowing its phase and since when (the guard's sweep reads them), its
     headers bounded in size as they arrive."""
 
@@ -183,10 +184,10 @@ class GuardedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self.header_bytes = 0
 
     def on_message_complete(self) -> None:
-        answered_early = self.cycle is not None and self.cycle.response_complete
+        answered_early = self.answered_early()
+        self.phase = ANSWERING  # a direct route answers within the call below
         super().on_message_complete()
-        self.phase = ANSWERING
-        if answered_early:
+        if answered_early and self.phase == ANSWERING:
             # Answered before its body was read (413 by content-length, 503): the rest of the
             # body is read and dropped, and the connection waits for its next request, idle
             # within the keep-alive's limit. (Reading the rest cancelled uvicorn's keep-alive
@@ -226,7 +227,7 @@ class GuardedHttpToolsProtocol(CoalescingHttpToolsProtocol):
                             f"the request's headers took over {bounds.header_seconds:g} s",
                             bounds.header_seconds)
         elif waited > bounds.body_seconds:
-            if self.cycle is not None and self.cycle.response_started:
+            if self.answering_started():
                 # Answered already (its body was being dropped): nothing more to say.
                 self.close("body-timeout", bounds.body_seconds)
             else:
@@ -241,6 +242,7 @@ class GuardedHttpToolsProtocol(CoalescingHttpToolsProtocol):
         self.phase = LINGERING
         limits.refused(reason, self.client[0] if self.client else None, limit)
         self.transport.write(_error_response(status, message))
+        self.abandon_direct()
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             # The app, if it is reading this request, sees the client gone: it stops, and

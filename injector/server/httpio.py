@@ -67,7 +67,7 @@ class BodyBudget:
 
 BIG_BODY_BYTES = 1024 * 1024
 # Reserve in steps, not per chunk: a body without a length grows by up to 64 KiB a message.
-_RESERVE_STEP = 256 * 1024
+RESERVE_STEP = 256 * 1024
 
 BODY_BUDGET = BodyBudget(64 * 1024 * 1024)
 
@@ -120,7 +120,7 @@ async def _receive_rest(scope: Any, receive: Any, first: bytes, declared: int | 
             if size > limit:
                 return TOO_LARGE
             if size > reserved:
-                step = min(max(size - reserved, _RESERVE_STEP), limit - reserved)
+                step = min(max(size - reserved, RESERVE_STEP), limit - reserved)
                 if not budget.take(step):
                     limits.refused("body-budget", _peer(scope), budget.limit)
                     return BUSY
