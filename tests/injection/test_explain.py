@@ -113,8 +113,11 @@ def test_a_second_injector_for_the_same_namespace_overlaps_but_a_log_shipper_doe
     # Where only the other injector selects the namespace (by istio.io/rev), our object
     # webhook stays out even for a pod that opts in by its own label, as Istio's default
     # revision does: no namespace "theirs" finding.
-    # Our two webhooks alone never overlap: they are exclusive by design.
-    assert explain.overlapping_webhooks(explain.webhooks_of([configuration]), namespaces) == []
+    # Our webhooks alone never overlap: they are exclusive by design, the istio.io/rev=default
+    # ones included (each label's "in" against "absent").
+    ours = {**namespaces, "default": {"istio.io/rev": "default"},
+            "enabled-default": {**NS_ENABLED, "istio.io/rev": "default"}}
+    assert explain.overlapping_webhooks(explain.webhooks_of([configuration]), ours) == []
 
 
 def injected_pod(revision: str = "default", image: str = "injector:0.1.0") -> dict[str, Any]:

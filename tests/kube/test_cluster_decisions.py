@@ -1,5 +1,5 @@
 """The decision table (README, "What it honours") as the real kube-apiserver applies it: pods
-created with kubectl, through deploy/'s two webhooks and their selectors, then read back as
+created with kubectl, through deploy/'s webhooks and their selectors, then read back as
 stored. Injected or not, exactly as the table says; and an injected pod passed the API server's
 validation and defaulting after our patch."""
 

@@ -64,7 +64,8 @@ def test_the_injector_does_its_duties_with_its_own_service_account(kube_mesh: Me
     assert kube_mesh.injector is not None
     root = kube_mesh.injector.root_cert.read_text()
     # The caBundle patch (get/patch on the MutatingWebhookConfiguration).
-    assert kube_mesh.ca_bundles() == [base64.b64encode(root.encode()).decode()] * 2
+    assert kube_mesh.ca_bundles() == [base64.b64encode(root.encode()).decode()] * len(
+        find(render(DEPLOY), "MutatingWebhookConfiguration", "injector")["webhooks"])
     # The shared CA Secret (create, then get, in mesh-system).
     secret = cluster.get("secret", "istio-ca-secret", "-n", MESH_NAMESPACE)
     assert base64.b64decode(secret["data"]["root-cert.pem"]).decode() == root
@@ -122,7 +123,7 @@ def test_the_api_server_verifies_the_webhook_with_the_ca_bundle(kube_mesh: Mesh,
     foreign = self_signed_authority().roots[0]
     foreign_bundle = base64.b64encode(foreign.public_bytes(serialization.Encoding.PEM)).decode()
     patch = [{"op": "replace", "path": f"/webhooks/{index}/clientConfig/caBundle",
-              "value": foreign_bundle} for index in range(2)]
+              "value": foreign_bundle} for index in range(len(kube_mesh.ca_bundles()))]
     try:
         def refused() -> str:
             # Patched again on every try: the running injector puts its own root back when
