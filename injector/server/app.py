@@ -23,6 +23,7 @@ from injector.injection import webhook
 from injector.injection.review import AdmissionReview, AdmissionReviewResponse
 from injector.mesh.config import MeshConfig
 from injector.server import asgi, logs
+from injector.server.answers import Answers, LabelsRead
 from injector.server.httpio import (
     BUSY_HEADERS,
     BUSY_MESSAGE,
@@ -104,6 +105,7 @@ class Admission:
         self.namespace_labels = namespace_labels
         self.observe = observe  # the cluster's Events (injector.kube.events): never blocks
         self._counters: dict[tuple[str, str], Any] = {}
+        self.answers = Answers()
 
     def _count(self, result: str, reason: str) -> None:
         counter = self._counters.get((result, reason))
@@ -121,6 +123,15 @@ class Admission:
 
     def answer(self, body: bytes, started: float) -> tuple[int, bytes]:
         """HTTP status and JSON body; `started` is when the request arrived (perf_counter)."""
+        split = Answers.split(body)
+        if split is not None:
+            key, uid = split
+            answered = self.answers.get(key, self.namespace_labels)
+            if answered is not None:
+                # A review answered before, but for its uid (injector.server.answers).
+                answer = answered.head + uid + answered.tail
+                self._report(answered.outcome._replace(body=answer), started, None, body)
+                return 200, answer
         # A body shorter than the limit cannot hold more values than it has bytes.
         if len(body) > MAX_ADMISSION_JSON_VALUES and (
                 json_values_at_most(body) > MAX_ADMISSION_JSON_VALUES):
@@ -132,18 +143,29 @@ class Admission:
         except webhook.BadReview as error:
             self._count("rejected", "bad-review")
             return 400, json_error(str(error))
-        outcome = webhook.admit(review, self.mesh, self.namespace_labels)
+        if split is None:
+            outcome = webhook.admit(review, self.mesh, self.namespace_labels)
+        else:
+            labels = LabelsRead(self.namespace_labels)
+            outcome = webhook.admit(review, self.mesh, labels)
+            self.answers.put(split[0], split[1], body, review, outcome, labels)
+        self._report(outcome, started, review, body)
+        return 200, outcome.body
+
+    def _report(self, outcome: webhook.Outcome, started: float, review: Any, body: bytes
+                ) -> None:
+        """The metrics, Events and log line of an answered admission (its review parsed again
+        for the Events when it was answered from memory)."""
         elapsed = time.perf_counter() - started
         INJECTION_SECONDS.observe(elapsed)
         self._count(outcome.result, outcome.reason)
         if self.observe is not None:
-            self.observe(outcome, review)
+            self.observe(outcome, review if review is not None else webhook.parse(body))
         logs.line(log, logging.INFO,
                   f"admission {outcome.namespace}/{outcome.pod} {outcome.result} "
                   f"({outcome.reason})",
                   {"namespace": outcome.namespace, "pod": outcome.pod, "result": outcome.result,
                    "reason": outcome.reason, "duration_ms": round(elapsed * 1000, 3)})
-        return 200, outcome.body
 
     async def route(self, scope: Any, receive: Any) -> asgi.Answer:
         """`POST /inject` as a fast route (injector.asgi)."""
