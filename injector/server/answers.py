@@ -17,8 +17,11 @@ when, in the body it was made for, that first uid was `request.uid` and appeared
 and the answer holds the uid once: then a body with the same key is the same review but for
 `request.uid`, and its answer is the remembered one with its own uid.
 
-The namespace labels the decision read are remembered with it and read again for each answer
-from memory: a namespace relabelled since gets a fresh answer. Bounded as the patch cache is
+An answer is remembered from the second time its key is seen: a review seen once (a new pod
+spec, or every pod when each is different) costs no memory and little time (the key, and a
+number remembered). The namespace labels the decision read are remembered with it and read
+again for each answer from memory: a namespace relabelled since gets a fresh answer. Bounded as
+the patch cache is
 (SECURITY.md): an entry's body and answer at most MAX_ENTRY_BYTES, all of them at most
 MAX_BYTES and MAX_ENTRIES, and everything is dropped when a bound would be passed.
 """
@@ -64,11 +67,14 @@ class Answers:
     MAX_ENTRY_BYTES = 48 * 1024
     MAX_ENTRIES = 1024
     MAX_BYTES = 4 * 1024 * 1024
+    # The keys seen once, by hash, and how many of them at most.
+    MAX_SEEN = 4096
 
     def __init__(self) -> None:
         # Read directly on the hot path (`entries.get`).
         self.entries: dict[Key, Answered] = {}
         self.bytes = 0
+        self._seen: set[int] = set()
 
     @classmethod
     def split(cls, body: bytes) -> tuple[Key, bytes] | None:
@@ -95,6 +101,17 @@ class Answers:
                 return None
         return answered
 
+    def seen_before(self, key: Key) -> bool:
+        """Whether `key` was seen before (its answer is worth keeping); remembers that it was.
+        By hash: a collision costs an entry kept, nothing else."""
+        digest = hash(key)
+        if digest in self._seen:
+            return True
+        if len(self._seen) >= self.MAX_SEEN:
+            self._seen.clear()
+        self._seen.add(digest)
+        return False
+
     def put(self, key: Key, uid: bytes, body: bytes, review: Any, outcome: webhook.Outcome,
             labels: LabelsRead) -> None:
         """Remember `outcome` (the answer to `body`, whose key and uid `split` gave), when
@@ -110,7 +127,7 @@ class Answers:
             self.bytes = 0
         head, tail = outcome.body.split(uid)
         # The outcome without its body: the answer is head, uid, tail.
-        self.entries[key] = Answered(head, tail, outcome._replace(body=b""),
+        self.entries[key] = Answered(head, tail, webhook.Outcome(b"", *outcome[1:]),
                                      tuple(labels.read))
         self.bytes += size
 

@@ -143,7 +143,7 @@ class Admission:
         except webhook.BadReview as error:
             self._count("rejected", "bad-review")
             return 400, json_error(str(error))
-        if split is None:
+        if split is None or not self.answers.seen_before(split[0]):
             outcome = webhook.admit(review, self.mesh, self.namespace_labels)
         else:
             labels = LabelsRead(self.namespace_labels)

@@ -69,7 +69,8 @@ def test_what_cannot_be_told_apart_by_its_bytes_is_answered_afresh() -> None:
                           (review(pod()), "uid.with.dots")):
         admission = Admission(MESH, unknown)
         body = body_of(document, uid)
-        assert answer(admission, body) == fresh(body)
+        for _ in range(3):
+            assert answer(admission, body) == fresh(body)
         assert len(admission.answers) == 0
     assert Answers.split(b'{"request":{"uid":"abc"}}') == (
         (b'{"request":{"uid":"', b'"}}'), b"abc")
@@ -80,12 +81,24 @@ def test_what_cannot_be_told_apart_by_its_bytes_is_answered_afresh() -> None:
 def test_a_relabelled_namespace_gets_a_fresh_decision() -> None:
     labels = {"istio-injection": "enabled"}
     admission = Admission(MESH, lambda namespace: labels if namespace == "shop" else None)
-    body = body_of(review(pod()), "first")
-    assert orjson.loads(answer(admission, body)[1])["response"].get("patch")
+    for uid in ("first", "second", "third"):  # the last one answered from memory
+        body = body_of(review(pod()), uid)
+        assert orjson.loads(answer(admission, body)[1])["response"].get("patch")
+    assert len(admission.answers) == 1
     labels["istio-injection"] = "disabled"  # changed in place, as a watch might
     refused = answer(admission, body_of(review(pod()), "second"))
     assert "patch" not in orjson.loads(refused[1])["response"]
     assert refused == fresh(body_of(review(pod()), "second"), lambda namespace: labels)
+
+
+def test_a_review_seen_once_is_not_kept() -> None:
+    # Every pod different (a new spec each time): nothing is kept, however many there are.
+    admission = Admission(MESH, unknown)
+    for index in range(50):
+        document = review(replicaset_pod())
+        document["request"]["object"]["metadata"]["labels"]["app"] = f"app-{index}"
+        answer(admission, body_of(document, f"uid-{index}"))
+    assert len(admission.answers) == 0
 
 
 def counted(result: str, reason: str) -> float:
@@ -97,10 +110,12 @@ def counted(result: str, reason: str) -> float:
 def test_an_answer_from_memory_is_counted_and_logged_as_any(
         caplog: pytest.LogCaptureFixture) -> None:
     admission = Admission(MESH, unknown)
-    answer(admission, body_of(review(replicaset_pod()), "first"))
+    for uid in ("first", "second"):
+        answer(admission, body_of(review(replicaset_pod()), uid))
     before = counted("injected", "namespace-enabled")
     with caplog.at_level("INFO", logger="injector.webhook"):
-        answer(admission, body_of(review(replicaset_pod()), "second"))
+        answer(admission, body_of(review(replicaset_pod()), "third"))
+    assert len(admission.answers) == 1
     assert counted("injected", "namespace-enabled") == before + 1
     [record] = [record for record in caplog.records if record.name == "injector.webhook"]
     assert record.getMessage().endswith("injected (namespace-enabled)")
@@ -111,7 +126,7 @@ def test_over_https_each_replica_gets_its_own_uid(client: httpx.Client) -> None:
     document = review(replicaset_pod())
     answers = [client.post("/inject", content=body_of(document, f"replica-{index}"),
                            headers={"content-type": "application/json"}).json()
-               for index in range(3)]
+               for index in range(4)]
     assert [item["response"]["uid"] for item in answers] == [
-        "replica-0", "replica-1", "replica-2"]
+        "replica-0", "replica-1", "replica-2", "replica-3"]
     assert answers[0]["response"]["patch"] == answers[2]["response"]["patch"]
