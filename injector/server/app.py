@@ -130,7 +130,7 @@ class Admission:
             if answered is not None:
                 # A review answered before, but for its uid (injector.server.answers).
                 answer = answered.head + uid + answered.tail
-                self._report(answered.outcome._replace(body=answer), started, None, body)
+                self._report(answered.outcome, started, None, body, answer)
                 return 200, answer
         # A body shorter than the limit cannot hold more values than it has bytes.
         if len(body) > MAX_ADMISSION_JSON_VALUES and (
@@ -152,15 +152,18 @@ class Admission:
         self._report(outcome, started, review, body)
         return 200, outcome.body
 
-    def _report(self, outcome: webhook.Outcome, started: float, review: Any, body: bytes
-                ) -> None:
-        """The metrics, Events and log line of an answered admission (its review parsed again
-        for the Events when it was answered from memory)."""
+    def _report(self, outcome: webhook.Outcome, started: float, review: Any, body: bytes,
+                answer: bytes | None = None) -> None:
+        """The metrics, Events and log line of an admission: `outcome`, or when it was answered
+        from memory (`answer`) the outcome remembered, whose review the Events parse again."""
         elapsed = time.perf_counter() - started
         INJECTION_SECONDS.observe(elapsed)
         self._count(outcome.result, outcome.reason)
         if self.observe is not None:
-            self.observe(outcome, review if review is not None else webhook.parse(body))
+            if answer is None:
+                self.observe(outcome, review)
+            else:
+                self.observe(webhook.Outcome(answer, *outcome[1:]), webhook.parse(body))
         logs.line(log, logging.INFO,
                   f"admission {outcome.namespace}/{outcome.pod} {outcome.result} "
                   f"({outcome.reason})",

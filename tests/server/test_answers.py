@@ -130,3 +130,14 @@ def test_over_https_each_replica_gets_its_own_uid(client: httpx.Client) -> None:
     assert [item["response"]["uid"] for item in answers] == [
         "replica-0", "replica-1", "replica-2", "replica-3"]
     assert answers[0]["response"]["patch"] == answers[2]["response"]["patch"]
+
+
+def test_the_events_see_each_admission_with_its_own_review() -> None:
+    seen: list[tuple[Any, Any]] = []
+    admission = Admission(MESH, unknown, lambda outcome, review: seen.append((outcome, review)))
+    bodies = [body_of(review(replicaset_pod()), uid) for uid in ("first", "second", "third")]
+    answers = [answer(admission, body)[1] for body in bodies]
+    assert len(admission.answers) == 1  # the third from memory
+    assert [outcome.body for outcome, _ in seen] == answers
+    assert [review["request"]["uid"] for _, review in seen] == ["first", "second", "third"]
+    assert [outcome.result for outcome, _ in seen] == ["injected"] * 3
