@@ -37,15 +37,6 @@ class _CoalescingTransport:
         if not self._transport.is_closing():
             self._transport.write(data)
 
-    def write_whole(self, data: bytes) -> None:
-        """A whole response: written now, after whatever is pending (nothing to join it with
-        later, and a loop callback less)."""
-        if self._pending:
-            self._pending.append(data)
-            self._flush()
-        elif not self._transport.is_closing():
-            self._transport.write(data)
-
     def close(self) -> None:
         self._flush()
         self._transport.close()
