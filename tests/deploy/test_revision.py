@@ -69,6 +69,16 @@ def default_objects() -> list[dict[str, Any]]:
         return render(overlay_of(Path(directory), DEPLOY, TAG_COMPONENT))
 
 
+def renamed_revision(directory: Path, name: str) -> list[dict[str, Any]]:
+    """The objects of revision `name` made as the component's comment says: a copy of it in
+    `directory` with `canary` replaced in every file, used from an overlay of deploy/."""
+    component = directory / f"deploy-components-{name}"
+    shutil.copytree(COMPONENT, component)
+    for path in component.iterdir():
+        path.write_text(path.read_text().replace(REVISION, name))
+    return render(overlay_of(directory / "overlay", DEPLOY, component))
+
+
 def webhook_configuration(objects: list[dict[str, Any]]) -> dict[str, Any]:
     return find(objects, "MutatingWebhookConfiguration")
 
@@ -142,14 +152,21 @@ def test_the_chart_renders_the_same_revision(tmp_path: Path) -> None:
         assert charted[key] == expected, f"{key} differs between the chart and the component"
 
 
+def test_the_chart_renders_the_same_tag(tmp_path: Path) -> None:
+    """The Helm chart's `revisionTags={prod}` and deploy/ with components/revision-tag: the
+    same tag, with the same two webhooks, whichever tool installs it."""
+    charted = comparable(helm_template(ROOT / "charts" / "injector", "injector", "mesh-system",
+                                       "--set", "revisionTags={prod}", home=tmp_path))
+    kustomized = comparable(default_objects())
+    assert sorted(charted) == sorted(kustomized)
+    for key, expected in kustomized.items():
+        assert charted[key] == expected, f"{key} differs between the chart and the component"
+
+
 def test_another_revision_name_is_one_substitution_away(tmp_path: Path) -> None:
     """What the component's comment tells a user to do for revision `blue`: copy it, replace
     `canary` in every file. The result is as consistent as canary."""
-    component = tmp_path / "deploy-components-blue"
-    shutil.copytree(COMPONENT, component)
-    for path in component.iterdir():
-        path.write_text(path.read_text().replace(REVISION, "blue"))
-    objects = render(overlay_of(tmp_path / "overlay", DEPLOY, component))
+    objects = renamed_revision(tmp_path, "blue")
     for obj in objects:
         validate_strict(obj)
     check_consistency(objects)
@@ -157,7 +174,20 @@ def test_another_revision_name_is_one_substitution_away(tmp_path: Path) -> None:
     assert (mesh.revision, mesh.injector_namespace) == ("blue", "mesh-blue")
     assert serve_args(objects)["revision"] == ["blue"]
     assert webhook_configuration(objects)["metadata"]["name"] == "injector-blue"
+    assert [hook["name"] for hook in webhook_configuration(objects)["webhooks"]] == [
+        "rev-blue.namespace.injector.mesh", "rev-blue.object.injector.mesh"]
     assert not [obj for obj in objects if REVISION in json.dumps(obj)]
+
+
+def test_no_two_webhooks_of_the_installations_side_by_side_share_a_name(tmp_path: Path) -> None:
+    """The default installation with its tag, canary and a copy of it (blue) installed together:
+    each webhook's name is its own, since the API server's errors ("failed calling webhook NAME")
+    and admission metrics name a webhook without its configuration."""
+    blue = renamed_revision(tmp_path, "blue")
+    names = [hook["name"] for objects in (default_objects(), revision_objects(), blue)
+             for hook in webhook_configuration(objects)["webhooks"]]
+    assert len(names) == 4 + 2 + 2 + 2
+    assert len(set(names)) == len(names), sorted(names)
 
 
 # --- which webhook a pod is sent to, with both installed -------------------------------------
@@ -174,22 +204,21 @@ ISTIO_WEBHOOKS = {
     "C.rev.namespace": ("istio-sidecar-injector-canary", "rev.namespace.sidecar-injector.istio.io"),
     "C.rev.object": ("istio-sidecar-injector-canary", "rev.object.sidecar-injector.istio.io"),
 }
-# Ours for each of Istio's (None: we have none; see DIFFERENCES). The default installation's
-# istio.io/rev=default webhooks are named rev-default.*, not rev.* as the canary's: one name, one
-# webhook, in the API server's errors and metrics, which leave the configuration out.
+# Ours for each of Istio's. The istio.io/rev webhooks are named after their revision or tag
+# (rev-default.*, rev-canary.*, tag-prod.*), where Istio names each configuration's rev.*: the
+# API server's errors and admission metrics leave the configuration out, and so one name is one
+# webhook there.
 OURS = {
     "D.namespace": ("injector", "namespace.injector.mesh"),
     "D.object": ("injector", "object.injector.mesh"),
     "D.rev.namespace": ("injector", "rev-default.namespace.injector.mesh"),
     "D.rev.object": ("injector", "rev-default.object.injector.mesh"),
     "T.rev.namespace": ("injector", "tag-prod.namespace.injector.mesh"),
-    "C.rev.namespace": ("injector-canary", "rev.namespace.injector.mesh"),
-    "C.rev.object": ("injector-canary", "rev.object.injector.mesh"),
-    "T.rev.object": None,
+    "T.rev.object": ("injector", "tag-prod.object.injector.mesh"),
+    "C.rev.namespace": ("injector-canary", "rev-canary.namespace.injector.mesh"),
+    "C.rev.object": ("injector-canary", "rev-canary.object.injector.mesh"),
 }
 # Where we differ from Istio, on purpose (deploy/README.md, "Revisions"): nowhere in this table.
-# (T.rev.object, a pod labelled istio.io/rev=prod in an unlabelled namespace, is not a case here:
-# a tag of ours selects namespaces only.)
 DIFFERENCES: set[str] = set()
 
 NAMESPACES = {
@@ -215,52 +244,69 @@ PODS = {
     "inject=false,rev=canary": {"sidecar.istio.io/inject": "false", "istio.io/rev": "canary"},
     "rev=default": {"istio.io/rev": "default"},
     "inject=false,rev=default": {"sidecar.istio.io/inject": "false", "istio.io/rev": "default"},
+    "rev=prod": {"istio.io/rev": "prod"},
+    "inject=false,rev=prod": {"sidecar.istio.io/inject": "false", "istio.io/rev": "prod"},
 }
 # The webhook Istio calls ("-": none): a row per namespace's labels, a column per pod's labels,
 # in PODS' order. istio-injection wins over istio.io/rev; "disabled" and inject=false win over
-# everything; a pod's istio.io/rev counts only in a namespace with neither label.
+# everything; a pod's istio.io/rev (a revision's or a tag's) counts only in a namespace with
+# neither label.
 ISTIO: dict[str, tuple[str, ...]] = {
     # pod:                   -                  inject=true        inject=false
     #                        rev=canary         inject=true,       inject=false,
     #                                           rev=canary         rev=canary
-    #                        rev=default        inject=false,
+    #                        rev=default        inject=false,      rev=prod
     #                                           rev=default
+    #                        inject=false,
+    #                        rev=prod
     "-":                    ("-",               "D.object",        "-",
                              "C.rev.object",    "C.rev.object",    "-",
-                             "D.rev.object",    "-"),
+                             "D.rev.object",    "-",               "T.rev.object",
+                             "-"),
     "enabled":              ("D.namespace",     "D.namespace",     "-",
                              "D.namespace",     "D.namespace",     "-",
-                             "D.namespace",     "-"),
+                             "D.namespace",     "-",               "D.namespace",
+                             "-"),
     "disabled":             ("-",               "-",               "-",
                              "-",               "-",               "-",
-                             "-",               "-"),
+                             "-",               "-",               "-",
+                             "-"),
     "rev=default":          ("D.rev.namespace", "D.rev.namespace", "-",
                              "D.rev.namespace", "D.rev.namespace", "-",
-                             "D.rev.namespace", "-"),
+                             "D.rev.namespace", "-",               "D.rev.namespace",
+                             "-"),
     "rev=canary":           ("C.rev.namespace", "C.rev.namespace", "-",
                              "C.rev.namespace", "C.rev.namespace", "-",
-                             "C.rev.namespace", "-"),
+                             "C.rev.namespace", "-",               "C.rev.namespace",
+                             "-"),
     "rev=prod":             ("T.rev.namespace", "T.rev.namespace", "-",
                              "T.rev.namespace", "T.rev.namespace", "-",
-                             "T.rev.namespace", "-"),
+                             "T.rev.namespace", "-",               "T.rev.namespace",
+                             "-"),
     "enabled,rev=default":  ("D.namespace",     "D.namespace",     "-",
                              "D.namespace",     "D.namespace",     "-",
-                             "D.namespace",     "-"),
+                             "D.namespace",     "-",               "D.namespace",
+                             "-"),
     "enabled,rev=canary":   ("D.namespace",     "D.namespace",     "-",
                              "D.namespace",     "D.namespace",     "-",
-                             "D.namespace",     "-"),
+                             "D.namespace",     "-",               "D.namespace",
+                             "-"),
     "enabled,rev=prod":     ("D.namespace",     "D.namespace",     "-",
                              "D.namespace",     "D.namespace",     "-",
-                             "D.namespace",     "-"),
+                             "D.namespace",     "-",               "D.namespace",
+                             "-"),
     "disabled,rev=default": ("-",               "-",               "-",
                              "-",               "-",               "-",
-                             "-",               "-"),
+                             "-",               "-",               "-",
+                             "-"),
     "disabled,rev=canary":  ("-",               "-",               "-",
                              "-",               "-",               "-",
-                             "-",               "-"),
+                             "-",               "-",               "-",
+                             "-"),
     "disabled,rev=prod":    ("-",               "-",               "-",
                              "-",               "-",               "-",
-                             "-",               "-"),
+                             "-",               "-",               "-",
+                             "-"),
 }
 CASES = list(itertools.product(NAMESPACES, PODS))
 
@@ -428,3 +474,51 @@ def test_a_namespace_labelled_for_the_revision_is_injected_by_its_server(
         # Other tests share this cluster: leave no webhook of the revision behind.
         kube_cluster.kubectl("delete", "-k", str(overlay), "--wait=false",
                              "--ignore-not-found", check=False)
+
+
+def test_the_tag_injects_its_namespaces_and_its_pods_once(
+        kube_cluster: Cluster, kube_mesh: Mesh, tmp_path: Path) -> None:
+    """deploy/ as applied (kube_mesh), with components/revision-tag applied over it (its two
+    webhooks pointed at the same injector on loopback): a pod in a namespace labelled
+    istio.io/rev=prod is injected once, and so is a pod labelled istio.io/rev=prod in an
+    unlabelled namespace (Istio's tag webhooks select both); istio-injection=disabled on the
+    namespace still wins over the pod's label."""
+    overlay = overlay_of(tmp_path / "tagged", DEPLOY, TAG_COMPONENT)
+    assert kube_mesh.injector is not None
+    root = base64.b64encode(kube_mesh.injector.root_cert.read_bytes()).decode()
+    shipped = webhook_configuration(default_objects())["webhooks"]
+    base_count = len(webhook_configuration(render(DEPLOY))["webhooks"])
+    # The base's webhooks as kube_mesh applied them (their caBundle is the server's, left alone);
+    # the tag's with the root already in, rather than waiting for the server's next round.
+    by_url = [{"op": "replace", "path": f"/webhooks/{index}/clientConfig",
+               "value": {"url": kube_mesh.webhook_url,
+                         **({"caBundle": root} if index >= base_count else {})}}
+              for index in range(len(shipped))]
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    kustomization["patches"] = [{"target": {"kind": "MutatingWebhookConfiguration",
+                                            "name": "injector"},
+                                 "patch": yaml.safe_dump(by_url)}]
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    try:
+        kube_cluster.kubectl("apply", "-k", str(overlay))
+        stored = kube_cluster.get("mutatingwebhookconfiguration", "injector")
+        assert [hook["name"] for hook in stored["webhooks"]] == [hook["name"] for hook in shipped]
+        names = (f"web-{number}" for number in itertools.count())
+
+        def proxies(namespace: str, labels: dict[str, str] | None = None) -> int:
+            """How many istio-proxy containers a pod created in `namespace` got."""
+            created = kube_cluster.create_pod(namespace, pod(next(names), labels=labels))
+            return [c["name"] for c in created["spec"]["containers"]].count("istio-proxy")
+
+        assert proxies(kube_cluster.namespace("tagged", {"istio.io/rev": "prod"})) == 1
+        plain = kube_cluster.namespace("plain")
+        assert proxies(plain, {"istio.io/rev": "prod"}) == 1
+        assert proxies(plain, {"istio.io/rev": "prod", "sidecar.istio.io/inject": "false"}) == 0
+        assert proxies(plain) == 0
+        disabled = kube_cluster.namespace("tagoff", {"istio-injection": "disabled"})
+        assert proxies(disabled, {"istio.io/rev": "prod"}) == 0
+    finally:
+        # Other tests share this cluster: back to deploy/ as kube_mesh applied it (apply drops
+        # the webhooks it added).
+        kube_cluster.kubectl("apply", "-k", str(kube_mesh.workdir / "overlay"))
+    assert kube_mesh.ca_bundles() == [root] * base_count

@@ -135,18 +135,23 @@ def test_a_revision_names_its_webhooks_and_selects_istio_io_rev(tmp_path: Path) 
     rendered = template(tmp_path, "revision=canary", "revisionTags={prod}")
     configuration = find(rendered, "MutatingWebhookConfiguration")
     assert configuration["metadata"]["name"] == "injector-canary"
+    # Each name carries its revision or tag: the API server's errors and admission metrics name
+    # a webhook without its configuration.
     assert [w["name"] for w in configuration["webhooks"]] == [
-        "rev.namespace.injector.mesh", "rev.object.injector.mesh",
-        "tag-prod.namespace.injector.mesh"]
+        "rev-canary.namespace.injector.mesh", "rev-canary.object.injector.mesh",
+        "tag-prod.namespace.injector.mesh", "tag-prod.object.injector.mesh"]
     mesh = load_mesh_config(yaml.safe_load(find(rendered, "ConfigMap")["data"]["mesh.yaml"]))
     assert mesh.revision == "canary"
 
     def called(namespace_labels: dict[str, str], pod_labels: dict[str, str]) -> list[str]:
         return webhooks_called(configuration, "shop", namespace_labels, pod_labels)
 
-    assert called({"istio.io/rev": "canary"}, {}) == ["rev.namespace.injector.mesh"]
+    assert called({"istio.io/rev": "canary"}, {}) == ["rev-canary.namespace.injector.mesh"]
     assert called({"istio.io/rev": "prod"}, {}) == ["tag-prod.namespace.injector.mesh"]
-    assert called({}, {"istio.io/rev": "canary"}) == ["rev.object.injector.mesh"]
+    assert called({}, {"istio.io/rev": "canary"}) == ["rev-canary.object.injector.mesh"]
+    assert called({}, {"istio.io/rev": "prod"}) == ["tag-prod.object.injector.mesh"]
+    assert called({"istio.io/rev": "canary"}, {"istio.io/rev": "prod"}) == [
+        "rev-canary.namespace.injector.mesh"]  # the namespace's label wins
     assert called({"istio.io/rev": "canary"}, {"sidecar.istio.io/inject": "false"}) == []
     assert called({"istio-injection": "enabled"}, {}) == []  # the default revision's
     assert called({"istio.io/rev": "canary", "istio-injection": "disabled"}, {}) == []
@@ -169,6 +174,8 @@ def test_tags_on_the_default_revision_stay_exclusive_of_its_webhooks(tmp_path: P
         "rev-default.namespace.injector.mesh"]
     assert webhooks_called(configuration, "shop", {}, {"istio.io/rev": "default"}) == [
         "rev-default.object.injector.mesh"]
+    assert webhooks_called(configuration, "shop", {}, {"istio.io/rev": "prod"}) == [
+        "tag-prod.object.injector.mesh"]
 
 
 def test_default_is_refused_as_a_revision_or_a_tag_name(tmp_path: Path) -> None:
@@ -181,6 +188,18 @@ def test_default_is_refused_as_a_revision_or_a_tag_name(tmp_path: Path) -> None:
                       check=False)
         assert result.returncode != 0, value
         assert message in result.stderr, result.stderr
+
+
+def test_a_tag_named_as_the_revision_or_twice_is_refused(tmp_path: Path) -> None:
+    """Either would have two webhooks select the same pods: the install stops saying why."""
+    result = helm("template", RELEASE, str(CHART), "--set", "revision=canary", "--set",
+                  "revisionTags={prod,canary}", home=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "revisionTags: `canary` is the revision's own name" in result.stderr, result.stderr
+    result = helm("template", RELEASE, str(CHART), "--set", "revisionTags={prod,prod}",
+                  home=tmp_path, check=False)
+    assert result.returncode != 0
+    assert "revisionTags': items at 0 and 1 are equal" in result.stderr, result.stderr
 
 
 def test_a_plugged_in_ca_is_a_secret_the_pods_wait_for(tmp_path: Path) -> None:
