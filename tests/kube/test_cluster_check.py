@@ -243,7 +243,7 @@ def service_webhook(kube_mesh: Mesh) -> Iterator[str]:
         "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
         "metadata": {"name": name},
         "webhooks": [{
-            "name": "rev.namespace.injector.mesh", "admissionReviewVersions": ["v1"],
+            "name": "rev-check.namespace.injector.mesh", "admissionReviewVersions": ["v1"],
             "sideEffects": "None", "failurePolicy": "Ignore", "timeoutSeconds": 5,
             "clientConfig": {"caBundle": bundle, "service": {
                 "name": "injector", "namespace": MESH_NAMESPACE, "path": "/inject",
@@ -254,7 +254,7 @@ def service_webhook(kube_mesh: Mesh) -> Iterator[str]:
         }],
     })
     try:
-        yield f"webhook {name}/rev.namespace.injector.mesh"
+        yield f"webhook {name}/rev-check.namespace.injector.mesh"
     finally:
         cluster.kubectl("delete", "mutatingwebhookconfiguration", name, "--ignore-not-found")
         cluster.kubectl("delete", "endpointslice", "-n", MESH_NAMESPACE, "injector-check",
