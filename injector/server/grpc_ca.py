@@ -12,6 +12,11 @@ name this CA's cluster, since the token is checked against this cluster's API se
 workload's certificate) is refused unless it names the caller itself; `CertSigner` is ignored
 (this CA has one signer, and it changes nothing about whose identity is signed).
 
+The two messages are read and written here, in protobuf's wire format, without the protobuf
+runtime: it and the generated classes cost every `serve` 2.6 MiB of RSS for two messages of three
+fields. The generated classes (injector/server/proto) stay as the tests' reference: a test holds
+this codec to them on any message, and Istio's own Go client talks to it end to end.
+
 gRPC's synchronous server runs in threads beside uvicorn's event loop: TokenReview blocks, and
 grpc's asyncio server does not run on uvloop. It is started in each `serve` worker after the fork
 (gRPC's threads do not survive one), on the shared port with SO_REUSEPORT, so that with
@@ -22,8 +27,9 @@ from __future__ import annotations
 
 import logging
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -34,7 +40,6 @@ from injector.ca.refusals import Refusal, RefusalKind
 from injector.ca.service import CAService, count_request, internal_failure, record_refusal
 from injector.mesh import names
 from injector.mesh.spiffe import SpiffeId, SpiffeIdError
-from injector.server.proto.istio_ca_pb2 import IstioCertificateRequest, IstioCertificateResponse
 
 METHOD_PATH: Final = f"/{names.GRPC_CA_SERVICE}/{names.GRPC_CA_METHOD}"
 
@@ -75,14 +80,157 @@ def peer_address(peer: str) -> str | None:
     return host.strip("[]") or None
 
 
-def _metadata_string(request: IstioCertificateRequest, key: str) -> str:
-    """A string field of the request's metadata Struct; "" when absent, refused if not a string."""
-    if not request.HasField("metadata") or key not in request.metadata.fields:
+# --- Istio's two messages, in protobuf's wire format -------------------------------------------
+# IstioCertificateRequest {string csr = 1; int64 validity_duration = 3;
+#                          google.protobuf.Struct metadata = 4;}
+# IstioCertificateResponse {repeated string cert_chain = 1;}
+# Struct {map<string, Value> fields = 1;}, a map being repeated entries {key = 1; value = 2;};
+# Value {oneof kind: null 1, number 2, string 3, bool 4, struct 5, list 6}.
+
+_VARINT: Final = 0
+_FIXED64: Final = 1
+_LENGTH: Final = 2
+_FIXED32: Final = 5
+_FIXED_WIDTHS: Final = {_FIXED64: 8, _FIXED32: 4}
+# Value's kinds by field number, with the wire type each is written with.
+_VALUE_KINDS: Final = {1: _VARINT, 2: _FIXED64, 3: _LENGTH, 4: _VARINT, 5: _LENGTH, 6: _LENGTH}
+_STRING_KIND: Final = 3
+
+
+class MalformedMessage(ValueError):
+    """Bytes that are not a protobuf message; the message says where it breaks."""
+
+
+@dataclass(frozen=True)
+class CertificateRequest:
+    """An IstioCertificateRequest as read: the metadata Struct's values by key, a string, or
+    None for a value of another kind (which no key this CA reads may have)."""
+
+    csr: str = ""
+    validity_duration: int = 0
+    metadata: Mapping[str, str | None] = field(default_factory=dict)
+
+
+def _read_varint(data: bytes, at: int) -> tuple[int, int]:
+    """The varint at `at` (at most 10 bytes, as 64 bits) and the offset after it."""
+    value = 0
+    for shift in range(0, 70, 7):
+        if at >= len(data):
+            raise MalformedMessage("truncated varint")
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value & 0xFFFF_FFFF_FFFF_FFFF, at
+    raise MalformedMessage("varint longer than 10 bytes")
+
+
+def _fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+    """Each field of a message: its number, its wire type and its value, an int for a varint,
+    the bytes of a length-delimited or fixed-width one (not parsed further). Groups (wire
+    types 3 and 4, deprecated, never in these messages) are refused rather than skipped."""
+    at = 0
+    while at < len(data):
+        key, at = _read_varint(data, at)
+        number, wire_type = key >> 3, key & 7
+        if number == 0:
+            raise MalformedMessage("field number 0")
+        if wire_type == _VARINT:
+            value, at = _read_varint(data, at)
+            yield number, wire_type, value
+            continue
+        if wire_type == _LENGTH:
+            size, at = _read_varint(data, at)
+        elif wire_type in _FIXED_WIDTHS:
+            size = _FIXED_WIDTHS[wire_type]
+        else:
+            raise MalformedMessage(f"field {number} has wire type {wire_type}")
+        if at + size > len(data):
+            raise MalformedMessage(f"field {number} runs past the end")
+        yield number, wire_type, data[at:at + size]
+        at += size
+
+
+def _text(value: bytes, what: str) -> str:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        raise MalformedMessage(f"{what} is not UTF-8") from None
+
+
+def _value_string(data: bytes, merged_into: str | None) -> str | None:
+    """A Value's string, None if it is of another kind or of none; a Value seen twice for one
+    key is merged, as protobuf merges it: the last kind set wins."""
+    kind: int | None = None
+    string: str | None = None
+    for number, wire_type, value in _fields(data):
+        # A kind's field with another wire type is an unknown field to protobuf, and to us.
+        if _VALUE_KINDS.get(number) == wire_type:
+            kind = number
+            string = _text(value, "a metadata value") if (
+                number == _STRING_KIND and isinstance(value, bytes)) else None
+    return merged_into if kind is None else string
+
+
+def _struct(data: bytes, into: dict[str, str | None]) -> None:
+    """A Struct's entries added to `into` (the last of a repeated key wins, as in a map)."""
+    for number, wire_type, entry in _fields(data):
+        if number != 1 or wire_type != _LENGTH or not isinstance(entry, bytes):
+            continue
+        key = ""
+        value: str | None = None
+        for entry_number, entry_wire_type, part in _fields(entry):
+            if entry_wire_type != _LENGTH or not isinstance(part, bytes):
+                continue
+            if entry_number == 1:
+                key = _text(part, "a metadata key")
+            elif entry_number == 2:
+                value = _value_string(part, value)
+        into[key] = value
+
+
+def decode_request(data: bytes) -> CertificateRequest:
+    """An IstioCertificateRequest from its bytes; unknown fields are skipped, as protobuf does.
+    Raises MalformedMessage."""
+    csr = ""
+    validity = 0
+    metadata: dict[str, str | None] = {}
+    for number, wire_type, value in _fields(data):
+        if number == 1 and wire_type == _LENGTH and isinstance(value, bytes):
+            csr = _text(value, "csr")
+        elif number == 3 and wire_type == _VARINT and isinstance(value, int):
+            validity = value - (1 << 64) if value >= 1 << 63 else value  # int64: two's complement
+        elif number == 4 and wire_type == _LENGTH and isinstance(value, bytes):
+            _struct(value, metadata)
+    return CertificateRequest(csr, validity, metadata)
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def encode_response(cert_chain: Sequence[str]) -> bytes:
+    """An IstioCertificateResponse's bytes: `cert_chain`, in order, as field 1."""
+    out = bytearray()
+    for pem in cert_chain:
+        encoded = pem.encode()
+        out += b"\x0a" + _varint_bytes(len(encoded)) + encoded
+    return bytes(out)
+
+
+def _metadata_string(request: CertificateRequest, key: str) -> str:
+    """A string value of the request's metadata Struct; "" when absent, refused if not a string."""
+    if key not in request.metadata:
         return ""
-    value = request.metadata.fields[key]
-    if value.WhichOneof("kind") != "string_value":
+    value = request.metadata[key]
+    if value is None:
         raise Refusal(RefusalKind.INVALID, "bad_request", f"metadata {key} must be a string")
-    return value.string_value
+    return value
 
 
 class IstioCertificateService:
@@ -92,12 +240,17 @@ class IstioCertificateService:
         self._service = service
         self._cluster_id = cluster_id
 
-    def create_certificate(self, request: IstioCertificateRequest,
-                           context: grpc.ServicerContext) -> IstioCertificateResponse:
-        """The chain for the caller's identity, leaf first and root last; or the refusal's
-        status and message (with `retry-after` in the trailing metadata when known)."""
+    def create_certificate(self, message: bytes, context: grpc.ServicerContext) -> bytes:
+        """The chain for the caller's identity, leaf first and root last (an
+        IstioCertificateResponse's bytes, from the request's); or the refusal's status and
+        message (with `retry-after` in the trailing metadata when known)."""
         count_request()
         try:
+            try:
+                request = decode_request(message)
+            except MalformedMessage as error:
+                raise Refusal(RefusalKind.INVALID, "bad_request",
+                              f"not an IstioCertificateRequest: {error}") from None
             return self._answer(request, context)
         except Refusal as refusal:
             record_refusal(refusal)
@@ -105,8 +258,7 @@ class IstioCertificateService:
         except Exception:
             return self._refuse(internal_failure(), context)
 
-    def _answer(self, request: IstioCertificateRequest,
-                context: grpc.ServicerContext) -> IstioCertificateResponse:
+    def _answer(self, request: CertificateRequest, context: grpc.ServicerContext) -> bytes:
         metadata: dict[str, str] = {}
         for key, value in context.invocation_metadata():
             if isinstance(value, str):
@@ -130,8 +282,7 @@ class IstioCertificateService:
         # Istio's convention: a validity of 0 or less asks for the CA's default.
         ttl_seconds = request.validity_duration if request.validity_duration > 0 else None
         svid = self._service.issue(caller, request.csr, ttl_seconds)
-        return IstioCertificateResponse(
-            cert_chain=[*svid.certificate_chain_pems, *svid.trust_bundle_pems])
+        return encode_response([*svid.certificate_chain_pems, *svid.trust_bundle_pems])
 
     def _own_identity(self, caller: Caller) -> str | None:
         try:
@@ -141,19 +292,17 @@ class IstioCertificateService:
             return None  # issue() refuses such a caller anyway
 
     @staticmethod
-    def _refuse(refusal: Refusal, context: grpc.ServicerContext) -> IstioCertificateResponse:
+    def _refuse(refusal: Refusal, context: grpc.ServicerContext) -> bytes:
         if refusal.retry_after_seconds is not None:
             context.set_trailing_metadata((("retry-after", str(refusal.retry_after_seconds)),))
         context.set_code(GRPC_STATUS[refusal.kind])
         context.set_details(refusal.message)
-        return IstioCertificateResponse()
+        return b""  # an empty IstioCertificateResponse
 
     def handler(self) -> grpc.GenericRpcHandler:
-        """The service's one method, for grpc.Server.add_generic_rpc_handlers."""
-        method = grpc.unary_unary_rpc_method_handler(
-            self.create_certificate,
-            request_deserializer=IstioCertificateRequest.FromString,
-            response_serializer=IstioCertificateResponse.SerializeToString)
+        """The service's one method, for grpc.Server.add_generic_rpc_handlers: bytes in and
+        out, create_certificate reads and writes the messages."""
+        method = grpc.unary_unary_rpc_method_handler(self.create_certificate)
         return grpc.method_handlers_generic_handler(
             names.GRPC_CA_SERVICE, {names.GRPC_CA_METHOD: method})
 

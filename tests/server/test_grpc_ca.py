@@ -18,6 +18,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -125,6 +126,62 @@ def test_the_field_numbers_are_istios() -> None:
     assert grpc_ca.METHOD_PATH == "/istio.v1.auth.IstioCertificateService/CreateCertificate"
 
 
+def _protobufs_reading(request: IstioCertificateRequest) -> grpc_ca.CertificateRequest:
+    """What the generated classes (protobuf's own parser) read, as our codec reports it."""
+    metadata = {key: value.string_value if value.WhichOneof("kind") == "string_value" else None
+                for key, value in request.metadata.fields.items()}
+    return grpc_ca.CertificateRequest(request.csr, request.validity_duration, metadata)
+
+
+def test_requests_read_by_hand_as_protobuf_reads_them() -> None:
+    request = IstioCertificateRequest(csr="-----BEGIN CERTIFICATE REQUEST-----\n",
+                                      validity_duration=-(2**63))
+    request.metadata.update({names.IMPERSONATED_IDENTITY: WEB_ID, "CertSigner": "",
+                             "n": 1.5, "list": [1, "a"], "nested": {"a": None}})
+    data = request.SerializeToString()
+    assert grpc_ca.decode_request(data) == _protobufs_reading(request)
+    # Istio's client writes fields in any order and a message may repeat one: protobuf keeps
+    # the last scalar, merges the Struct, the last map entry for a key wins.
+    again = IstioCertificateRequest(csr="second", validity_duration=7)
+    again.metadata.update({"n": "now a string", "CertSigner": {"not": "a string"}})
+    both = data + again.SerializeToString() + b"\xf8\x01\x05"  # + unknown field 31 = 5
+    merged = IstioCertificateRequest.FromString(both)
+    assert grpc_ca.decode_request(both) == _protobufs_reading(merged)
+    assert grpc_ca.decode_request(b"") == grpc_ca.CertificateRequest()
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\x0a\x05abc",                 # csr longer than the message
+    b"\x0a\x02\xff\xfe",             # csr not UTF-8
+    b"\x18" + b"\xff" * 11,          # a varint of 11 bytes
+    b"\x0b",                         # a group
+    b"\x00\x01",                     # field number 0
+])
+def test_what_protobuf_cannot_parse_is_malformed(garbage: bytes) -> None:
+    with pytest.raises(DecodeError):
+        IstioCertificateRequest.FromString(garbage)
+    with pytest.raises(grpc_ca.MalformedMessage):
+        grpc_ca.decode_request(garbage)
+
+
+def test_responses_written_by_hand_as_protobuf_writes_them() -> None:
+    chain = ["-----BEGIN CERTIFICATE-----\n" + "A" * 300 + "\n", "é" * 70_000, ""]
+    encoded = grpc_ca.encode_response(chain)
+    assert encoded == IstioCertificateResponse(cert_chain=chain).SerializeToString()
+    assert list(IstioCertificateResponse.FromString(encoded).cert_chain) == chain
+    assert grpc_ca.encode_response([]) == b""
+
+
+def test_serve_never_loads_the_protobuf_runtime() -> None:
+    """Its runtime and the generated classes cost every serve 2.6 MiB of RSS (BENCHMARKS.md's
+    memory section): the gRPC CA reads and writes its two messages by hand."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, injector.server.grpc_ca, injector.server.wiring; "
+         "print(sorted(m for m in sys.modules if m.startswith('google')))"],
+        capture_output=True, text=True, check=True, timeout=60).stdout
+    assert loaded.strip() == "[]"
+
+
 def test_peer_addresses_as_grpc_writes_them() -> None:
     assert grpc_ca.peer_address("ipv4:10.1.2.3:5000") == "10.1.2.3"
     assert grpc_ca.peer_address("ipv6:%5B::1%5D:5000") == "::1"
@@ -203,6 +260,25 @@ def test_what_cannot_be_signed_is_invalid_argument(channel: grpc.Channel) -> Non
     for csr in ("", "-----BEGIN CERTIFICATE REQUEST-----\nnope\n"):
         error = refused(channel, IstioCertificateRequest(csr=csr), [bearer(WEB_TOKEN)])
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_malformed_message_is_invalid_argument_and_counted(grpc_ca_server: Server,
+                                                            channel: grpc.Channel) -> None:
+    def bad_requests() -> float:
+        with grpc_ca_server.client() as https:
+            text = https.get("/metrics").text
+        found = re.search(r'^injector_ca_refusals_total{reason="bad_request"} (\S+)$', text,
+                          re.MULTILINE)
+        return float(found[1]) if found else 0.0
+
+    before = bad_requests()
+    call = channel.unary_unary(grpc_ca.METHOD_PATH)  # bytes as they are
+    with pytest.raises(grpc.RpcError) as caught:
+        call(b"\x0a\x05abc", metadata=(bearer(WEB_TOKEN),), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == (
+        "not an IstioCertificateRequest: field 1 runs past the end")
+    assert bad_requests() == before + 1
 
 
 def test_a_message_over_64_kib_is_refused_before_it_is_read(channel: grpc.Channel) -> None:
@@ -379,6 +455,7 @@ _PROPER = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
 def test_any_request_is_signed_or_refused_properly(channel: grpc.Channel,
                                                    request: IstioCertificateRequest,
                                                    token: str, cluster: str) -> None:
+    assert grpc_ca.decode_request(request.SerializeToString()) == _protobufs_reading(request)
     metadata = [bearer(token)] if token else []
     if cluster:
         metadata.append((names.CLUSTER_ID_METADATA, cluster))
