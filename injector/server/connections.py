@@ -133,6 +133,7 @@ class GuardedHttpToolsProtocol(DirectHttpToolsProtocol):
         self.answered = 0  # requests answered on this connection
         self.header_bytes = 0
         self.cut = False
+        self._keep_alive_timer: asyncio.TimerHandle | None = None
         # Set by the Listener: called once, when the connection is gone.
         self.on_closed: Callable[[], None] | None = None
 
@@ -145,6 +146,9 @@ class GuardedHttpToolsProtocol(DirectHttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if self._keep_alive_timer is not None:
+            self._keep_alive_timer.cancel()
+            self._keep_alive_timer = None
         self.guard.untrack(self)
         if self.on_closed is not None:
             closed, self.on_closed = self.on_closed, None
@@ -195,18 +199,47 @@ class GuardedHttpToolsProtocol(DirectHttpToolsProtocol):
             self.phase = WAITING
             self.since = self.loop.time()
             if not self.transport.is_closing():
-                self._unset_keepalive_if_required()
-                self.timeout_keep_alive_task = self.loop.call_later(
-                    self.timeout_keep_alive, self.timeout_keep_alive_handler)
+                self._keep_alive()
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        # uvicorn's, but for its keep-alive timer (`_keep_alive`).
+        self.server_state.total_requests += 1
         self.answered += 1
         if self.phase == ANSWERING:
             self.phase = WAITING
             self.since = self.loop.time()
         # In BODY, the answer went out before the body was read (a 413 by Content-Length):
         # uvicorn reads the rest and drops it, within the body's deadline.
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        elif self.phase == WAITING:
+            self._keep_alive()
+
+    # --- keep-alive -------------------------------------------------------------------------
+
+    def _keep_alive(self) -> None:
+        """Close the connection once it has waited `timeout_keep_alive` for its next request
+        since `since`. uvicorn arms a timer after every answer and cancels it at the next
+        request's first byte: 1.5 us a request, for a timer that almost never fires. One
+        timer at a time here: when it fires it closes the connection if it has been waiting
+        long enough, else it is armed again for the rest."""
+        if self._keep_alive_timer is None:
+            self._keep_alive_timer = self.loop.call_later(self.timeout_keep_alive,
+                                                          self._keep_alive_due)
+
+    def _keep_alive_due(self) -> None:
+        self._keep_alive_timer = None
+        if self.cut or self.transport.is_closing() or self.phase != WAITING:
+            return  # closing, or busy: its next answer arms the timer again
+        left = self.since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self._keep_alive_timer = self.loop.call_later(left, self._keep_alive_due)
+        else:
+            self.transport.close()
 
     # --- deadlines --------------------------------------------------------------------------
 

@@ -269,6 +269,28 @@ def test_a_connection_answered_before_its_body_is_closed_once_idle(serve: Server
         assert time.monotonic() - idle_since < 8  # 5 s, and the sweep's own second
 
 
+def test_keep_alive_closes_a_connection_idle_5_s_and_only_then(serve: Server) -> None:
+    # A connection used once a second stays open past the keep-alive's 5 s; idle, it is
+    # closed 5 s after its last answer.
+    request = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+    with hostile.tls(serve.port, serve.root_cert, timeout=15) as connection:
+        started = time.monotonic()
+        while time.monotonic() - started < 7:
+            connection.sendall(request)
+            answer = b""
+            while not (b"\r\n\r\n" in answer and answer.endswith(b"}")):
+                chunk = connection.recv(65536)
+                assert chunk, f"closed after {time.monotonic() - started:.1f} s in use"
+                answer += chunk
+            assert hostile.status_of(answer) == 200
+            time.sleep(1)
+        idle_since = time.monotonic() - 1
+        with contextlib.suppress(ConnectionError):
+            while connection.recv(65536):
+                pass
+        assert 4.5 < time.monotonic() - idle_since < 7
+
+
 def test_a_stalled_request_does_not_hold_a_shutdown_past_its_deadline(serve: Server) -> None:
     head = (b"POST /inject HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
             b"content-length: 100000\r\n\r\n{")
