@@ -61,6 +61,11 @@ RSS_CONFIGURATIONS = {
     "API + gRPC CA (as shipped)": (True, True),
 }
 AS_SHIPPED = "API + gRPC CA (as shipped)"
+# `injector serve` with only what the image installs (the Dockerfile's `pip install .`): the
+# kubernetes package imports kubernetes_validate when it is there (kubernetes.dynamic), and with
+# it jsonschema, 2.7 MiB in all; it is one of our test dependencies, absent from the image.
+_AS_INSTALLED = ("import sys; sys.modules['kubernetes_validate'] = None; "
+                 "from injector.commands.cli import main; sys.exit(main())")
 # What is read from /proc/PID/status and /proc/PID/smaps_rollup, in KiB.
 _STATUS_FIELDS = ("VmRSS", "RssAnon", "RssFile")
 _ROLLUP_FIELDS = ("Pss", "Private_Clean", "Private_Dirty", "Shared_Clean", "Anonymous")
@@ -83,7 +88,8 @@ def _idle_rss_by_configuration(workdir: Path) -> dict[str, dict[str, float]]:
     """Idle memory (MiB) of `serve` without and with a Kubernetes API (the tests' fake API
     server: the kubernetes client loaded, the namespace watch and the other cluster duties
     running) and without and with Istio's gRPC CA (on a free port), each read 2 s after it
-    answers, a configuration at a time, all with the same certificates."""
+    answers, a configuration at a time, all with the same certificates, each with only the
+    packages the image installs."""
     from tests.support.fakeapi import start_fake_kube
 
     workdir.mkdir()
@@ -92,7 +98,7 @@ def _idle_rss_by_configuration(workdir: Path) -> dict[str, dict[str, float]]:
     figures: dict[str, dict[str, float]] = {}
     try:
         for index, (name, (api, grpc)) in enumerate(RSS_CONFIGURATIONS.items()):
-            args = ["-m", "injector", "serve", "--certs-dir", str(certs)]
+            args = ["-c", _AS_INSTALLED, "serve", "--certs-dir", str(certs)]
             if api:
                 args += ["--kubeconfig", str(kube.kubeconfig)]
             grpc_port = str(free_port()) if grpc else "0"
