@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -24,9 +25,13 @@ _LEVEL_NAMES = {level: logging.getLevelName(level).lower() for level in (
     logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)}
 
 
+# ".000+00:00" to ".999+00:00": a timestamp's end, by its milliseconds.
+_MILLISECONDS = [f".{milliseconds:03d}+00:00" for milliseconds in range(1000)]
+
+
 class _Clock:
     """RFC 3339 UTC timestamps to the millisecond; the date and time of the current second are
-    formatted once, not per line."""
+    formatted once, not per line, and the milliseconds looked up."""
 
     def __init__(self) -> None:
         self._second = -1
@@ -37,7 +42,7 @@ class _Clock:
         if whole != self._second:
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
             self._second = whole
-        return f"{self._prefix}.{int((seconds - whole) * 1000):03d}+00:00"
+        return self._prefix + _MILLISECONDS[int((seconds - whole) * 1000)]
 
 
 _CLOCK = _Clock()
@@ -124,11 +129,21 @@ class JsonLines(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__()
         self._pending: list[str] = []
         self._flush_on: asyncio.AbstractEventLoop | None = None  # a loop that will flush
+        self._flush_thread = 0  # the thread that runs that loop
 
     def write(self, entry: dict[str, Any]) -> None:
         text = dumps(entry) + self.terminator
+        # Handler.lock is None only before createLock(), which __init__ calls.
+        with self.lock:  # type: ignore[union-attr]
+            loop = self._flush_on
+            if (loop is not None and self._flush_thread == threading.get_ident()
+                    and loop.is_running()):
+                # This thread's loop flushes at the end of its pass already: no need to ask
+                # asyncio for the running loop (a getpid system call each time).
+                self._pending.append(text)
+                return
         try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
         # Handler.lock is None only before createLock(), which __init__ calls.
@@ -140,6 +155,7 @@ class JsonLines(logging.StreamHandler):  # type: ignore[type-arg]
             if self._flush_on is not loop:
                 loop.call_soon(self.flush)
                 self._flush_on = loop
+                self._flush_thread = threading.get_ident()
             self._pending.append(text)
 
     def flush(self) -> None:
