@@ -17,67 +17,56 @@ runtime: it and the generated classes cost every `serve` 2.6 MiB of RSS for two 
 fields. The generated classes (injector/server/proto) stay as the tests' reference: a test holds
 this codec to them on any message, and Istio's own Go client talks to it end to end.
 
-gRPC's synchronous server runs in threads beside uvicorn's event loop: TokenReview blocks, and
-grpc's asyncio server does not run on uvloop. It is started in each `serve` worker after the fork
-(gRPC's threads do not survive one), on the shared port with SO_REUSEPORT, so that with
-`--workers N` the kernel spreads connections over the N servers as it does for HTTPS.
+The transport is injector.server.grpc_h2: unary gRPC over HTTP/2 on the worker's own event loop,
+each call's handler in a small pool of threads (TokenReview blocks); grpcio's server cost `serve`
+14.3 MiB of idle RSS. Each `serve` worker binds the shared port itself with SO_REUSEPORT, so that
+with `--workers N` the kernel spreads connections over the N servers as it does for HTTPS.
 """
 
 from __future__ import annotations
 
 import logging
-import urllib.parse
+import socket
+import ssl
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
-
-import grpc
+from typing import Final
 
 from injector.ca.authn import Caller
 from injector.ca.refusals import Refusal, RefusalKind
 from injector.ca.service import CAService, count_request, internal_failure, record_refusal
 from injector.mesh import names
 from injector.mesh.spiffe import SpiffeId, SpiffeIdError
+from injector.server import grpc_h2
+from injector.server.grpc_h2 import Call, GrpcServer, Reply, Status
+from injector.server.tls import server_tls_context
 
 METHOD_PATH: Final = f"/{names.GRPC_CA_SERVICE}/{names.GRPC_CA_METHOD}"
 
-GRPC_STATUS: Final[Mapping[RefusalKind, grpc.StatusCode]] = {
-    RefusalKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
-    RefusalKind.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED,
-    RefusalKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
-    RefusalKind.EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    RefusalKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+GRPC_STATUS: Final[Mapping[RefusalKind, Status]] = {
+    RefusalKind.UNAUTHENTICATED: Status.UNAUTHENTICATED,
+    RefusalKind.FORBIDDEN: Status.PERMISSION_DENIED,
+    RefusalKind.INVALID: Status.INVALID_ARGUMENT,
+    RefusalKind.EXHAUSTED: Status.RESOURCE_EXHAUSTED,
+    RefusalKind.UNAVAILABLE: Status.UNAVAILABLE,
 }
 
-# The same bound as the HTTPS request body: a CSR is a few hundred bytes. gRPC answers a larger
-# message RESOURCE_EXHAUSTED before it is parsed.
+# The same bound as the HTTPS request body: a CSR is a few hundred bytes. A larger message is
+# RESOURCE_EXHAUSTED before it is read.
 MAX_REQUEST_BYTES: Final = 64 * 1024
 # Metadata holds the bearer token (the CA refuses one over 16 KiB itself) and a few short keys;
-# past this gRPC refuses the call before it reaches us.
+# past this the call is refused before it reaches us.
 MAX_METADATA_BYTES: Final = 24 * 1024
-# Threads that run requests (a TokenReview blocks one; the service allows 8 in flight), and
-# requests held at once beyond them: past that gRPC answers RESOURCE_EXHAUSTED at once.
+# Threads that run requests (a TokenReview blocks one; the service allows 8 in flight). Calls
+# beyond them wait, up to grpc_h2.MAX_CONCURRENT_CALLS; past that, RESOURCE_EXHAUSTED at once.
 HANDLER_THREADS: Final = 8
-MAX_CONCURRENT_RPCS: Final = 256
-# As the HTTPS port: a TLS handshake must end within 10 s of the connection, and an idle
-# connection is closed; a client has a bounded number of streams per connection.
-HANDSHAKE_TIMEOUT_MS: Final = 10_000
-MAX_CONNECTION_IDLE_MS: Final = 300_000
-MAX_STREAMS_PER_CONNECTION: Final = 16
+# How long a worker's stop waits for the calls in flight.
+STOP_GRACE_SECONDS: Final = 5.0
+# As the HTTPS port: a TLS handshake must end within 10 s of the connection.
+HANDSHAKE_TIMEOUT_MS: Final = int(grpc_h2.HANDSHAKE_TIMEOUT_SECONDS * 1000)
 
 log = logging.getLogger("injector.ca")
-
-
-def peer_address(peer: str) -> str | None:
-    """The client's address of a gRPC peer string ("ipv4:10.0.0.1:5000", "ipv6:%5B::1%5D:5000"),
-    for the failure budget; None for what has no address (a Unix socket)."""
-    scheme, _, rest = peer.partition(":")
-    if scheme not in ("ipv4", "ipv6"):
-        return None
-    host = urllib.parse.unquote(rest).rpartition(":")[0]
-    return host.strip("[]") or None
 
 
 # --- Istio's two messages, in protobuf's wire format -------------------------------------------
@@ -240,29 +229,26 @@ class IstioCertificateService:
         self._service = service
         self._cluster_id = cluster_id
 
-    def create_certificate(self, message: bytes, context: grpc.ServicerContext) -> bytes:
+    def create_certificate(self, call: Call) -> Reply:
         """The chain for the caller's identity, leaf first and root last (an
         IstioCertificateResponse's bytes, from the request's); or the refusal's status and
         message (with `retry-after` in the trailing metadata when known)."""
         count_request()
         try:
             try:
-                request = decode_request(message)
+                request = decode_request(call.message)
             except MalformedMessage as error:
                 raise Refusal(RefusalKind.INVALID, "bad_request",
                               f"not an IstioCertificateRequest: {error}") from None
-            return self._answer(request, context)
+            return Reply(message=self._answer(request, call))
         except Refusal as refusal:
             record_refusal(refusal)
-            return self._refuse(refusal, context)
+            return self._refuse(refusal)
         except Exception:
-            return self._refuse(internal_failure(), context)
+            return self._refuse(internal_failure())
 
-    def _answer(self, request: CertificateRequest, context: grpc.ServicerContext) -> bytes:
-        metadata: dict[str, str] = {}
-        for key, value in context.invocation_metadata():
-            if isinstance(value, str):
-                metadata.setdefault(key, value)
+    def _answer(self, request: CertificateRequest, call: Call) -> bytes:
+        metadata = call.metadata
         cluster = metadata.get(names.CLUSTER_ID_METADATA, "")
         if cluster and cluster != self._cluster_id:
             # The token would have to be checked by that cluster's API server; this CA knows
@@ -270,8 +256,7 @@ class IstioCertificateService:
             raise Refusal(RefusalKind.UNAUTHENTICATED, "unknown_cluster",
                           f"ClusterID {cluster[:64]!r} is not this CA's cluster "
                           f"{self._cluster_id!r}")
-        caller = self._service.authenticate(metadata.get("authorization"),
-                                            peer_address(context.peer()))
+        caller = self._service.authenticate(metadata.get("authorization"), call.peer)
         impersonated = _metadata_string(request, names.IMPERSONATED_IDENTITY)
         if impersonated and impersonated != self._own_identity(caller):
             raise Refusal(RefusalKind.FORBIDDEN, "impersonation",
@@ -292,80 +277,59 @@ class IstioCertificateService:
             return None  # issue() refuses such a caller anyway
 
     @staticmethod
-    def _refuse(refusal: Refusal, context: grpc.ServicerContext) -> bytes:
-        if refusal.retry_after_seconds is not None:
-            context.set_trailing_metadata((("retry-after", str(refusal.retry_after_seconds)),))
-        context.set_code(GRPC_STATUS[refusal.kind])
-        context.set_details(refusal.message)
-        return b""  # an empty IstioCertificateResponse
-
-    def handler(self) -> grpc.GenericRpcHandler:
-        """The service's one method, for grpc.Server.add_generic_rpc_handlers: bytes in and
-        out, create_certificate reads and writes the messages."""
-        method = grpc.unary_unary_rpc_method_handler(self.create_certificate)
-        return grpc.method_handlers_generic_handler(
-            names.GRPC_CA_SERVICE, {names.GRPC_CA_METHOD: method})
+    def _refuse(refusal: Refusal) -> Reply:
+        trailers = () if refusal.retry_after_seconds is None else (
+            ("retry-after", str(refusal.retry_after_seconds)),)
+        return Reply(GRPC_STATUS[refusal.kind], details=refusal.message, trailers=trailers)
 
 
-class ServingPair:
-    """The serving certificate gRPC presents, re-read when `version()` changes (serve's
-    ServingCertificate replaces its context when the files rotate): gRPC asks on each new
-    connection, and a changed pair is served from the next one."""
+class ServingContexts:
+    """The TLS context for each new gRPC connection: the serving certificate, re-read when
+    `version()` changes (serve's ServingCertificate replaces its context when the files
+    rotate), so a changed pair is served from the next connection. Its own contexts, not the
+    HTTPS port's: these offer HTTP/2 (ALPN h2), as gRPC's clients require."""
 
     def __init__(self, cert_path: Path, key_path: Path, version: Callable[[], object]) -> None:
         self._cert_path = cert_path
         self._key_path = key_path
         self._version = version
-        self._served: object = None
+        self._served = version()
+        self._context = self._load()
 
-    def _configuration(self) -> Any:
-        return grpc.ssl_server_certificate_configuration(
-            [(self._key_path.read_bytes(), self._cert_path.read_bytes())])
+    def _load(self) -> ssl.SSLContext:
+        context = server_tls_context(self._cert_path, self._key_path)
+        context.set_alpn_protocols(["h2"])
+        return context
 
-    def initial(self) -> Any:
-        self._served = self._version()
-        return self._configuration()
-
-    def fetch(self) -> Any:
-        """None (keep the current pair) unless the version changed."""
-        current = self._version()
-        if current is self._served:
-            return None
-        try:
-            configuration = self._configuration()
-        except OSError as error:
-            log.warning("gRPC serving certificate not reloaded: %s", error)
-            return None
-        self._served = current
-        return configuration
+    def current(self) -> ssl.SSLContext:
+        version = self._version()
+        if version is not self._served:
+            try:
+                self._context = self._load()
+            except (OSError, ssl.SSLError) as error:
+                log.warning("gRPC serving certificate not reloaded: %s", error)
+            else:
+                self._served = version
+        return self._context
 
 
-def start_server(service: CAService, *, host: str, port: int, pair: ServingPair,
-                 cluster_id: str = names.DEFAULT_CLUSTER_ID) -> tuple[grpc.Server, int]:
-    """Serve Istio's CA protocol over TLS on host:port (SO_REUSEPORT: every worker binds it);
-    the started server and the port bound (port 0: one the system chose).
-
-    TLS: gRPC's own, which offers TLS 1.2 and 1.3 only, with forward-secret AEAD suites, as the
-    HTTPS port does. Raises OSError when the address cannot be bound."""
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=HANDLER_THREADS, thread_name_prefix="grpc-ca"),
-        handlers=[IstioCertificateService(service, cluster_id).handler()],
-        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
-        options=[
-            ("grpc.so_reuseport", 1),
-            ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-            ("grpc.max_metadata_size", MAX_METADATA_BYTES),
-            ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
-            ("grpc.max_connection_idle_ms", MAX_CONNECTION_IDLE_MS),
-            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
-        ])
-    credentials = grpc.dynamic_ssl_server_credentials(pair.initial(), pair.fetch)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def build_server(service: CAService, *, host: str, port: int, contexts: ServingContexts,
+                 cluster_id: str = names.DEFAULT_CLUSTER_ID) -> tuple[GrpcServer, int]:
+    """Istio's CA protocol over TLS on host:port (SO_REUSEPORT: every worker binds it), served
+    once the server's `serve()` runs on the event loop; the server and the port bound (port 0:
+    one the system chose). Raises OSError when the address cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
     try:
-        bound = server.add_secure_port(address, credentials)
-    except RuntimeError as error:
-        raise OSError(f"cannot listen on {address} for gRPC: {error}") from None
-    if bound == 0:
-        raise OSError(f"cannot listen on {address} for gRPC")
-    server.start()
-    return server, bound
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        reason = error.strerror or str(error)
+        raise OSError(f"cannot listen on {host}:{port} for gRPC: {reason}") from None
+    server = GrpcServer(
+        listener, {METHOD_PATH: IstioCertificateService(service, cluster_id).create_certificate},
+        contexts.current, handler_threads=HANDLER_THREADS, max_message_bytes=MAX_REQUEST_BYTES,
+        max_metadata_bytes=MAX_METADATA_BYTES, stop_grace_seconds=STOP_GRACE_SECONDS)
+    return server, listener.getsockname()[1]

@@ -40,9 +40,6 @@ from injector.server.tls import server_tls_context
 __all__ = ["ServeSettings", "Worker", "run_uvicorn", "serve", "server_tls_context",
            "uvicorn_config"]
 
-# How long a worker's stop waits for the gRPC calls in flight, once HTTPS has drained.
-GRPC_STOP_GRACE_SECONDS = 5.0
-
 
 @dataclass(frozen=True)
 class ServeSettings:
@@ -246,6 +243,12 @@ class Worker:
 
             events = EventRecorder(Rest(self.api))
             events.start()
+        background = [self.serving.watch, self.ca_service.watch_token_file]
+        grpc_server = self._grpc_server()
+        if grpc_server is not None:
+            # Served on the event loop while the app runs; stopped (its calls in flight
+            # answered within grpc_ca.STOP_GRACE_SECONDS) once HTTPS has drained.
+            background.append(grpc_server.serve)
         app = create_app(
             mesh=self.settings.mesh,
             namespace_labels=sync.namespace_labels if sync else lambda namespace: None,
@@ -253,7 +256,7 @@ class Worker:
             degraded=sync.degraded if sync else list,
             routers=[ca_routes.router(self.ca_service)],
             fast_routes=ca_routes.fast_routes(self.ca_service),
-            background=[self.serving.watch, self.ca_service.watch_token_file],
+            background=background,
             observe_admission=events.observe if events else None,
         )
         config = uvicorn_config(app, host=self.settings.host, port=self.settings.port,
@@ -262,26 +265,21 @@ class Worker:
         # SIGTERM is how Kubernetes stops a pod: once drained, that is a clean exit (0), not a
         # death by signal.
         signal.signal(signal.SIGTERM, lambda signum, frame: None)
-        grpc_server = self._start_grpc()
-        try:
-            run_uvicorn(config, listener, self.serving.current)
-        finally:
-            if grpc_server is not None:
-                grpc_server.stop(grace=GRPC_STOP_GRACE_SECONDS).wait()
+        run_uvicorn(config, listener, self.serving.current)
         return 0
 
-    def _start_grpc(self) -> Any:
+    def _grpc_server(self) -> Any:
         """Istio's gRPC CA on --grpc-port beside HTTPS, with the same CA service and serving
-        certificate; None when it is off. Imported here: gRPC must start after the fork."""
+        certificate, its port bound by this worker (SO_REUSEPORT); None when it is off."""
         if not self.settings.grpc_port:
             return None
         from injector.server import grpc_ca
 
-        pair = grpc_ca.ServingPair(self.cert_path, self.key_path, self.serving.current)
+        contexts = grpc_ca.ServingContexts(self.cert_path, self.key_path, self.serving.current)
         try:
-            server, _ = grpc_ca.start_server(
+            server, _ = grpc_ca.build_server(
                 self.ca_service, host=self.settings.host, port=self.settings.grpc_port,
-                pair=pair, cluster_id=self.settings.cluster_id)
+                contexts=contexts, cluster_id=self.settings.cluster_id)
         except OSError as error:
             raise ConfigError(str(error)) from None
         logging.getLogger("injector").info(

@@ -1,11 +1,12 @@
-"""Istio's gRPC CA protocol, served by `injector serve --grpc-port`: gRPC over real TLS from
-Python's grpcio, against the same CA as `POST /v1/certificates` (Istio's own Go client is in
-tests/e2e/test_istio_caclient.py)."""
+"""Istio's gRPC CA protocol, served by `injector serve --grpc-port` (injector.server.grpc_h2):
+gRPC over real TLS from Python's grpcio as the client, against the same CA as
+`POST /v1/certificates` (Istio's own Go client is in tests/e2e/test_istio_caclient.py)."""
 
 from __future__ import annotations
 
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from hypothesis import strategies as st
 
 from injector.ca.refusals import RefusalKind
 from injector.mesh import names
-from injector.server import grpc_ca
+from injector.server import grpc_ca, grpc_h2
 from injector.server.proto import generate, istio_ca_pb2
 from injector.server.proto.istio_ca_pb2 import IstioCertificateRequest, IstioCertificateResponse
 from tests.support.certs import make_csr, p256
@@ -84,9 +85,14 @@ def test_every_refusal_kind_has_a_grpc_status() -> None:
     assert set(grpc_ca.GRPC_STATUS) == set(RefusalKind)
     # Istio's clients retry these two and give up on the rest: a refusal that retrying cannot
     # fix must not be one of them.
-    retried = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
+    retried = {grpc_h2.Status.RESOURCE_EXHAUSTED, grpc_h2.Status.UNAVAILABLE}
     assert {kind for kind, code in grpc_ca.GRPC_STATUS.items() if code in retried} == {
         RefusalKind.EXHAUSTED, RefusalKind.UNAVAILABLE}
+
+
+def test_status_numbers_are_grpcs() -> None:
+    for status in grpc_h2.Status:
+        assert grpc.StatusCode[status.name].value[0] == status.value
 
 
 def test_the_checked_in_messages_are_what_the_proto_generates(tmp_path: Path) -> None:
@@ -172,21 +178,15 @@ def test_responses_written_by_hand_as_protobuf_writes_them() -> None:
     assert grpc_ca.encode_response([]) == b""
 
 
-def test_serve_never_loads_the_protobuf_runtime() -> None:
-    """Its runtime and the generated classes cost every serve 2.6 MiB of RSS (BENCHMARKS.md's
-    memory section): the gRPC CA reads and writes its two messages by hand."""
+def test_serve_never_loads_grpcio_or_the_protobuf_runtime() -> None:
+    """grpcio's server cost every serve 14 MiB of idle RSS, protobuf's runtime and the generated
+    classes 1.8 more (BENCHMARKS.md's memory section): the gRPC CA is served by grpc_h2 and
+    reads and writes its two messages by hand."""
     loaded = subprocess.run(
         [sys.executable, "-c", "import sys, injector.server.grpc_ca, injector.server.wiring; "
-         "print(sorted(m for m in sys.modules if m.startswith('google')))"],
+         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('google', 'grpc')))"],
         capture_output=True, text=True, check=True, timeout=60).stdout
     assert loaded.strip() == "[]"
-
-
-def test_peer_addresses_as_grpc_writes_them() -> None:
-    assert grpc_ca.peer_address("ipv4:10.1.2.3:5000") == "10.1.2.3"
-    assert grpc_ca.peer_address("ipv6:%5B::1%5D:5000") == "::1"
-    assert grpc_ca.peer_address("ipv6:[fd00::2]:5000") == "fd00::2"
-    assert grpc_ca.peer_address("unix:/tmp/socket") is None
 
 
 # --- answers ---------------------------------------------------------------------------------
@@ -373,6 +373,48 @@ def test_over_the_rate_is_resource_exhausted_with_retry_after(tmp_path: Path) ->
         server.stop()
 
 
+def test_an_unknown_method_is_unimplemented(channel: grpc.Channel) -> None:
+    call = channel.unary_unary("/istio.v1.auth.IstioCertificateService/Other")
+    with pytest.raises(grpc.RpcError) as caught:
+        call(b"", timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_metadata_over_24_kib_is_resource_exhausted(channel: grpc.Channel) -> None:
+    error = refused(channel, IstioCertificateRequest(csr=csr_pem()),
+                    [bearer(WEB_TOKEN), ("padding", "p" * (25 * 1024))])
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "metadata of" in error.details()
+
+
+def test_no_token_reaches_the_log_even_at_debug_level(tmp_path: Path) -> None:
+    """HTTP/2's header compression logs every header it reads at debug level: the bearer
+    token must not be among what serve writes."""
+    server = start_ca_server(tmp_path, "csrBurst: 100000\n", "--log-level", "debug",
+                             grpc=True)
+    try:
+        with open_channel(server) as opened:
+            assert create_certificate(opened, IstioCertificateRequest(csr=csr_pem()),
+                                      [bearer(WEB_TOKEN)]).cert_chain
+    finally:
+        server.stop()
+    assert WEB_TOKEN not in server.log()
+
+
+def test_serve_stops_cleanly_with_a_grpc_connection_open(tmp_path: Path) -> None:
+    server = start_ca_server(tmp_path, grpc=True)
+    try:
+        with open_channel(server) as opened:
+            assert create_certificate(opened, IstioCertificateRequest(csr=csr_pem()),
+                                      [bearer(WEB_TOKEN)]).cert_chain
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(timeout=40) == 0
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", server.grpc_port), timeout=5).close()
+    finally:
+        server.stop()
+
+
 def _listeners(port: int) -> set[int]:
     """The pids of the processes listening on `port` (ss, from iproute2)."""
     listing = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True,
@@ -426,7 +468,7 @@ def _requests(draw: st.DrawFn) -> IstioCertificateRequest:
     good = draw(st.booleans())
     if good:
         subject = draw(st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]),
-                               min_size=1, max_size=30))
+                               min_size=1, max_size=16))  # at most 64 bytes of UTF-8
         csr = make_csr(p256(), subject=x509.Name(
             [x509.NameAttribute(NameOID.COMMON_NAME, subject)])).decode()
     else:
