@@ -18,17 +18,20 @@ fields. The generated classes (injector/server/proto) stay as the tests' referen
 this codec to them on any message, and Istio's own Go client talks to it end to end.
 
 The transport is injector.server.grpc_h2: unary gRPC over HTTP/2 on the worker's own event loop,
-each call's handler in a small pool of threads (TokenReview blocks); grpcio's server cost `serve`
-14.3 MiB of idle RSS. Each `serve` worker binds the shared port itself with SO_REUSEPORT, so that
-with `--workers N` the kernel spreads connections over the N servers as it does for HTTPS.
+each call answered there as over HTTPS, only a TokenReview (it blocks) in a small pool of
+threads; grpcio's server cost `serve` 14.3 MiB of idle RSS. Each `serve` worker binds the
+shared port itself with SO_REUSEPORT, so that with `--workers N` the kernel spreads connections
+over the N servers as it does for HTTPS.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import ssl
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -58,8 +61,9 @@ MAX_REQUEST_BYTES: Final = 64 * 1024
 # Metadata holds the bearer token (the CA refuses one over 16 KiB itself) and a few short keys;
 # past this the call is refused before it reaches us.
 MAX_METADATA_BYTES: Final = 24 * 1024
-# Threads that run requests (a TokenReview blocks one; the service allows 8 in flight). Calls
-# beyond them wait, up to grpc_h2.MAX_CONCURRENT_CALLS; past that, RESOURCE_EXHAUSTED at once.
+# Threads that run the TokenReviews (each blocks one; the service allows 8 in flight); the rest
+# of a call runs on the event loop. Calls beyond them wait, up to grpc_h2.MAX_CONCURRENT_CALLS;
+# past that, RESOURCE_EXHAUSTED at once.
 HANDLER_THREADS: Final = 8
 # How long a worker's stop waits for the calls in flight.
 STOP_GRACE_SECONDS: Final = 5.0
@@ -228,8 +232,15 @@ class IstioCertificateService:
     def __init__(self, service: CAService, cluster_id: str = names.DEFAULT_CLUSTER_ID) -> None:
         self._service = service
         self._cluster_id = cluster_id
+        self._threads: ThreadPoolExecutor | None = None
 
-    def create_certificate(self, call: Call) -> Reply:
+    def _authentication_threads(self) -> ThreadPoolExecutor:
+        if self._threads is None:  # started with the first call that needs one
+            self._threads = ThreadPoolExecutor(max_workers=HANDLER_THREADS,
+                                               thread_name_prefix="grpc-ca")
+        return self._threads
+
+    async def create_certificate(self, call: Call) -> Reply:
         """The chain for the caller's identity, leaf first and root last (an
         IstioCertificateResponse's bytes, from the request's); or the refusal's status and
         message (with `retry-after` in the trailing metadata when known)."""
@@ -240,14 +251,14 @@ class IstioCertificateService:
             except MalformedMessage as error:
                 raise Refusal(RefusalKind.INVALID, "bad_request",
                               f"not an IstioCertificateRequest: {error}") from None
-            return Reply(message=self._answer(request, call))
+            return Reply(message=await self._answer(request, call))
         except Refusal as refusal:
             record_refusal(refusal)
             return self._refuse(refusal)
         except Exception:
             return self._refuse(internal_failure())
 
-    def _answer(self, request: CertificateRequest, call: Call) -> bytes:
+    async def _answer(self, request: CertificateRequest, call: Call) -> bytes:
         metadata = call.metadata
         cluster = metadata.get(names.CLUSTER_ID_METADATA, "")
         if cluster and cluster != self._cluster_id:
@@ -256,7 +267,14 @@ class IstioCertificateService:
             raise Refusal(RefusalKind.UNAUTHENTICATED, "unknown_cluster",
                           f"ClusterID {cluster[:64]!r} is not this CA's cluster "
                           f"{self._cluster_id!r}")
-        caller = self._service.authenticate(metadata.get("authorization"), call.peer)
+        authorization = metadata.get("authorization")
+        # On the event loop when no I/O is needed (a static token, one reviewed a moment ago);
+        # a TokenReview blocks, so it runs in a thread, as over HTTPS.
+        caller = self._service.authenticate_without_io(authorization, call.peer)
+        if caller is None:
+            caller = await asyncio.get_running_loop().run_in_executor(
+                self._authentication_threads(), self._service.authenticate, authorization,
+                call.peer)
         impersonated = _metadata_string(request, names.IMPERSONATED_IDENTITY)
         if impersonated and impersonated != self._own_identity(caller):
             raise Refusal(RefusalKind.FORBIDDEN, "impersonation",
@@ -330,6 +348,6 @@ def build_server(service: CAService, *, host: str, port: int, contexts: ServingC
         raise OSError(f"cannot listen on {host}:{port} for gRPC: {reason}") from None
     server = GrpcServer(
         listener, {METHOD_PATH: IstioCertificateService(service, cluster_id).create_certificate},
-        contexts.current, handler_threads=HANDLER_THREADS, max_message_bytes=MAX_REQUEST_BYTES,
+        contexts.current, max_message_bytes=MAX_REQUEST_BYTES,
         max_metadata_bytes=MAX_METADATA_BYTES, stop_grace_seconds=STOP_GRACE_SECONDS)
     return server, listener.getsockname()[1]

@@ -3,8 +3,9 @@ method (injector.server.grpc_ca) needs, without grpcio's C core.
 
 grpcio's server costs `serve` 14.3 MiB of idle RSS (its 17 MB shared library, its threads);
 the CA serves one unary method, so this serves unary calls only, with `h2`'s HTTP/2 state machine
-(pure Python, 1.35 MiB) on the event loop that serves HTTPS, and runs each call's handler in a
-small pool of threads (a TokenReview blocks). The limits grpcio was given, kept:
+(pure Python, 1.35 MiB) on the event loop that serves HTTPS; each call's handler is a coroutine
+on that loop (the CA's sends only what blocks, a TokenReview, to threads, as its HTTPS route
+does). The limits grpcio was given, kept:
 
 - TLS 1.2+ with the serving certificate's suites (injector.server.tls), ALPN `h2`; a handshake
   that has not finished within HANDSHAKE_TIMEOUT_SECONDS closes the connection;
@@ -32,8 +33,7 @@ import logging
 import socket
 import ssl
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, cast
 
@@ -93,7 +93,7 @@ class Reply:
     trailers: Sequence[tuple[str, str]] = ()
 
 
-Handler = Callable[[Call], Reply]
+Handler = Callable[[Call], Awaitable[Reply]]
 
 
 def _grpc_message(details: str) -> str:
@@ -113,26 +113,27 @@ class GrpcServer:
     listening) once `serve()` runs on the event loop, until it is cancelled."""
 
     def __init__(self, listener: socket.socket, methods: Mapping[str, Handler],
-                 tls_context: Callable[[], ssl.SSLContext], *, handler_threads: int,
-                 max_message_bytes: int, max_metadata_bytes: int,
-                 stop_grace_seconds: float) -> None:
+                 tls_context: Callable[[], ssl.SSLContext], *, max_message_bytes: int,
+                 max_metadata_bytes: int, stop_grace_seconds: float) -> None:
         self._listener = listener
         self._methods = dict(methods)
         self._tls_context = tls_context
-        self._handler_threads = handler_threads
         self.max_message_bytes = max_message_bytes
         self.max_metadata_bytes = max_metadata_bytes
         self._stop_grace_seconds = stop_grace_seconds
-        self._executor: ThreadPoolExecutor | None = None
         self._connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._calls: set[asyncio.Task[Reply]] = set()
         self.calls_in_flight = 0
 
-    def executor(self) -> ThreadPoolExecutor:
-        if self._executor is None:  # its threads start with the first calls
-            self._executor = ThreadPoolExecutor(max_workers=self._handler_threads,
-                                                thread_name_prefix="grpc-ca")
-        return self._executor
+    def start_call(self, handler: Handler, call: Call) -> asyncio.Task[Reply]:
+        async def run() -> Reply:
+            return await handler(call)
+
+        task = asyncio.create_task(run())
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+        return task
 
     def method(self, path: str) -> Handler | None:
         return self._methods.get(path)
@@ -181,10 +182,10 @@ class GrpcServer:
         deadline = loop.time() + self._stop_grace_seconds
         while self.calls_in_flight and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        for call in list(self._calls):
+            call.cancel()
         for connection in list(self._connections):
             connection.abort()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
 
     def opened(self, connection: _Connection) -> None:
         self._connections.add(connection)
@@ -325,19 +326,19 @@ class _Connection(asyncio.Protocol):
                     if not key.startswith(":")}
         call = Call(body[_PREFIX_BYTES:], metadata, self._peer)
         self._server.calls_in_flight += 1
-        future = asyncio.get_running_loop().run_in_executor(
-            self._server.executor(), handler, call)
-        future.add_done_callback(lambda done: self._handled(stream_id, done))
+        task = self._server.start_call(handler, call)
+        task.add_done_callback(lambda done: self._handled(stream_id, done))
 
     def _handled(self, stream_id: int, done: asyncio.Future[Reply]) -> None:
         self._server.calls_in_flight -= 1
+        error = None if done.cancelled() else done.exception()
+        if error is not None:  # a bug: the CA's handler answers every refusal itself
+            log.error("gRPC handler failed", exc_info=error)
         stream = self._streams.get(stream_id)
         if stream is None or stream.answered or self.transport is None \
                 or self.transport.is_closing():
             return  # the client went away, or reset the call
-        if done.cancelled() or done.exception() is not None:
-            if not done.cancelled():
-                log.error("gRPC handler failed", exc_info=done.exception())
+        if done.cancelled() or error is not None:
             self._refuse(stream_id, stream, Status.INTERNAL, "internal error")
         else:
             self._reply(stream_id, stream, done.result())
