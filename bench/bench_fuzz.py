@@ -83,8 +83,9 @@ def _overrides_at_their_bounds(variant: int) -> dict[str, str]:
     cidrs = ",".join(f"fd00:{variant:x}:9abc:def0:1234:5678:{n:x}:9a00/120"
                      for n in range(overrides.MAX_CIDRS))
     ports = ",".join(str(10000 + variant % 1000 + n) for n in range(overrides.MAX_PORTS))
-    # The costliest ProxyConfig shape measured: a long plain scalar of short words.
-    config = "a: " + "x " * ((proxyconfig.MAX_CHARS - 4) // 2)
+    # The costliest ProxyConfig shape measured: a long plain scalar of short words, in a string
+    # field of Istio's ProxyConfig (an unknown field is refused, since the whole of it is checked).
+    config = "serviceCluster: " + "x " * ((proxyconfig.MAX_CHARS - 17) // 2)
     return {
         "proxy.istio.io/config": config[: proxyconfig.MAX_CHARS - 8] + f" {variant:05d}",
         "traffic.sidecar.istio.io/excludeOutboundIPRanges": cidrs,
