@@ -23,6 +23,7 @@ import yaml
 from tests.support.cluster import Cluster, Mesh
 from tests.support.deploy import (
     DEPLOY,
+    NOT_INJECTED_YET,
     ROOT,
     check_consistency,
     comparable,
@@ -131,6 +132,14 @@ def test_no_object_of_the_revision_is_one_of_the_default_installation() -> None:
     assert len(set(names)) == len(names) == 2
     assert set(names).isdisjoint(hook["name"] for hook in webhook_configuration(
         default_objects())["webhooks"])
+
+
+def test_every_webhook_of_a_revision_and_a_tag_leaves_out_pods_injected_already() -> None:
+    """As the base's (tests/deploy/test_webhooks.py): one call per pod, not a second on
+    reinvocation. (The chart renders the same: held equal below.)"""
+    for objects in (revision_objects(), default_objects()):
+        for hook in webhook_configuration(objects)["webhooks"]:
+            assert hook["matchConditions"] == [NOT_INJECTED_YET], hook["name"]
 
 
 def test_the_revisions_mesh_config_is_the_bases_but_for_where_and_which_revision() -> None:

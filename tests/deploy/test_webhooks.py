@@ -9,12 +9,17 @@ from typing import Any
 import pytest
 import yaml
 
+from injector.injection.policy import ALREADY_INJECTED, decide
+from injector.mesh.config import MeshConfig
+from injector.mesh.names import STATUS_ANNOTATION
 from tests.support.deploy import (
     NAMESPACE,
     NAMESPACE_LABELS,
+    NOT_INJECTED_YET,
     POD_LABELS,
     ROOT,
     SYSTEM_NAMESPACES,
+    conditions_match,
     find,
     selector_matches,
     webhooks_called,
@@ -47,6 +52,8 @@ def test_webhook_fields(webhook_config: dict[str, Any], objects: list[dict[str, 
         assert hook["failurePolicy"] == "Fail"
         assert hook["timeoutSeconds"] == 10
         assert hook["reinvocationPolicy"] == "IfNeeded"
+        # Not called again for the pod it injected (on reinvocation): one call per pod.
+        assert hook["matchConditions"] == [NOT_INJECTED_YET]
         assert hook["clientConfig"] == {"service": {
             "name": service["metadata"]["name"], "namespace": NAMESPACE, "path": "/inject",
             "port": service["spec"]["ports"][0]["port"],
@@ -149,3 +156,40 @@ def test_examples_reach_the_webhooks_their_comments_say(webhook_config: dict[str
     assert [n.split(".")[0] for n in called("pod.yaml")] == ["namespace"]
     assert called("opted-out-pod.yaml") == []
     assert [n.split(".")[0] for n in called("annotated-pod.yaml")] == ["object"]
+
+
+@pytest.mark.parametrize("namespace_case", list(NAMESPACE_LABELS))
+@pytest.mark.parametrize("pod_case", list(POD_LABELS))
+def test_an_injected_pod_calls_no_webhook_but_a_host_network_one_as_before(
+    webhook_config: dict[str, Any], namespace_case: str, pod_case: str
+) -> None:
+    """The reinvocation after the API server's own plugins change the injected pod is not sent:
+    the pod carries our status annotation. A hostNetwork pod is sent as without it (the server
+    decides it host-network, first)."""
+    pod_in = (webhook_config, "demo", NAMESPACE_LABELS[namespace_case], POD_LABELS[pod_case])
+    injected = {STATUS_ANNOTATION: '{"containers":["istio-proxy"]}'}
+    assert webhooks_called(*pod_in, injected) == []
+    assert webhooks_called(*pod_in, {"other": "x"}) == webhooks_called(*pod_in)
+    assert webhooks_called(*pod_in, injected, host_network=True) == webhooks_called(*pod_in)
+
+
+@pytest.mark.parametrize("annotations", [
+    None, {}, {"other": "x"}, {STATUS_ANNOTATION: ""}, {STATUS_ANNOTATION: "{}"},
+    {STATUS_ANNOTATION: "{}", "sidecar.istio.io/inject": "true"},
+])
+@pytest.mark.parametrize("host_network", [None, False, True])
+def test_the_condition_stops_exactly_the_pods_the_server_skips_as_already_injected(
+    annotations: dict[str, str] | None, host_network: bool | None
+) -> None:
+    """What the CEL condition stops is decision 2 and nothing else: a pod it lets through is
+    decided by the server as without it, and one it stops is one the server would skip as
+    already-injected (whatever the namespace's labels)."""
+    pod: dict[str, Any] = {"metadata": {"name": "web"}, "spec": {"containers": [{"name": "a"}]}}
+    if annotations is not None:
+        pod["metadata"]["annotations"] = annotations
+    if host_network is not None:
+        pod["spec"]["hostNetwork"] = host_network
+    for labels in NAMESPACE_LABELS.values():
+        skipped = decide(pod, "demo", labels, MeshConfig()) == ALREADY_INJECTED
+        assert conditions_match([NOT_INJECTED_YET], annotations or {},
+                                host_network is True) is not skipped

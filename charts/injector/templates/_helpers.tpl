@@ -40,6 +40,16 @@ beside the default installation instead of taking over its objects.
   timeoutSeconds: {{ .root.Values.webhook.timeoutSeconds }}
   reinvocationPolicy: IfNeeded
   matchPolicy: Equivalent
+  {{- /* No call for a pod injected already (sidecar.istio.io/status; not with hostNetwork,
+  which the server decides first): the API server would call again after its in-tree plugins
+  change the injected pod, only to hear "already-injected". As deploy/webhook.yaml, which says
+  why at length. */}}
+  matchConditions:
+    - name: not-injected-yet
+      expression: >-
+        !has(object.metadata.annotations)
+        || !('sidecar.istio.io/status' in object.metadata.annotations)
+        || (has(object.spec.hostNetwork) && object.spec.hostNetwork)
   clientConfig:
     {{- if .root.Values.ca.cacerts.rootCert }}
     caBundle: {{ .root.Values.ca.cacerts.rootCert | b64enc }}
