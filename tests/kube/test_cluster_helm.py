@@ -6,7 +6,6 @@ injected. Helm is built from its Go module like the cluster's peers (tests/clust
 from __future__ import annotations
 
 import base64
-import copy
 import json
 import os
 import subprocess
@@ -25,17 +24,21 @@ from tests.support.cluster import (
     Mesh,
     start_cluster,
 )
-from tests.support.deploy import DEPLOY, find, render, validate_strict, webhooks_called
+from tests.support.deploy import (
+    DEPLOY,
+    MESH_CONFIGMAP,
+    comparable,
+    find,
+    render,
+    validate_strict,
+    webhooks_called,
+)
 from tests.support.peers import CLUSTER_SCRIPT, built
 from tests.support.pods import pod
 from tests.support.servers import free_port
 
 CHART = ROOT / "charts" / "injector"
 RELEASE = "injector"
-# Labels only Helm adds: the comparison with deploy/ sets them aside.
-HELM_LABELS = ("app.kubernetes.io/instance", "app.kubernetes.io/managed-by",
-               "app.kubernetes.io/version", "helm.sh/chart")
-CONFIGMAP = "injector-mesh-config"
 
 
 def helm_binary() -> Path:
@@ -64,30 +67,6 @@ def template(home: Path, *values: str) -> list[dict[str, Any]]:
     rendered = helm("template", RELEASE, str(CHART), "--namespace", MESH_NAMESPACE, *sets,
                     home=home).stdout
     return [document for document in yaml.safe_load_all(rendered) if document]
-
-
-def comparable(objects: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
-    """Objects by (kind, namespace, name), with what only one of the two tools writes set aside:
-    Helm's labels and the Deployment's mesh config checksum; kustomize's hash in the ConfigMap's
-    name. The mesh config is compared as YAML data, not text."""
-    keyed = {}
-    for original in objects:
-        obj = copy.deepcopy(original)
-        metadata = obj["metadata"]
-        for label in HELM_LABELS:
-            (metadata.get("labels") or {}).pop(label, None)
-        if obj["kind"] == "ConfigMap" and metadata["name"].startswith(f"{CONFIGMAP}-"):
-            metadata["name"] = CONFIGMAP
-        if obj["kind"] == "ConfigMap" and metadata["name"] == CONFIGMAP:
-            obj["data"]["mesh.yaml"] = yaml.safe_load(obj["data"]["mesh.yaml"])
-        if obj["kind"] == "Deployment":
-            pod_template = obj["spec"]["template"]
-            pod_template["metadata"]["annotations"].pop("checksum/mesh-config", None)
-            for volume in pod_template["spec"]["volumes"]:
-                if "configMap" in volume:
-                    volume["configMap"]["name"] = CONFIGMAP
-        keyed[(obj["kind"], metadata.get("namespace", ""), metadata["name"])] = obj
-    return keyed
 
 
 # --- lint and template ----------------------------------------------------------------------------
@@ -257,7 +236,7 @@ def test_helm_install_into_a_real_api_server_injects_a_pod(tmp_path: Path) -> No
         assert namespace["metadata"]["labels"]["istio-injection"] == "disabled"
 
         config = tmp_path / "mesh.yaml"
-        config.write_text(cluster.get("configmap", CONFIGMAP, "-n", MESH_NAMESPACE)["data"][
+        config.write_text(cluster.get("configmap", MESH_CONFIGMAP, "-n", MESH_NAMESPACE)["data"][
             "mesh.yaml"])
         token = cluster.token(MESH_NAMESPACE, "injector", seconds=3600)
         kubeconfig = cluster.token_kubeconfig(tmp_path / "injector.kubeconfig", token)
