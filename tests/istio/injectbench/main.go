@@ -52,22 +52,6 @@ import (
 	istiolog "istio.io/istio/pkg/log"
 )
 
-const nativeSidecarsVariable = "ENABLE_NATIVE_SIDECARS"
-
-// withNativeSidecarsSet executes this program again with ENABLE_NATIVE_SIDECARS=false when it is
-// unset; it returns only when the variable was already set (or the exec failed).
-func withNativeSidecarsSet() error {
-	if _, set := os.LookupEnv(nativeSidecarsVariable); set {
-		return nil
-	}
-	self, err := os.Executable()
-	if err != nil {
-		return fmt.Errorf("finding this program to run it with %s=false: %w",
-			nativeSidecarsVariable, err)
-	}
-	return syscall.Exec(self, os.Args, append(os.Environ(), nativeSidecarsVariable+"=false"))
-}
-
 // recorder is the handler's response writer, reused across iterations (httptest's would allocate
 // a recorder, a header map and a buffer per call, a cost istiod's server does not have).
 type recorder struct {
@@ -245,7 +229,7 @@ func measure(handler http.Handler, file string) (figure, error) {
 }
 
 func run() error {
-	if err := withNativeSidecarsSet(); err != nil {
+	if err := settings.WithNativeSidecarsSet(); err != nil {
 		return err
 	}
 	if os.Getenv("GOMAXPROCS") == "" {

@@ -30,28 +30,10 @@ import (
 	"os"
 	"runtime"
 	"strconv"
-	"syscall"
 	"time"
 
 	"injector.test/istio/internal/settings"
 )
-
-const nativeSidecarsVariable = "ENABLE_NATIVE_SIDECARS"
-
-// withNativeSidecarsSet executes this program again with ENABLE_NATIVE_SIDECARS=false when it is
-// unset; it returns only when the variable was already set (or the exec failed).
-func withNativeSidecarsSet() error {
-	if _, set := os.LookupEnv(nativeSidecarsVariable); set {
-		return nil
-	}
-	self, err := os.Executable()
-	if err != nil {
-		return fmt.Errorf("finding this program to run it with %s=false: %w",
-			nativeSidecarsVariable, err)
-	}
-	environment := append(os.Environ(), nativeSidecarsVariable+"=false")
-	return syscall.Exec(self, os.Args, environment)
-}
 
 // server is Istio's webhook and /healthz on one mux, behind TLS 1.2+ with the given pair.
 func server(address, certFile, keyFile, manifests string) (*http.Server, error) {
@@ -84,7 +66,7 @@ func server(address, certFile, keyFile, manifests string) (*http.Server, error) 
 }
 
 func run() error {
-	if err := withNativeSidecarsSet(); err != nil {
+	if err := settings.WithNativeSidecarsSet(); err != nil {
 		return err
 	}
 	if _, set := os.LookupEnv("GOMAXPROCS"); !set {
@@ -114,7 +96,7 @@ func run() error {
 		return err
 	}
 	fmt.Fprintf(os.Stderr, "webhook: Istio's injection webhook on https://%s/inject (GOMAXPROCS=%d, %s=%s)\n",
-		address, runtime.GOMAXPROCS(0), nativeSidecarsVariable, os.Getenv(nativeSidecarsVariable))
+		address, runtime.GOMAXPROCS(0), settings.NativeSidecarsVariable, os.Getenv(settings.NativeSidecarsVariable))
 	return https.ListenAndServeTLS("", "")
 }
 

@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime/debug"
+	"syscall"
 
 	meshconfig "istio.io/api/mesh/v1alpha1"
 	"istio.io/istio/operator/pkg/render"
@@ -160,4 +161,23 @@ func (s *Settings) Webhook(mux *http.ServeMux) (*inject.Webhook, error) {
 		Mux:      mux,
 		Revision: "default",
 	})
+}
+
+// NativeSidecarsVariable is the environment variable Istio reads, before main runs, to decide
+// whether the proxy is a native sidecar (an init container that keeps running).
+const NativeSidecarsVariable = "ENABLE_NATIVE_SIDECARS"
+
+// WithNativeSidecarsSet executes this program again with ENABLE_NATIVE_SIDECARS=false when it is
+// unset (ours is false too, and Istio's auto mode would look for nodes in a cluster); it returns
+// only when the variable was already set, or with the error when the exec failed.
+func WithNativeSidecarsSet() error {
+	if _, set := os.LookupEnv(NativeSidecarsVariable); set {
+		return nil
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return fmt.Errorf("finding this program to run it with %s=false: %w",
+			NativeSidecarsVariable, err)
+	}
+	return syscall.Exec(self, os.Args, append(os.Environ(), NativeSidecarsVariable+"=false"))
 }
