@@ -58,7 +58,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,18 +164,6 @@ def cpu_seconds(pid: int) -> float:
     fields = stat[stat.rindex(")") + 2:].split()
     ticks = int(fields[11]) + int(fields[12])
     return ticks / _CLOCK_TICKS + sum(cpu_seconds(child) for child in child_pids(pid))
-
-
-@contextlib.contextmanager
-def _on_client_cpu() -> Iterator[None]:
-    """This thread, and the client threads it starts, on the control plane's core."""
-    before = os.sched_getaffinity(0)
-    if harness.PINNED:
-        os.sched_setaffinity(0, {harness.CLIENT_CPU})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 # --- Istio's webhook -----------------------------------------------------------------------------
@@ -337,7 +325,7 @@ def measure(cluster: Cluster, namespaces: dict[str, str], webhooks: dict[str, We
     `webhooks[case]`) at every concurrency in each; the figures by concurrency: per case the
     median over rounds, and the ratios, each the median of within-round ones."""
     rounds: list[dict[int, dict[str, dict[str, float]]]] = []
-    with _on_client_cpu(), cluster.admin_client() as api:
+    with harness.on_client_cpu(), cluster.admin_client() as api:
         creators = {c: Creator(cluster, c) for c in CONCURRENCY}
         try:
             for case in CASES:

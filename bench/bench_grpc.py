@@ -12,12 +12,10 @@ the benchmark. Run alone with `python -m bench.bench_grpc`.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -106,7 +104,7 @@ def main() -> dict[str, object]:
 
         results: dict[str, object] = {}
         try:
-            with _on_client_cpu():
+            with harness.on_client_cpu():
                 for threads in CONCURRENCY:
                     best = {"https": 0.0, "grpc": 0.0}
                     for _ in range(ROUNDS):
@@ -122,18 +120,6 @@ def main() -> dict[str, object]:
             channel.close()
             server.stop()
     return results
-
-
-@contextlib.contextmanager
-def _on_client_cpu() -> Iterator[None]:
-    """The client on the core the server does not have, as wrk is in the other benchmarks."""
-    before = os.sched_getaffinity(0)
-    if harness.PINNED:
-        os.sched_setaffinity(0, {harness.CLIENT_CPU})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
 if __name__ == "__main__":

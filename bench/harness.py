@@ -57,6 +57,19 @@ def on_server_cpu() -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
+@contextlib.contextmanager
+def on_client_cpu() -> Iterator[None]:
+    """Run a Python client (and the threads it starts) on the core the servers do not have, as
+    wrk is."""
+    before = os.sched_getaffinity(0)
+    if PINNED:
+        os.sched_setaffinity(0, {CLIENT_CPU})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 @dataclass
 class Server:
     name: str
