@@ -39,6 +39,7 @@ from typing import Final, cast
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -54,6 +55,14 @@ MAX_CONNECTION_IDLE_SECONDS: Final = 300.0
 MAX_STREAMS_PER_CONNECTION: Final = 16
 MAX_CONCURRENT_CALLS: Final = 256
 ACCEPT_PAUSE_SECONDS: Final = 0.5
+# Streams a client may open and cancel on one connection before it is closed with GOAWAY
+# ENHANCE_YOUR_CALM: HTTP/2's "rapid reset" (CVE-2023-44487) opens and cancels streams as fast
+# as it can write them, each costing this event loop (the admissions' too) and the caller
+# nothing. Istio's client cancels a call only on its deadline: a handful at most.
+MAX_RESETS_PER_CONNECTION: Final = 64
+# What h2 is given to parse at a time, so that a read full of tiny frames (256 KiB of them is
+# thousands of streams) is checked against the limits above between slices, not after.
+_RECEIVE_SLICE_BYTES: Final = 16 * 1024
 # Past this the header block is not even decoded: the connection is closed (hpack's bound).
 _HEADER_LIST_HARD_LIMIT: Final = 64 * 1024
 _PREFIX_BYTES: Final = 5
@@ -206,6 +215,7 @@ class _Connection(asyncio.Protocol):
         self._peer: str | None = None
         self._idle: asyncio.TimerHandle | None = None
         self._going_away = False
+        self._resets = 0
 
     # --- asyncio's callbacks -----------------------------------------------------------------
 
@@ -230,15 +240,29 @@ class _Connection(asyncio.Protocol):
         self._streams.clear()
 
     def data_received(self, data: bytes) -> None:
-        try:
-            events = self._h2.receive_data(data)
-        except h2.exceptions.ProtocolError as error:
-            log.debug("gRPC connection from %s broke HTTP/2: %s", self._peer, error)
-            self._flush()
-            self.abort()
-            return
-        for event in events:
-            self._on_event(event)
+        view = memoryview(data)
+        for start in range(0, len(view), _RECEIVE_SLICE_BYTES):
+            try:
+                events = self._h2.receive_data(bytes(view[start:start + _RECEIVE_SLICE_BYTES]))
+            except h2.exceptions.ProtocolError as error:
+                log.debug("gRPC connection from %s broke HTTP/2: %s", self._peer, error)
+                self._flush()
+                self.abort()
+                return
+            for event in events:
+                self._on_event(event)
+            if self._resets > MAX_RESETS_PER_CONNECTION:
+                log.info("gRPC connection from %s closed: more than %d streams cancelled",
+                         self._peer, MAX_RESETS_PER_CONNECTION)
+                with contextlib.suppress(h2.exceptions.H2Error):
+                    self._h2.close_connection(
+                        error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+                self._flush()
+                if self.transport is not None:
+                    self.transport.close()  # reads no more; the GOAWAY still goes out
+                return
+            if self.transport is None or self.transport.is_closing():
+                return
         self._flush()
 
     # --- HTTP/2 events -----------------------------------------------------------------------
@@ -252,6 +276,8 @@ class _Connection(asyncio.Protocol):
             self._on_end(event.stream_id)
         elif isinstance(event, h2.events.StreamReset):
             self._streams.pop(event.stream_id, None)
+            if event.remote_reset:
+                self._resets += 1
             self._arm_idle()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.go_away()

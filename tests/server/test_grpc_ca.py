@@ -4,6 +4,7 @@ gRPC over real TLS from Python's grpcio as the client, against the same CA as
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import signal
@@ -346,6 +347,51 @@ def test_a_rotated_serving_certificate_is_served_over_grpc_too(tmp_path: Path) -
 
 
 # --- limits ----------------------------------------------------------------------------------
+
+def test_a_rapid_reset_flood_is_cut_off_and_calls_go_on(grpc_ca_server: Server) -> None:
+    """HTTP/2's rapid reset (CVE-2023-44487): streams opened and cancelled as fast as they can
+    be written cost the worker's event loop, the admissions' too, and the caller nothing. Past
+    MAX_RESETS_PER_CONNECTION the connection gets GOAWAY ENHANCE_YOUR_CALM and is closed, with
+    the rest of what was sent left unread; the next caller is served."""
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+
+    context = grpc_ca_server.ssl_context()
+    context.set_alpn_protocols(["h2"])
+    raw = socket.create_connection(("127.0.0.1", grpc_ca_server.grpc_port), timeout=20)
+    with context.wrap_socket(raw, server_hostname="localhost") as tls:
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        headers = [(":method", "POST"), (":scheme", "https"), (":authority", "localhost"),
+                   (":path", "/istio.v1.auth.IstioCertificateService/CreateCertificate"),
+                   ("content-type", "application/grpc"), ("te", "trailers")]
+        flood = 10 * grpc_h2.MAX_RESETS_PER_CONNECTION
+        for _ in range(flood):
+            stream_id = client.get_next_available_stream_id()
+            client.send_headers(stream_id, headers)
+            client.reset_stream(stream_id)
+        with contextlib.suppress(OSError):  # the server may close before it reads it all
+            tls.sendall(client.data_to_send())
+        terminated = None
+        while terminated is None:
+            try:
+                data = tls.recv(65536)
+            except OSError:
+                break
+            if not data:
+                break
+            for event in client.receive_data(data):
+                if isinstance(event, h2.events.ConnectionTerminated):
+                    terminated = event
+    assert terminated is not None, "the flood's connection was not told GOAWAY"
+    assert terminated.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    assert terminated.last_stream_id < 2 * flood - 1  # not every stream was taken in
+    with open_channel(grpc_ca_server) as opened:
+        assert create_certificate(opened, IstioCertificateRequest(csr=csr_pem()),
+                                  [bearer(WEB_TOKEN)]).cert_chain
+
 
 def test_a_connection_that_never_says_hello_is_closed(grpc_ca_server: Server) -> None:
     """A client that connects and sends nothing holds nothing for long: gRPC closes it once
