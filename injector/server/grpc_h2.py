@@ -32,6 +32,7 @@ import enum
 import logging
 import socket
 import ssl
+import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,13 @@ ACCEPT_PAUSE_SECONDS: Final = 0.5
 # as it can write them, each costing this event loop (the admissions' too) and the caller
 # nothing. Istio's client cancels a call only on its deadline: a handful at most.
 MAX_RESETS_PER_CONNECTION: Final = 64
+# Frames that carry no call (PING, SETTINGS, WINDOW_UPDATE, PRIORITY, unknown ones) a
+# connection may send in one second: a flood of them (each PING answered) would hold the event
+# loop as rapid reset does. A client sends a few around each call.
+MAX_CONTROL_FRAMES_PER_SECOND: Final = 256
+_CONTROL_EVENTS: Final = (h2.events.PingReceived, h2.events.RemoteSettingsChanged,
+                          h2.events.WindowUpdated, h2.events.PriorityUpdated,
+                          h2.events.UnknownFrameReceived)
 # What h2 is given to parse at a time, so that a read full of tiny frames (256 KiB of them is
 # thousands of streams) is checked against the limits above between slices, not after.
 _RECEIVE_SLICE_BYTES: Final = 16 * 1024
@@ -216,6 +224,8 @@ class _Connection(asyncio.Protocol):
         self._idle: asyncio.TimerHandle | None = None
         self._going_away = False
         self._resets = 0
+        self._control_second = 0
+        self._control_frames = 0
 
     # --- asyncio's callbacks -----------------------------------------------------------------
 
@@ -251,9 +261,9 @@ class _Connection(asyncio.Protocol):
                 return
             for event in events:
                 self._on_event(event)
-            if self._resets > MAX_RESETS_PER_CONNECTION:
-                log.info("gRPC connection from %s closed: more than %d streams cancelled",
-                         self._peer, MAX_RESETS_PER_CONNECTION)
+            flood = self._flood()
+            if flood:
+                log.info("gRPC connection from %s closed: %s", self._peer, flood)
                 with contextlib.suppress(h2.exceptions.H2Error):
                     self._h2.close_connection(
                         error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
@@ -264,6 +274,20 @@ class _Connection(asyncio.Protocol):
             if self.transport is None or self.transport.is_closing():
                 return
         self._flush()
+
+    def _flood(self) -> str:
+        """Why this connection is to be cut off as a flood, or "" when it is not."""
+        if self._resets > MAX_RESETS_PER_CONNECTION:
+            return f"more than {MAX_RESETS_PER_CONNECTION} streams cancelled"
+        if self._control_frames > MAX_CONTROL_FRAMES_PER_SECOND:
+            return f"more than {MAX_CONTROL_FRAMES_PER_SECOND} control frames in a second"
+        return ""
+
+    def _count_control_frame(self) -> None:
+        second = int(time.monotonic())
+        if second != self._control_second:
+            self._control_second, self._control_frames = second, 0
+        self._control_frames += 1
 
     # --- HTTP/2 events -----------------------------------------------------------------------
 
@@ -281,6 +305,8 @@ class _Connection(asyncio.Protocol):
             self._arm_idle()
         elif isinstance(event, h2.events.ConnectionTerminated):
             self.go_away()
+        elif isinstance(event, _CONTROL_EVENTS):
+            self._count_control_frame()
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         assert event.stream_id is not None and event.headers is not None

@@ -348,11 +348,15 @@ def test_a_rotated_serving_certificate_is_served_over_grpc_too(tmp_path: Path) -
 
 # --- limits ----------------------------------------------------------------------------------
 
-def test_a_rapid_reset_flood_is_cut_off_and_calls_go_on(grpc_ca_server: Server) -> None:
-    """HTTP/2's rapid reset (CVE-2023-44487): streams opened and cancelled as fast as they can
-    be written cost the worker's event loop, the admissions' too, and the caller nothing. Past
-    MAX_RESETS_PER_CONNECTION the connection gets GOAWAY ENHANCE_YOUR_CALM and is closed, with
-    the rest of what was sent left unread; the next caller is served."""
+@pytest.mark.parametrize("flood", ["rapid reset", "ping"])
+def test_a_flood_of_frames_is_cut_off_and_calls_go_on(grpc_ca_server: Server,
+                                                      flood: str) -> None:
+    """HTTP/2's rapid reset (CVE-2023-44487: streams opened and cancelled as fast as they can
+    be written) and a PING flood (each answered) cost the worker's event loop, the admissions'
+    too, and the caller nothing. Past MAX_RESETS_PER_CONNECTION cancelled streams, or
+    MAX_CONTROL_FRAMES_PER_SECOND frames that carry no call, the connection gets GOAWAY
+    ENHANCE_YOUR_CALM and is closed, the rest of what was sent left unread; the next caller
+    is served."""
     import h2.config
     import h2.connection
     import h2.errors
@@ -367,11 +371,15 @@ def test_a_rapid_reset_flood_is_cut_off_and_calls_go_on(grpc_ca_server: Server) 
         headers = [(":method", "POST"), (":scheme", "https"), (":authority", "localhost"),
                    (":path", "/istio.v1.auth.IstioCertificateService/CreateCertificate"),
                    ("content-type", "application/grpc"), ("te", "trailers")]
-        flood = 10 * grpc_h2.MAX_RESETS_PER_CONNECTION
-        for _ in range(flood):
-            stream_id = client.get_next_available_stream_id()
-            client.send_headers(stream_id, headers)
-            client.reset_stream(stream_id)
+        frames = 10 * max(grpc_h2.MAX_RESETS_PER_CONNECTION,
+                          grpc_h2.MAX_CONTROL_FRAMES_PER_SECOND)
+        for _ in range(frames):
+            if flood == "ping":
+                client.ping(b"floods!!")
+            else:
+                stream_id = client.get_next_available_stream_id()
+                client.send_headers(stream_id, headers)
+                client.reset_stream(stream_id)
         with contextlib.suppress(OSError):  # the server may close before it reads it all
             tls.sendall(client.data_to_send())
         terminated = None
@@ -387,7 +395,8 @@ def test_a_rapid_reset_flood_is_cut_off_and_calls_go_on(grpc_ca_server: Server) 
                     terminated = event
     assert terminated is not None, "the flood's connection was not told GOAWAY"
     assert terminated.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
-    assert terminated.last_stream_id < 2 * flood - 1  # not every stream was taken in
+    if flood == "rapid reset":
+        assert terminated.last_stream_id < 2 * frames - 1  # not every stream was taken in
     with open_channel(grpc_ca_server) as opened:
         assert create_certificate(opened, IstioCertificateRequest(csr=csr_pem()),
                                   [bearer(WEB_TOKEN)]).cert_chain
