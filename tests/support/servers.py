@@ -20,11 +20,41 @@ import httpx
 
 from tests.support.eventually import eventually
 
+# Ports handed out below the kernel's ephemeral range (32768-60999 by default), where no
+# outgoing connection takes one meanwhile, one slice per pytest-xdist worker, so that a port
+# checked free here is still free when the process it is given to binds it: the kernel's port 0
+# had handed the same ephemeral ports to parallel tests and to their clients' connections
+# ("Address already in use" now and then).
+_PORT_SLICE = 2500
+_FIRST_PORT = 20000
+
+
+def _port_candidates() -> Iterator[int]:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    index = int(worker[2:]) + 1 if worker.startswith("gw") and worker[2:].isdigit() else 0
+    low = _FIRST_PORT + (index % 5) * _PORT_SLICE
+    start = os.getpid() % _PORT_SLICE
+    while True:
+        for offset in range(_PORT_SLICE):
+            yield low + (start + offset) % _PORT_SLICE
+
+
+_candidates = _port_candidates()
+
 
 def free_port() -> int:
-    with socket.socket() as probe:
+    """A loopback port nothing listens on, not handed out again by this process for a while."""
+    for _ in range(_PORT_SLICE):
+        port = next(_candidates)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as probe:  # the whole slice taken: let the kernel choose
         probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+        return int(probe.getsockname()[1])
 
 
 @dataclass
