@@ -93,16 +93,22 @@ class Prober:
         return port
 
 
+def _json_value(text: str, max_bytes: int) -> Any:
+    """The JSON value of an env var the injection writes. Raises ProberError when it is over
+    `max_bytes` or not JSON."""
+    if len(text) > max_bytes:
+        raise ProberError(f"over {max_bytes} bytes")
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as error:
+        raise ProberError(f"not JSON: {error}") from None
+
+
 def parse_probers(text: str) -> dict[str, Prober]:
     """ISTIO_KUBE_APP_PROBERS' value ("" for none). Raises ProberError."""
     if not text.strip():
         return {}
-    if len(text) > MAX_PROBERS_BYTES:
-        raise ProberError(f"over {MAX_PROBERS_BYTES} bytes")
-    try:
-        data = orjson.loads(text)
-    except orjson.JSONDecodeError as error:
-        raise ProberError(f"not JSON: {error}") from None
+    data = _json_value(text, MAX_PROBERS_BYTES)
     if not isinstance(data, dict):
         raise ProberError("expected a JSON object of paths to probes")
     probers: dict[str, Prober] = {}
@@ -158,12 +164,7 @@ def parse_app_metrics(text: str) -> AppMetrics | None:
     Raises ProberError for a value that cannot be read."""
     if not text.strip():
         return None
-    if len(text) > MAX_METRICS_CONFIG_BYTES:
-        raise ProberError(f"over {MAX_METRICS_CONFIG_BYTES} bytes")
-    try:
-        data = orjson.loads(text)
-    except orjson.JSONDecodeError as error:
-        raise ProberError(f"not JSON: {error}") from None
+    data = _json_value(text, MAX_METRICS_CONFIG_BYTES)
     if not isinstance(data, dict) or not all(
             isinstance(data.get(key, ""), str) for key in ("scrape", "path", "port")):
         raise ProberError('expected {"scrape": "...", "path": "...", "port": "..."}')
